@@ -1,0 +1,215 @@
+"""In-memory model of one LoRA adapter file.
+
+An :class:`Adapter` maps canonical module paths (diffusers/PEFT naming, e.g.
+``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` or
+``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``; for PEFT adapters of other models the
+path after ``base_model.model.``) to :class:`LoraModule` objects.  Tensors are referenced lazily
+(:class:`TensorRef`), so reading the header of a large file costs nothing.
+
+Strength convention (see docs/formats.md): ``ΔW = scale · B · A`` with ``scale = alpha / r``
+(``alpha / sqrt(r)`` for rsLoRA).  A module without a stored alpha has ``alpha = r``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+
+ModuleKind = Literal["linear", "conv", "conv1x1"]
+ScaleRule = Literal["standard", "rslora"]
+
+
+class _SafetensorsHandle:
+    """One shared, lazily opened ``safe_open`` handle per file (opening parses the header once)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._handle = None
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with self._lock:
+            if self._handle is None:
+                self._handle = safe_open(self.path, framework="pt", device="cpu")
+            return self._handle.get_tensor(key)
+
+    def close(self) -> None:
+        with self._lock:
+            self._handle = None
+
+
+@dataclass
+class TensorRef:
+    """A tensor that is either in memory or stored under ``key`` in a safetensors file."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    key: str | None = None
+    handle: _SafetensorsHandle | None = None
+    tensor: torch.Tensor | None = None
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor, key: str | None = None) -> "TensorRef":
+        return cls(shape=tuple(t.shape), dtype=t.dtype, key=key, tensor=t)
+
+    @classmethod
+    def in_file(cls, handle: _SafetensorsHandle, key: str, shape, dtype: torch.dtype) -> "TensorRef":
+        return cls(shape=tuple(int(s) for s in shape), dtype=dtype, key=key, handle=handle)
+
+    def load(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> torch.Tensor:
+        t = self.tensor if self.tensor is not None else self.handle.get(self.key)  # type: ignore[union-attr]
+        if dtype is not None or device is not None:
+            t = t.to(dtype=dtype or t.dtype, device=device or t.device)
+        return t
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class LoraModule:
+    """One LoRA'd layer: ``down`` = A (``r × d_in`` or ``r × c_in × kh × kw``), ``up`` = B (``d_out × r``[×1×1])."""
+
+    name: str
+    down: TensorRef
+    up: TensorRef
+    alpha: float | None = None
+    scale_rule: ScaleRule = "standard"
+    #: original key prefix in the source file (for messages and diffs)
+    source_key: str | None = None
+
+    # ---- shape facts (from the header only) ----
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def kind(self) -> ModuleKind:
+        if len(self.down.shape) == 4:
+            kh, kw = self.down.shape[2], self.down.shape[3]
+            return "conv1x1" if (kh, kw) == (1, 1) else "conv"
+        return "linear"
+
+    @property
+    def out_features(self) -> int:
+        return int(self.up.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        """Flattened input size (``c_in·kh·kw`` for conv)."""
+        return math.prod(self.down.shape[1:])
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the base layer's weight that ΔW adds to."""
+        if len(self.down.shape) == 4:
+            return (self.out_features, *self.down.shape[1:])
+        return (self.out_features, int(self.down.shape[1]))
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.rank) if self.alpha is None else float(self.alpha)
+
+    @property
+    def scale(self) -> float:
+        r = self.rank
+        if r == 0:
+            return 0.0
+        a = self.effective_alpha
+        return a / math.sqrt(r) if self.scale_rule == "rslora" else a / r
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.down.dtype
+
+    @property
+    def num_params(self) -> int:
+        return self.down.numel + self.up.numel
+
+    # ---- tensor access (loads) ----
+    def factors(self, dtype: torch.dtype = torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, A)`` flattened to 2-D (``d_out × r``, ``r × d_in``), unscaled."""
+        a = self.down.load(dtype, device).reshape(self.rank, -1)
+        b = self.up.load(dtype, device).reshape(self.out_features, self.rank)
+        return b, a
+
+    def delta(self, dtype: torch.dtype = torch.float32, device=None, flat: bool = True) -> torch.Tensor:
+        """Dense ``ΔW = scale · B · A`` (computed in ``dtype``, fp32 by default)."""
+        b, a = self.factors(dtype, device)
+        d = (b * self.scale) @ a
+        return d if flat else d.reshape(self.weight_shape)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        name: str,
+        down: torch.Tensor,
+        up: torch.Tensor,
+        alpha: float | None = None,
+        scale_rule: ScaleRule = "standard",
+    ) -> "LoraModule":
+        return cls(name, TensorRef.from_tensor(down), TensorRef.from_tensor(up), alpha, scale_rule)
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: modules keyed by canonical path, plus non-LoRA tensors and metadata."""
+
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+    #: full tensors that are not LoRA deltas (PEFT ``modules_to_save``), keyed by canonical tensor name
+    #: such as ``classifier.weight``
+    extra_tensors: dict[str, TensorRef] = field(default_factory=dict)
+    #: safetensors ``__metadata__`` (string → string)
+    metadata: dict[str, str] = field(default_factory=dict)
+    #: dialect the file came from: "kohya", "diffusers", "diffusers-old", "peft"
+    dialect: str | None = None
+    source: Path | None = None
+    #: PEFT ``adapter_config.json`` (or diffusers ``lora_adapter_metadata``) when there was one
+    config: dict | None = None
+    #: keys that could not be parsed (reported as a warning, or an error with --strict)
+    unparsed_keys: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[LoraModule]:
+        return iter(self.modules.values())
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def __getitem__(self, name: str) -> LoraModule:
+        return self.modules[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.modules
+
+    @property
+    def num_params(self) -> int:
+        return sum(m.num_params for m in self) + sum(t.numel for t in self.extra_tensors.values())
+
+    @property
+    def ranks(self) -> list[int]:
+        return [m.rank for m in self]
+
+    @property
+    def display_name(self) -> str:
+        return os.fspath(self.source) if self.source is not None else "<in-memory adapter>"
+
+    def materialize(self) -> "Adapter":
+        """Load every tensor into memory (e.g. before the source file is overwritten)."""
+        for m in self:
+            m.down = TensorRef.from_tensor(m.down.load(), m.down.key)
+            m.up = TensorRef.from_tensor(m.up.load(), m.up.key)
+        for k, t in list(self.extra_tensors.items()):
+            self.extra_tensors[k] = TensorRef.from_tensor(t.load(), t.key)
+        return self
