@@ -173,8 +173,10 @@ class Adapter:
     extra_tensors: dict[str, TensorRef] = field(default_factory=dict)
     #: safetensors ``__metadata__`` (string → string)
     metadata: dict[str, str] = field(default_factory=dict)
-    #: dialect the file came from: "kohya", "diffusers", "diffusers-old", "peft"
+    #: dialect the file came from: "kohya", "diffusers" or "peft" (the writer names)
     dialect: str | None = None
+    #: finer variant for display, e.g. "kohya-sgm", "diffusers-attn-processor", "diffusers-lora-compatible"
+    dialect_variant: str | None = None
     source: Path | None = None
     #: PEFT ``adapter_config.json`` (or diffusers ``lora_adapter_metadata``) when there was one
     config: dict | None = None
