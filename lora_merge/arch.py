@@ -35,6 +35,16 @@ BLOCK_RESOLUTIONS: dict[str, dict[str, int]] = {
     },
 }
 BLOCK_RESOLUTIONS["sd2"] = BLOCK_RESOLUTIONS["sd1"]
+#: the toy world's UNet (lora_merge.toyworld) at its native 16 px: SDXL's block layout at 16 → 8 → 4
+BLOCK_RESOLUTIONS["toyworld"] = {
+    "down_blocks.0": 16,
+    "down_blocks.1": 8,
+    "down_blocks.2": 4,
+    "mid_block": 4,
+    "up_blocks.0": 4,
+    "up_blocks.1": 8,
+    "up_blocks.2": 16,
+}
 
 ARCH_NAMES = {
     "sd1": "Stable Diffusion 1.x",

@@ -14,6 +14,16 @@ import click
 
 #: command name -> "module:attribute"; each module defines one click command
 COMMANDS: dict[str, str] = {
+    "calibrate": "lora_merge.cli.calibrate_cmd:calibrate_cmd",
+    "inspect": "lora_merge.cli.inspect_cmd:inspect_cmd",
+    "diff": "lora_merge.cli.diff_cmd:diff_cmd",
+    "convert": "lora_merge.cli.convert_cmd:convert_cmd",
+    "merge": "lora_merge.cli.merge_cmd:merge",
+    "strategies": "lora_merge.cli.strategies_cmd:strategies",
+    "toyworld": "lora_merge.cli.toyworld_cmd:toyworld",
+    "demo": "lora_merge.cli.demo_cmd:demo",
+    "bench": "lora_merge.cli.bench_cmd:bench",
+    "priors": "lora_merge.cli.priors_cmd:priors",
 }
 
 
@@ -29,7 +39,7 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(mod), attr)
 
 
-def _format_warning(message, category, filename, lineno, line=None):  # noqa: ARG001
+def _format_warning(message, category, filename, lineno, line=None):
     return f"warning: {message}\n"
 
 

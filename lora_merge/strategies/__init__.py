@@ -23,6 +23,13 @@ _REGISTRY: dict[str, type[MergeStrategy]] = {}
 _BUILTIN_MODULES = (
     # each module registers its strategies on import
     "lora_merge.strategies.linear",
+    "lora_merge.strategies.svd",
+    "lora_merge.strategies.ties",
+    "lora_merge.strategies.dare",
+    "lora_merge.strategies.magnitude",
+    "lora_merge.strategies.blocks",
+    "lora_merge.strategies.ziplora",
+    "lora_merge.strategies.duolora",
 )
 _loaded = False
 

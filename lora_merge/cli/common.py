@@ -1,0 +1,173 @@
+"""Shared click helpers for ``lora-merge`` sub-commands.
+
+Output policy (keep it the same in every command):
+
+- **stdout** carries the result: rich tables for people, or exactly one JSON document with ``--json``
+  (nothing else is printed on stdout then, so ``lora-merge x --json | jq`` always works);
+- **stderr** carries everything else: progress bars, status lines, ``warning: ...`` and ``error: ...``.
+
+Errors are raised as :mod:`lora_merge.errors` exceptions; ``lora_merge.cli.main`` prints them as one line
+and exits with their code.  Options:
+
+- :func:`format_option` (``--format``), :func:`strict_option` (``--strict``),
+  :func:`allow_pickle_option` (``--allow-pickle``), :func:`json_option` (``--json``) are decorators;
+- :func:`load_adapter` calls :func:`lora_merge.load` with those options;
+- :func:`print_json` prints one JSON document (inf/nan become ``null``);
+- :func:`stdout_console` / :func:`stderr_console` and :func:`progress` for rich output.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+T = TypeVar("T")
+
+#: dialect names accepted by ``--format`` and ``--to`` (the reader/writer names)
+DIALECTS = ("kohya", "diffusers", "peft")
+
+format_option = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(DIALECTS, case_sensitive=False),
+    default=None,
+    help="Read the input as this dialect instead of auto-detecting it.",
+)
+
+strict_option = click.option(
+    "--strict",
+    is_flag=True,
+    help="Fail on keys that cannot be parsed instead of warning and skipping them.",
+)
+
+allow_pickle_option = click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="UNSAFE: allow reading pickle files (.bin/.pt/.ckpt). Unpickling can run arbitrary code; "
+    "only use it on files you trust.",
+)
+
+json_option = click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON document on stdout instead of tables.",
+)
+
+
+def load_adapter(path: str | os.PathLike, *, fmt: str | None = None, strict: bool = False,
+                 allow_pickle: bool = False):
+    """``lora_merge.load`` with the CLI options (imported lazily: torch is heavy)."""
+    import lora_merge
+
+    return lora_merge.load(Path(path), format=fmt, strict=strict, allow_pickle=allow_pickle)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Make ``obj`` strict JSON: inf/nan → None, paths and dtypes → strings, tuples/sets → lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return str(obj)
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(_jsonable(obj), indent=2, allow_nan=False)
+
+
+def print_json(obj: Any) -> None:
+    """Print ``obj`` as one strict JSON document on stdout."""
+    click.echo(to_json(obj))
+
+
+def stdout_console():
+    """Rich console for results (tables) on stdout; 160 columns wide when piped (no terminal to fit)."""
+    import shutil
+
+    from rich.console import Console
+
+    console = Console(soft_wrap=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = max(shutil.get_terminal_size((160, 24)).columns, 160)
+    return console
+
+
+def stderr_console():
+    """Rich console for progress and status on stderr."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def progress(description: str) -> Callable[[Iterable[T]], Iterable[T]]:
+    """A wrapper that shows a transient rich progress bar on stderr while iterating (silent when
+    stderr is not a terminal)."""
+    from rich.progress import track
+
+    def wrap(items: Iterable[T]) -> Iterable[T]:
+        items = list(items)
+        console = stderr_console()
+        return track(items, description=description, console=console, transient=True,
+                     disable=len(items) < 2 or not console.is_terminal)
+
+    return wrap
+
+
+# ---- small formatters for tables ----
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def fmt_num(x: Any, digits: int = 4) -> str:
+    """Compact number: ints as is, floats to ``digits`` significant digits, None/inf readable."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return f"{x:,}" if abs(x) >= 10000 else str(x)
+    if isinstance(x, float):
+        if math.isinf(x):
+            return "inf"
+        if math.isnan(x):
+            return "nan"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def shorten(text: str, width: int = 80) -> str:
+    text = str(text).replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def add_columns(table, columns, *, name_width: int = 0) -> None:
+    """Add columns to a rich table: the first is a (long) name, the rest right-aligned numbers.
+
+    ``name_width`` is the longest name; the name column keeps up to 24 characters of it before folding.
+    """
+    for i, col in enumerate(columns):
+        if i == 0:
+            table.add_column(col, overflow="fold", min_width=min(max(name_width, len(col)), 24))
+        else:
+            table.add_column(col, justify="right", overflow="fold")
+

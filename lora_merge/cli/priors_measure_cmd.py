@@ -1,0 +1,201 @@
+"""``lora-merge priors measure``: measure which block groups carry content and which carry style."""
+from __future__ import annotations
+
+import click
+
+from ..errors import UsageError
+from .common import fmt_num, json_option, print_json, stderr_console, stdout_console
+
+GRANULARITY_HELP = ("Groups to probe: resolution (attention blocks grouped by latent resolution), block (each "
+                    "UNet block), attention (each attention sub-block, B-LoRA's unit) or layer (each LoRA layer).")
+
+
+@click.command("measure", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("content", required=False, type=click.Path())
+@click.argument("style", required=False, type=click.Path())
+@click.option("--base", "base", required=True, metavar="MODEL",
+              help="A local diffusers pipeline folder (SD 1.x, SDXL) or 'toyworld'. Nothing is downloaded.")
+@click.option("--content-images", type=click.Path(), help="Folder of the content LoRA's reference images "
+              "(toyworld: its training renders).")
+@click.option("--content-prompt", help="Prompt of the content images (toyworld: 'a sks object').")
+@click.option("--style-images", type=click.Path(), help="Folder of the style LoRA's reference images "
+              "(toyworld: its training renders).")
+@click.option("--style-prompt", help="Prompt of the style images (toyworld: each render's training caption).")
+@click.option("--granularity", type=click.Choice(["resolution", "block", "attention", "layer"]),
+              default="resolution", show_default=True, help=GRANULARITY_HELP)
+@click.option("--judge", "use_judge", is_flag=True,
+              help="toyworld only: run the paper's experiment instead — generate with each group scaled down and "
+              "score content and style with the toy world's judge.")
+@click.option("--compare", is_flag=True,
+              help="toyworld only: run both the noise measure and the judged experiment and report whether the "
+              "roles agree per group (the priors file gets the noise measure's roles).")
+@click.option("--scale", default=0.0, show_default=True, type=float,
+              help="Strength a group is scaled down to (0 = removed).")
+@click.option("--samples", default=4, show_default=True, type=int,
+              help="Noisy versions (seeded noise and timestep) of each reference image.")
+@click.option("--images", "n_images", default=16, show_default=True, type=int,
+              help="toyworld: number of reference renders per concept.")
+@click.option("--n", "n_judge", default=64, show_default=True, type=int,
+              help="--judge: images generated per evaluation.")
+@click.option("--margin", default=0.1, show_default=True, type=float,
+              help="Role rule: |content_lost − style_lost| below this → neutral.")
+@click.option("--floor", default=0.05, show_default=True, type=float,
+              help="Role rule: max(content_lost, style_lost) below this → neutral.")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="UNet batch size.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="UNet dtype (deviations are always summed in fp64).")
+@click.option("-o", "--output", type=click.Path(), help="Write the priors file (JSON, or YAML by extension); "
+              "use it with `lora-merge merge C S --strategy duolora --priors FILE`.")
+@click.option("--plot", type=click.Path(), help="Write a bar chart PNG of the two profiles and the roles.")
+@click.option("--force", is_flag=True, help="Overwrite the output files.")
+@json_option
+def measure(content, style, base, content_images, content_prompt, style_images, style_prompt, granularity,
+            use_judge, compare, scale, samples, n_images, n_judge, margin, floor, batch_size, seed, device, dtype,
+            output, plot, force, as_json):
+    """Measure which UNet block groups carry CONTENT's and which STYLE's effect, and assign each group a
+    role (content, style, neutral) by the documented rule (docs/priors.md).
+
+    For each group, that LoRA's layers in the group are scaled down and the fraction of the LoRA's effect
+    on its own reference images that is lost is measured: ‖ε_full − ε_without_group‖² / ‖ε_full − ε_base‖²
+    on a fixed seeded set of noisy latents.  With --base toyworld, CONTENT/STYLE default to the bundled
+    LoRAs and the images/prompts to their training references.
+    """
+    import torch
+
+    from .. import priors_measure as pm
+    from .common import load_adapter
+
+    toy = base == "toyworld"
+    if (use_judge or compare) and not toy:
+        raise UsageError("--judge/--compare need a judge; only the bundled toy world has one (--base toyworld)")
+    from pathlib import Path
+
+    from ..errors import OutputExistsError
+
+    for p in (output, plot):
+        if p and Path(p).exists() and not force:
+            raise OutputExistsError("exists (use --force to overwrite)", p)
+    if toy and (content is None or style is None):
+        from .. import toyworld as tw
+
+        paths = tw.bundled_loras()
+        content = content or str(paths["content"])
+        style = style or str(paths["style"])
+    if content is None or style is None:
+        raise UsageError("give the CONTENT and STYLE LoRA files (only --base toyworld has bundled ones)")
+    inputs = {Path(content).resolve(), Path(style).resolve()}
+    for p in (output, plot):
+        if p and Path(p).resolve() in inputs:
+            raise UsageError(f"refusing to write over an input: {p}")
+    c_ad, s_ad = load_adapter(content), load_adapter(style)
+    console = stderr_console()
+
+    def run_noise(bar):
+        from ..model_mode.runtime import load_base_model, load_image_folder
+
+        dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        model = load_base_model(base, device=device, dtype=dt)
+        imgs_c, prm_c, imgs_s, prm_s = _references(model, toy, content_images, content_prompt, style_images,
+                                                   style_prompt, n_images, seed, load_image_folder)
+        groups, _ = pm.probe_groups(model.unet, c_ad, s_ad, model.encode_images(imgs_c[:1]).shape[-1], granularity)
+        task = bar.add_task("noise measure", total=2 * (len(groups) + 2))
+        return pm.measure_priors(
+            model, c_ad, s_ad, content_images=imgs_c, content_prompt=prm_c, style_images=imgs_s,
+            style_prompt=prm_s, granularity=granularity, scale=scale, n_noise=samples, seed=seed,
+            batch_size=batch_size, margin=margin, floor=floor,
+            progress=lambda _d, k: bar.advance(task, k),
+        )  # fmt: skip
+
+    def run_judge(bar):
+        from .. import toyworld as tw
+
+        wm = tw.load_base(device=device)
+        groups, _ = pm.probe_groups(wm.unet, c_ad, s_ad, int(wm.image_size), granularity)
+        task = bar.add_task("judged experiment", total=pm.judge_work(len(groups)))
+        return pm.judge_priors(c_ad, s_ad, granularity=granularity, scale=scale, n=n_judge, seed=seed,
+                               margin=margin, floor=floor, world_model=wm,
+                               progress=lambda _d, k: bar.advance(task, k))  # fmt: skip
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=as_json) as bar:
+        noise = run_noise(bar) if (compare or not use_judge) else None
+        judged = run_judge(bar) if (compare or use_judge) else None
+    main = judged if (use_judge and not compare) else noise
+    agreement = pm.compare(noise, judged) if (noise is not None and judged is not None) else None
+    if output:
+        pm.write_priors(main, output, force=force)
+    if plot:
+        pm.plot_roles(main, plot)
+    if as_json:
+        doc = {"priors": main.to_dict(), "output": output, "plot": plot}
+        if agreement is not None:
+            doc["judged"] = judged.to_dict()
+            doc["agreement"] = agreement
+            doc["all_agree"] = all(r["agree"] for r in agreement)
+        print_json(doc)
+        return
+    out = stdout_console()
+    out.print(_table(main))
+    if agreement is not None:
+        out.print(_table(judged))
+        out.print(_agreement_table(agreement))
+    if output:
+        console.print(f"priors written to {output}; use it with: lora-merge merge C S --strategy duolora "
+                      f"--priors {output}")
+    if plot:
+        console.print(f"bar chart written to {plot}")
+
+
+def _references(model, toy, content_images, content_prompt, style_images, style_prompt, n_images, seed,
+                load_image_folder):
+    """Reference images and prompts of each concept: the user's folders, or the toy world's renders."""
+    if toy:
+        from ..toyworld.train import lora_training_set
+
+        imgs_c, caps_c = lora_training_set("content", n_images, seed)
+        imgs_s, caps_s = lora_training_set("style", n_images, seed)
+        if content_images:
+            imgs_c, caps_c = load_image_folder(content_images, model.image_size), None
+        if style_images:
+            imgs_s, caps_s = load_image_folder(style_images, model.image_size), None
+        prm_c = content_prompt or caps_c
+        prm_s = style_prompt or caps_s
+        if prm_c is None or prm_s is None:
+            raise UsageError("give --content-prompt/--style-prompt for your own image folders")
+        return imgs_c, prm_c, imgs_s, prm_s
+    missing = [o for o, v in (("--content-images", content_images), ("--content-prompt", content_prompt),
+                              ("--style-images", style_images), ("--style-prompt", style_prompt)) if not v]
+    if missing:
+        raise UsageError(f"{', '.join(missing)} required with a pipeline folder as --base")
+    return (load_image_folder(content_images, model.image_size), content_prompt,
+            load_image_folder(style_images, model.image_size), style_prompt)
+
+
+def _table(result):
+    from rich.table import Table
+
+    colors = {"content": "blue", "style": "magenta", "neutral": "dim"}
+    t = Table(title=f"measured layer priors ({result.method}; score = content lost − style lost; "
+                    f"margin {fmt_num(result.settings.get('margin'))}, floor {fmt_num(result.settings.get('floor'))})")
+    for col in ("group", "blocks", "res", "layers", "content lost", "style lost", "score", "role"):
+        t.add_column(col, justify="right" if col in ("res", "layers", "content lost", "style lost", "score") else "left")
+    for g in result.groups:
+        t.add_row(g.group.name, ", ".join(g.group.blocks) if len(g.group.blocks) <= 4 else f"{len(g.group.blocks)} blocks",
+                  fmt_num(g.group.resolution), str(len(g.group.modules)), f"{g.content_lost:.3f}",
+                  f"{g.style_lost:.3f}", f"{g.score:+.3f}", f"[{colors[g.role]}]{g.role}[/]")  # fmt: skip
+    return t
+
+
+def _agreement_table(rows):
+    from rich.table import Table
+
+    t = Table(title="noise measure vs judged experiment")
+    for col in ("group", "noise role", "judged role", "agree"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["group"], r["noise_role"], str(r["judge_role"]), "yes" if r["agree"] else "[red]NO[/]")
+    return t

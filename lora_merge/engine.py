@@ -1,0 +1,464 @@
+"""The merge engine: line up the modules of N adapters and hand each layer to a strategy.
+
+The engine owns the strength semantics (``ΔW = Σ w_i · s_i · B_i A_i``, each scale applied once), the
+plan (union of modules, shape checks), per-input and per-pattern weights, re-factorization of dense or
+over-rank results, the output metadata and the write.  Layers are processed one at a time: each
+input's factors for a layer are loaded, merged and dropped, so peak memory stays near one layer plus
+the output.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import arch as arch_mod
+from . import linalg
+from .adapter import Adapter, LoraModule, TensorRef
+from .errors import MergeError, MissingModuleWarning, OutputExistsError, UsageError
+from .patterns import compile_pattern
+from .strategies import LayerContext, LayerInput, LayerResult, MergeStrategy, get_strategy
+
+__all__ = ["MergeResult", "merge", "parse_dtype", "parse_layer_weight", "input_sha256"]
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32, "f32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "f16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}  # fmt: skip
+
+
+@dataclass
+class MergeResult:
+    adapter: Adapter
+    report: dict[str, Any]
+    output: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
+    return _DTYPES[key]
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def parse_layer_weight(spec: str) -> tuple[str, float | list[float]]:
+    """``'PATTERN=W'`` or ``'PATTERN=W1,W2,…'`` (one weight per input) → ``(pattern, value)``."""
+    pattern, sep, value = str(spec).rpartition("=")
+    if not sep or not pattern.strip() or not value.strip():
+        raise UsageError(f"--weight {spec!r}: expected PATTERN=W or PATTERN=W1,W2,...")
+    try:
+        vals = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise UsageError(f"--weight {spec!r}: {value!r} is not a number or a comma-separated list") from None
+    return pattern.strip(), vals[0] if len(vals) == 1 else vals
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def input_sha256(path: str | os.PathLike) -> str | None:
+    """sha256 of an input file; for a PEFT folder, of its ``adapter_model.safetensors`` (or ``.bin``)."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("adapter_model.safetensors", "adapter_model.bin"):
+            if (p / name).is_file():
+                return _hash_file(p / name)
+        return None
+    return _hash_file(p) if p.is_file() else None
+
+
+# ---------------------------------------------------------------- inputs and plan
+def _load_inputs(inputs: Sequence[str | os.PathLike | Adapter]) -> list[Adapter]:
+    adapters = []
+    for item in inputs:
+        if isinstance(item, Adapter):
+            adapters.append(item)
+        else:
+            from . import load  # H1's reader; imported lazily so the engine imports without it
+
+            adapters.append(load(item))
+    return adapters
+
+
+def _input_paths(inputs: Sequence[str | os.PathLike | Adapter], adapters: list[Adapter]) -> list[Path | None]:
+    paths = []
+    for item, ad in zip(inputs, adapters):
+        p = ad.source if isinstance(item, Adapter) else Path(item)
+        paths.append(Path(p) if p is not None else None)
+    return paths
+
+
+def _check_output(output: Path, input_paths: list[Path | None], force: bool) -> None:
+    out = output.resolve()
+    for p in input_paths:
+        if p is None:
+            continue
+        src = p.resolve()
+        if out == src or (src.is_dir() and src in out.parents) or (out.exists() and out.is_dir() and out in src.parents):
+            raise OutputExistsError("refusing to write over an input of the merge (even with --force)", output)
+    if output.exists() and not force:
+        raise OutputExistsError("output exists; pass --force to overwrite it", output)
+
+
+def _resolve_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    w = [float(x) for x in weights]
+    if len(w) != n:
+        raise UsageError(f"{len(w)} weight(s) given for {n} input(s)")
+    if not all(math.isfinite(x) for x in w):
+        raise UsageError(f"weights must be finite numbers, got {w}")
+    return w
+
+
+def _resolve_layer_weights(layer_weights, n: int) -> list[tuple[str, list[float]]]:
+    out = []
+    for item in layer_weights or ():
+        pattern, value = parse_layer_weight(item) if isinstance(item, str) else item
+        compile_pattern(pattern)
+        vals = [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
+        if len(vals) != n:
+            raise UsageError(f"--weight {pattern!r}: {len(vals)} value(s) for {n} input(s)")
+        out.append((pattern, vals))
+    return out
+
+
+def _plan(adapters: list[Adapter], names: list[str]) -> list[str]:
+    """Union of module names (first-seen order); raise on shape conflicts; warn about missing modules."""
+    order: dict[str, int] = {}
+    for ad in adapters:
+        for n in ad.modules:
+            order.setdefault(n, len(order))
+    plan = list(order)
+    for name in plan:
+        first = None
+        for i, ad in enumerate(adapters):
+            m = ad.modules.get(name)
+            if m is None:
+                continue
+            if first is None:
+                first = (i, m)
+            elif m.weight_shape != first[1].weight_shape:
+                j, fm = first
+                raise MergeError(
+                    f"module {name} has weight shape {_shape(fm.weight_shape)} in input {j + 1} ({names[j]}) "
+                    f"but {_shape(m.weight_shape)} in input {i + 1} ({names[i]}); "
+                    "are these LoRAs for different base models (e.g. SD 1.x and SDXL)?"
+                )
+    for i, ad in enumerate(adapters):
+        missing = [n for n in plan if n not in ad.modules]
+        if missing and len(adapters) > 1:
+            warnings.warn(
+                MissingModuleWarning(
+                    f"{len(missing)} of {len(plan)} merged module(s) are absent from input {i + 1} ({names[i]}),"
+                    f" e.g. {missing[0]}; treated as zero updates"
+                ),
+                stacklevel=3,
+            )
+    return plan
+
+
+def _shape(s) -> str:
+    return "×".join(str(int(x)) for x in s)
+
+
+def _merge_extras(adapters: list[Adapter], names: list[str], keep_from: int | None) -> dict[str, TensorRef]:
+    """PEFT ``modules_to_save`` tensors: identical everywhere → kept; different → error unless chosen."""
+    if keep_from is not None and not 0 <= keep_from < len(adapters):
+        raise UsageError(f"--keep-heads-from {keep_from + 1}: there are only {len(adapters)} inputs")
+    keys: dict[str, None] = {}
+    for ad in adapters:
+        keys.update(dict.fromkeys(ad.extra_tensors))
+    out: dict[str, TensorRef] = {}
+    conflicts = []
+    for key in keys:
+        have = [(i, ad.extra_tensors[key]) for i, ad in enumerate(adapters) if key in ad.extra_tensors]
+        i0, ref0 = have[0]
+        t0 = ref0.load()
+        differs = None
+        for i, ref in have[1:]:
+            if ref.shape != ref0.shape or not torch.equal(ref.load().to(t0.dtype), t0):
+                differs = (i, ref)
+                break
+        if differs is None:
+            out[key] = TensorRef.from_tensor(t0, key)
+        elif keep_from is not None:
+            if key in adapters[keep_from].extra_tensors:
+                out[key] = TensorRef.from_tensor(adapters[keep_from].extra_tensors[key].load(), key)
+        else:
+            i, ref = differs
+            what = (f"{_shape(ref0.shape)} in input {i0 + 1} vs {_shape(ref.shape)} in input {i + 1}"
+                    if ref.shape != ref0.shape else f"same shape {_shape(ref.shape)}, different values in inputs "
+                    f"{i0 + 1} and {i + 1}")  # fmt: skip
+            conflicts.append(f"{key} ({what})")
+    if conflicts:
+        listed = ", ".join(f"{i + 1}={nm}" for i, nm in enumerate(names))
+        raise MergeError(
+            f"the inputs' non-LoRA tensors (PEFT modules_to_save, e.g. classifier heads) conflict (inputs {listed}): "
+            + "; ".join(conflicts[:3])
+            + (f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else "")
+            + "; pick one input's with --keep-heads-from N (keep_extra_from=N-1)"
+        )
+    return out
+
+
+# ---------------------------------------------------------------- per layer
+def _layer_inputs(adapters, name, shape_mod: LoraModule, coeffs: list[float], device) -> list[LayerInput]:
+    res = []
+    d_out, d_in = shape_mod.out_features, shape_mod.in_features
+    for ad, w in zip(adapters, coeffs):
+        m = ad.modules.get(name)
+        if m is None:
+            z = torch.zeros
+            res.append(LayerInput(z(d_out, 0, device=device), z(0, d_in, device=device), 0.0, w, present=False))
+            continue
+        b, a = m.factors(torch.float32, device)
+        res.append(LayerInput(up=b, down=a, scale=m.scale, weight=w))
+    return res
+
+
+def _finish_layer(result: LayerResult, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Factors of the strategy's answer at the requested rank; returns (up, down, refactored)."""
+    if result.dense is not None:
+        up, down = linalg.refactor_dense(result.dense.float(), rank)
+        return up, down, True
+    up, down = result.up.float(), result.down.float()
+    if rank is not None and up.shape[1] > rank:
+        up, down = linalg.refactor(up, down, rank)
+        return up, down, True
+    return up, down, False
+
+
+def _to_module(name: str, shape_mod: LoraModule, up, down, dtype: torch.dtype) -> LoraModule:
+    k = int(up.shape[1])
+    if k == 0:  # a zero update; loaders dislike rank 0, so write rank 1 with zero factors
+        up, down, k = up.new_zeros(up.shape[0], 1), down.new_zeros(1, down.shape[1]), 1
+    ws = shape_mod.weight_shape
+    if len(ws) == 4:
+        down = down.reshape(k, *ws[1:])
+        up = up.reshape(ws[0], k, 1, 1)
+    down = down.detach().to("cpu", dtype).contiguous()
+    up = up.detach().to("cpu", dtype).contiguous()
+    return LoraModule.from_tensors(name, down, up, alpha=float(k))
+
+
+def _retention(up, down, inputs: list[LayerInput]) -> dict | None:
+    try:
+        from .fidelity import retention
+    except ImportError:  # pragma: no cover - fidelity.py is written by another helper
+        return None
+    return retention(up, down, inputs[0], inputs[1], input_model="subspace")
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prog = Progress(
+        TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=Console(stderr=True), transient=True,
+    )  # fmt: skip
+    return prog
+
+
+# ---------------------------------------------------------------- public API
+def merge(
+    inputs: Sequence[str | os.PathLike | Adapter],
+    output: str | os.PathLike | None = None,
+    *,
+    strategy: str | MergeStrategy = "linear",
+    weights: Sequence[float] | None = None,
+    layer_weights: Sequence[tuple[str, float | Sequence[float]] | str] = (),
+    params: dict[str, Any] | None = None,
+    rank: int | None = None,
+    to: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    force: bool = False,
+    keep_extra_from: int | None = None,
+    progress: bool = False,
+    report_path: str | os.PathLike | None = None,
+    arch: str | None = None,
+) -> MergeResult:
+    """Merge LoRA adapters (paths or in-memory :class:`Adapter`) with a strategy.
+
+    ``weights`` are per-input inference strengths; ``layer_weights`` are ``(pattern, w)`` or
+    ``(pattern, [w_1, …, w_n])`` pairs (or ``'PATTERN=W'`` strings) that multiply the weights of the
+    layers the pattern matches (see :mod:`lora_merge.patterns`).  ``rank=None`` keeps the result's exact
+    rank; ``rank=K`` re-factors every layer to at most ``K`` from its factors.  Tensors are merged in
+    fp32 on ``device`` and stored as ``dtype`` (fp32 when None).  ``keep_extra_from`` is a 0-based input
+    index.  Nothing is written when ``output`` is None.
+    """
+    if not inputs:
+        raise UsageError("no inputs to merge")
+    out_dtype = parse_dtype(dtype) or torch.float32
+    if rank is not None and (int(rank) != rank or rank < 1):
+        raise UsageError(f"--rank must be a positive integer, got {rank!r}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but CUDA is not available")
+    if isinstance(strategy, MergeStrategy):
+        if params:
+            raise UsageError("pass strategy parameters to the strategy object, not params=")
+        strat = strategy
+    else:
+        strat = get_strategy(str(strategy))(**(params or {}))
+    n = len(inputs)
+    if n < strat.min_inputs or (strat.max_inputs is not None and n > strat.max_inputs):
+        want = f"{strat.min_inputs}" + ("+" if strat.max_inputs is None else f"–{strat.max_inputs}")
+        if strat.max_inputs == strat.min_inputs:
+            want = str(strat.min_inputs)
+        raise UsageError(f"strategy {strat.name!r} takes {want} input(s), got {n}")
+    w = _resolve_weights(weights, n)
+    lw = _resolve_layer_weights(layer_weights, n)
+
+    # the output checks come first: fail before any work
+    provisional_paths = [None if isinstance(x, Adapter) else Path(x) for x in inputs]
+    out_path = Path(output) if output is not None else None
+    if out_path is not None:
+        _check_output(out_path, provisional_paths, force)
+
+    adapters = _load_inputs(inputs)
+    paths = _input_paths(inputs, adapters)
+    if out_path is not None:
+        _check_output(out_path, paths, force)
+    names = [os.fspath(p) if p is not None else ad.display_name for p, ad in zip(paths, adapters)]
+    plan = _plan(adapters, names)
+    if not plan:
+        raise MergeError("the inputs contain no LoRA modules to merge")
+    extras = _merge_extras(adapters, names, keep_extra_from)
+    the_arch = arch or arch_mod.guess_arch(adapters[0])
+
+    recipe = {
+        "inputs": [
+            {"path": nm, "sha256": input_sha256(p) if p is not None else None, "dialect": ad.dialect}
+            for nm, p, ad in zip(names, paths, adapters)
+        ],
+        "strategy": strat.name,
+        "params": dict(strat.config),
+        "weights": w,
+        "layer_weights": [[p, v] for p, v in lw],
+        "rank": rank,
+        "seed": int(seed),
+        "dtype": _dtype_name(out_dtype),
+        "to": to or adapters[0].dialect,
+        "arch": the_arch,
+        "keep_heads_from": None if keep_extra_from is None else keep_extra_from + 1,
+        "version": _version(),
+    }
+    strat.prepare(
+        adapters,
+        {"arch": the_arch, "seed": int(seed), "device": dev, "weights": w, "layer_weights": lw, "rank": rank,
+         "names": names, "plan": plan},
+    )  # fmt: skip
+    want_retention = report_path is not None and n == 2
+    merged = Adapter(dialect=adapters[0].dialect, dialect_variant=None, config=_out_config(adapters[0]))
+    layer_info: dict[str, dict] = {}
+    prog = _progress(progress, len(plan))
+    task = prog.add_task("", total=len(plan)) if prog else None
+    if prog:
+        prog.start()
+    try:
+        for idx, name in enumerate(plan):
+            shape_mod = next(ad.modules[name] for ad in adapters if name in ad.modules)
+            coeffs = list(w)
+            for pattern, vals in lw:
+                if compile_pattern(pattern).search(name):
+                    coeffs = [c * v for c, v in zip(coeffs, vals)]
+            ctx = LayerContext(
+                name=name, index=idx, block=arch_mod.sub_block_of(name),
+                resolution=arch_mod.resolution_of(name, the_arch), arch=the_arch, kind=shape_mod.kind,
+                weight_shape=shape_mod.weight_shape, seed=int(seed), device=dev, dtype=torch.float32,
+                extra={"rank": rank, "input_names": names},
+            )  # fmt: skip
+            layer_in = _layer_inputs(adapters, name, shape_mod, coeffs, dev)
+            result = strat.merge_layer(layer_in, ctx)
+            if not isinstance(result, LayerResult):
+                raise TypeError(f"strategy {strat.name!r} returned {type(result).__name__}, not LayerResult")
+            up, down, refactored = _finish_layer(result, rank)
+            info = {"rank": int(up.shape[1]), "weights": coeffs, **result.info}
+            if refactored:
+                info["refactored"] = True
+            if want_retention:
+                ret = _retention(up, down, layer_in)
+                if ret is not None:
+                    info["retention"] = ret
+            layer_info[name] = info
+            merged.modules[name] = _to_module(name, shape_mod, up, down, out_dtype)
+            del layer_in, result, up, down
+            if prog:
+                prog.update(task, advance=1, description=name)
+    finally:
+        if prog:
+            prog.stop()
+    merged.extra_tensors = extras
+    merged.metadata = _metadata(merged, recipe, names)
+    report = {"recipe": recipe, "layers": layer_info, "strategy": strat.report()}
+    written = None
+    if out_path is not None:
+        from . import save  # H1's writer (atomic temp file + rename)
+
+        written = save(merged, out_path, to=to, dtype=out_dtype, force=force)
+        merged.source = Path(written)
+    if report_path is not None:
+        _write_json(Path(report_path), report)
+    return MergeResult(adapter=merged, report=report, output=Path(written) if written is not None else None)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _out_config(first: Adapter) -> dict | None:
+    """PEFT config of the output: the first input's, with ranks re-derived by the writer."""
+    return dict(first.config) if first.config else None
+
+
+def _metadata(merged: Adapter, recipe: dict, names: list[str]) -> dict[str, str]:
+    ranks = {m.rank for m in merged}
+    # kohya writes "Dynamic" when ranks differ between modules (resize_lora.py --dynamic_method)
+    dim = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+    return {
+        "lora_merge.recipe": json.dumps(recipe, sort_keys=False),
+        "ss_network_dim": dim,
+        "ss_network_alpha": dim,  # alpha = rank per module (scale 1): the strength lives in the factors
+        "modelspec.merged_from": ", ".join(Path(nm).name for nm in names),
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

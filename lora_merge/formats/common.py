@@ -1,0 +1,104 @@
+"""Helpers shared by the dialect readers and writers."""
+from __future__ import annotations
+
+import collections
+import math
+import re
+
+import torch
+
+from ..adapter import Adapter, LoraModule, TensorRef
+from ..errors import FormatError
+
+#: metadata keys that describe one file's layout; writers regenerate them, never copy them
+LAYOUT_METADATA_KEYS = ("lora_adapter_metadata", "lora_merge.kohya_names", "format")
+
+
+def make_module(name: str, down: TensorRef | None, up: TensorRef | None, path, source_key: str,
+                alpha: float | None = None, scale_rule: str = "standard") -> LoraModule:
+    """Validate one A/B pair's shapes and build the module."""
+    if down is None and up is None:
+        raise FormatError(f"module {source_key}: no LoRA factors", path)
+    if down is None:
+        raise FormatError(f"module {source_key}: up (B) weight without a down (A) weight", path)
+    if up is None:
+        raise FormatError(f"module {source_key}: down (A) weight without an up (B) weight", path)
+    ds, us = tuple(down.shape), tuple(up.shape)
+    for t, what in ((down, "down (A)"), (up, "up (B)")):
+        if not t.dtype.is_floating_point:
+            raise FormatError(f"module {source_key}: {what} weight has non-float dtype {t.dtype}", path)
+    ok = (len(ds) == 2 and len(us) == 2) or (len(ds) == 4 and len(us) == 4 and us[2:] == (1, 1))
+    if not ok:
+        raise FormatError(f"module {source_key}: A/B shape mismatch (down {list(ds)}, up {list(us)}): "
+                          "expected 2-D factors or 4-D conv factors with a 1×1 up", path)
+    if us[1] != ds[0]:
+        raise FormatError(f"module {source_key}: A/B shape mismatch: down (A) has rank {ds[0]} "
+                          f"but up (B) has rank {us[1]} (down {list(ds)}, up {list(us)})", path)
+    if alpha is not None and not math.isfinite(alpha):
+        raise FormatError(f"module {source_key}: alpha is {alpha}", path)
+    return LoraModule(name=name, down=down, up=up, alpha=alpha, scale_rule=scale_rule,  # type: ignore[arg-type]
+                      source_key=source_key)
+
+
+def read_scalar(ref: TensorRef, path, key: str) -> float:
+    if ref.numel != 1:
+        raise FormatError(f"{key}: alpha must be a single number, got shape {list(ref.shape)}", path)
+    v = float(ref.load().reshape(()).item())
+    if not math.isfinite(v):
+        raise FormatError(f"{key}: alpha is {v}", path)
+    return v
+
+
+def pattern_value(patterns: dict | None, name: str):
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup (``peft.utils.other.get_pattern_key``)."""
+    for key, value in (patterns or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error:
+            if name == key or name.endswith("." + key):
+                return value
+    return None
+
+
+def num(x: float) -> float | int:
+    """JSON-friendly number: ints stay ints (``16`` not ``16.0``)."""
+    return int(x) if float(x).is_integer() and abs(x) < 2**53 else float(x)
+
+
+def standard_alpha(m: LoraModule) -> float:
+    """Alpha under the standard rule that gives the module's current scale."""
+    if m.scale_rule == "rslora":
+        return m.effective_alpha * math.sqrt(m.rank)
+    return m.effective_alpha
+
+
+def lora_config_for(modules: list[tuple[str, LoraModule]], *, allow_rslora: bool = True) -> dict:
+    """LoraConfig fields (``r``, ``lora_alpha``, patterns, ``use_rslora``, ``target_modules``) that reproduce
+    every module's scale exactly. ``modules`` are ``(name relative to the model, module)``."""
+    rslora = allow_rslora and bool(modules) and all(m.scale_rule == "rslora" for _, m in modules)
+    alphas = {n: (m.effective_alpha if rslora else standard_alpha(m)) for n, m in modules}
+    ranks = {n: m.rank for n, m in modules}
+    r = collections.Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    a = collections.Counter(alphas.values()).most_common(1)[0][0] if alphas else r
+    return {
+        "r": int(r),
+        "lora_alpha": num(a),
+        "rank_pattern": {re.escape(n): int(v) for n, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(n): num(v) for n, v in alphas.items() if v != a},
+        "use_rslora": rslora,
+        "target_modules": sorted(n for n, _ in modules),
+    }
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None or not t.dtype.is_floating_point:
+        return t
+    return t.to(dtype)
+
+
+def carried_metadata(adapter: Adapter, extra: dict[str, str] | None) -> dict[str, str]:
+    md = {k: v for k, v in (adapter.metadata or {}).items() if k not in LAYOUT_METADATA_KEYS}
+    md.update(extra or {})
+    md["format"] = "pt"
+    return md

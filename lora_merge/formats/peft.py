@@ -1,0 +1,137 @@
+"""PEFT adapter folders: ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` and full ``modules_to_save`` tensors
+(stored by PEFT as ``base_model.model.<head>.weight``; ``…<head>.modules_to_save.<name>.weight`` also read).
+
+Factors are stored ``A: r×in``, ``B: out×r`` even with ``fan_in_fan_out`` (GPT-2 ``Conv1D``); that flag
+only says the base weight is transposed, so it is kept in the config and written back.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+
+import torch
+
+from ..adapter import Adapter, TensorRef
+from ..errors import FormatError
+from .common import carried_metadata, cast, lora_config_for, make_module, pattern_value
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+_PEFT_DEFAULT_R, _PEFT_DEFAULT_ALPHA = 8, 8
+
+_LORA = re.compile(r"^(?P<m>.+)\.lora_(?P<r>A|B)(?:\.[A-Za-z0-9_-]+)?\.weight$")
+_SAVED = re.compile(r"^(?P<m>.+)\.modules_to_save\.[A-Za-z0-9_-]+\.(?P<p>[^.]+)$")
+_EXTRA = re.compile(r"^(?P<m>.+)\.(?P<p>weight|bias)$")
+
+
+def read_config(path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except OSError as e:
+        raise FormatError(f"cannot read {CONFIG_NAME}: {e.strerror or e}", path) from None
+    except (ValueError, RecursionError):
+        raise FormatError(f"{CONFIG_NAME} is not valid JSON", path) from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{CONFIG_NAME} is not a JSON object", path)
+    return cfg
+
+
+def read(refs: dict[str, TensorRef], metadata: dict[str, str], path, config: dict | None) -> Adapter:
+    pairs: dict[str, dict[str, tuple[str, TensorRef]]] = {}
+    extras: dict[str, TensorRef] = {}
+    unparsed: list[str] = []
+    for key, ref in refs.items():
+        body = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        m = _LORA.match(body)
+        if m:
+            role = "down" if m.group("r") == "A" else "up"
+            slot = pairs.setdefault(m.group("m"), {})
+            if role in slot:
+                raise FormatError(f"module {m.group('m')}: two lora_{m.group('r')} weights", path)
+            slot[role] = (key, ref)
+            continue
+        if ".lora_" in body:  # lora_embedding_A/B and other LoRA variants we do not model
+            unparsed.append(key)
+            continue
+        s = _SAVED.match(body)
+        if s:
+            extras[f"{s.group('m')}.{s.group('p')}"] = ref
+        elif _EXTRA.match(body):
+            extras[body] = ref
+        else:
+            unparsed.append(key)
+    cfg = config or {}
+    if config is None:
+        warnings.warn(f"{path}: no {CONFIG_NAME} next to it; assuming alpha = r (scale 1) for every module",
+                      UserWarning, stacklevel=3)
+    rule = "rslora" if cfg.get("use_rslora") else "standard"
+    ad = Adapter(dialect="peft", metadata=dict(metadata), config=dict(config) if config is not None else None,
+                 dialect_variant="peft-folder" if config is not None else "peft-bare")
+    for mod, slot in pairs.items():
+        alpha: float | None = None
+        if config is not None:
+            a = pattern_value(cfg.get("alpha_pattern"), mod)
+            alpha = float(a if a is not None else cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
+        src = (slot.get("down") or slot.get("up"))[0]  # type: ignore[index]
+        ad.modules[mod] = make_module(mod, slot.get("down", (None, None))[1], slot.get("up", (None, None))[1],
+                                      path, src, alpha, rule)
+    ad.extra_tensors = extras
+    ad.unparsed_keys = sorted(unparsed)
+    return ad
+
+
+def _targets_cover(targets, names: list[str]) -> bool:
+    if isinstance(targets, str):
+        return all(re.fullmatch(targets, n) for n in names)
+    if isinstance(targets, (list, tuple)) and targets:
+        return all(any(n == t or n.endswith("." + t) for t in targets) for n in names)
+    return False
+
+
+def _heads(extras: dict[str, TensorRef]) -> list[str]:
+    return sorted({k.rsplit(".", 1)[0] for k in extras})
+
+
+def build_config(adapter: Adapter) -> dict:
+    """adapter_config.json content reproducing every module's rank and scale."""
+    base = dict(adapter.config) if adapter.config and "peft_type" in adapter.config else {}
+    mods = list(adapter.modules.items())
+    fields = lora_config_for(mods)
+    if base and _targets_cover(base.get("target_modules"), [n for n, _ in mods]):
+        fields["target_modules"] = base["target_modules"]
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "lora_dropout": 0.0,
+        "modules_to_save": None,
+        "revision": None,
+    }
+    cfg.update(base)
+    cfg.update(fields)
+    heads = _heads(adapter.extra_tensors)
+    if heads:
+        listed = cfg.get("modules_to_save") or []
+        if not all(any(h == t or h.endswith("." + t) for t in listed) for h in heads):
+            cfg["modules_to_save"] = heads
+    return cfg
+
+
+def write(adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> tuple[dict, dict, dict]:
+    """``(tensors, metadata, config)`` for a PEFT folder."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, m in adapter.modules.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = cast(m.down.load(), dtype)
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = cast(m.up.load(), dtype)
+    for name, t in adapter.extra_tensors.items():
+        tensors[f"{PREFIX}{name}"] = cast(t.load(), dtype)
+    return tensors, carried_metadata(adapter, metadata), build_config(adapter)

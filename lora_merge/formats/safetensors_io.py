@@ -1,0 +1,191 @@
+"""Safe reading and atomic writing of ``.safetensors`` files.
+
+The header is parsed and validated here (length prefix, JSON, dtypes, shapes, offsets against the
+file size) before the Rust library ever sees the file, so malformed input becomes a
+:class:`~lora_merge.errors.FormatError` naming the file and the problem instead of a crash.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..adapter import TensorRef, _SafetensorsHandle
+from ..errors import FormatError
+
+#: safetensors dtype tag -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+for _tag, _name, _size in (("F8_E4M3", "float8_e4m3fn", 1), ("F8_E5M2", "float8_e5m2", 1),
+                           ("U16", "uint16", 2), ("U32", "uint32", 4), ("U64", "uint64", 8)):
+    if hasattr(torch, _name):
+        DTYPES[_tag] = (getattr(torch, _name), _size)
+
+#: the Rust library refuses headers above 100 MB; so do we (before allocating anything)
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass
+class Header:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+
+
+class CheckedHandle(_SafetensorsHandle):
+    """A shared lazy handle whose read errors (file changed or vanished) become ``FormatError``."""
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return super().get(key)
+        except FormatError:
+            raise
+        except Exception as e:  # safetensors' Rust errors, OSError, ...
+            raise FormatError(f"cannot read tensor {key!r}: {_one_line(e)}", self.path) from None
+
+
+def _one_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Parse and validate a safetensors header; raise :class:`FormatError` on anything malformed."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise FormatError(f"not a safetensors file: only {size} bytes (truncated?)", path)
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n == 0 or n > MAX_HEADER_BYTES:
+                raise FormatError(f"not a safetensors file: implausible header length {n}", path)
+            if n > size - 8:
+                raise FormatError(
+                    f"truncated or not a safetensors file: header claims {n} bytes but the file has {size - 8} "
+                    "after the length prefix", path)
+            raw = f.read(n)
+    except OSError as e:
+        raise FormatError(f"cannot read file: {e.strerror or e}", path) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatError("not a safetensors file: header is not UTF-8 text", path) from None
+    if not text.lstrip().startswith("{"):
+        raise FormatError("not a safetensors file: header is not a JSON object", path)
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        raise FormatError(f"bad safetensors header JSON: {msg}", path) from None
+    if not isinstance(obj, dict):
+        raise FormatError("bad safetensors header: not a JSON object", path)
+    data_len = size - 8 - n
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise FormatError("bad safetensors header: __metadata__ must map strings to strings", path)
+    tensors: dict[str, TensorInfo] = {}
+    for key, info in obj.items():
+        tensors[key] = _tensor_info(path, key, info, data_len)
+    _check_layout(path, tensors, data_len)
+    return Header(path=path, tensors=tensors, metadata=dict(metadata), data_start=8 + n)
+
+
+def _tensor_info(path: Path, key: str, info, data_len: int) -> TensorInfo:
+    if not isinstance(info, dict):
+        raise FormatError(f"bad safetensors header: entry {key!r} is not an object", path)
+    tag, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if tag not in DTYPES:
+        raise FormatError(f"tensor {key!r} has unknown dtype {tag!r}", path)
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                              for s in shape):
+        raise FormatError(f"tensor {key!r} has an invalid shape {shape!r}", path)
+    if (not isinstance(offs, list) or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+        raise FormatError(f"tensor {key!r} has invalid data_offsets {offs!r}", path)
+    begin, end = offs
+    if not 0 <= begin <= end:
+        raise FormatError(f"tensor {key!r} has invalid data_offsets {offs!r}", path)
+    if end > data_len:
+        raise FormatError(
+            f"tensor {key!r} lies outside the file (bytes {begin}..{end} of a {data_len}-byte data section; "
+            "truncated?)", path)
+    dtype, itemsize = DTYPES[tag]
+    if math.prod(shape) * itemsize != end - begin:
+        raise FormatError(
+            f"tensor {key!r}: shape {shape} of {tag} needs {math.prod(shape) * itemsize} bytes but its offsets "
+            f"span {end - begin}", path)
+    return TensorInfo(dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+
+
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_len: int) -> None:
+    """Tensors must tile the data section exactly (what the Rust library enforces)."""
+    pos = 0
+    for key, t in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if t.begin != pos:
+            raise FormatError(f"bad safetensors layout: tensor {key!r} starts at byte {t.begin}, expected {pos}",
+                              path)
+        pos = t.end
+    if pos != data_len:
+        raise FormatError(
+            f"bad safetensors layout: tensors cover {pos} bytes but the data section has {data_len} "
+            f"({'truncated' if pos > data_len else 'trailing bytes'})", path)
+
+
+def lazy_refs(header: Header) -> dict[str, TensorRef]:
+    """One :class:`TensorRef` per tensor, sharing one lazy handle for the file."""
+    handle = CheckedHandle(header.path)
+    return {k: TensorRef.in_file(handle, k, t.shape, t.dtype) for k, t in header.tensors.items()}
+
+
+def write_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write a safetensors file to a temp file in the same folder, then ``os.replace`` it into place."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    seen: set[int] = set()
+    ready: dict[str, torch.Tensor] = {}
+    for k, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:  # safetensors refuses tensors that share memory
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        ready[k] = t
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(ready, tmp, metadata=dict(metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,46 @@
+"""``svd``: the weighted sum, re-factored through QR of the factors and an SVD of the small core."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .. import linalg
+from . import register
+from .base import LayerContext, LayerInput, LayerResult, MergeStrategy, Param
+from .linear import concat
+
+
+@register
+class Svd(MergeStrategy):
+    name = "svd"
+    description = "Weighted sum re-factored by SVD (from the factors) to --rank K or an energy threshold."
+    reference = "algorithms.md §3 (kohya svd_merge_lora.py / PEFT 'svd' do a dense SVD instead)"
+    exact = False
+    params = (
+        Param("energy", float, 1.0, "keep the fewest singular directions holding this fraction of "
+              "‖ΔW‖²_F (1 = all non-negligible ones; exact)", range=(0.0, 1.0)),
+        Param("split", str, "sqrt", "how Σ is split between the factors: sqrt (B=U√Σ, A=√ΣVᵀ) or up "
+              "(B=UΣ, A=Vᵀ, kohya's convention)", choices=("sqrt", "up")),
+    )  # fmt: skip
+
+    def merge_layer(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> LayerResult:
+        up, down = concat(inputs)
+        u, s, vh = linalg.core_svd(up, down)
+        tol = (s.max() * max(up.shape[0], down.shape[1]) * torch.finfo(s.dtype).eps) if s.numel() else 0.0
+        k = int((s > tol).sum()) if s.numel() else 0
+        if self.energy < 1.0 and k:
+            e = torch.cumsum(s[:k] ** 2, 0) / (s[:k] ** 2).sum()
+            k = min(k, int((e < self.energy - 1e-12).sum()) + 1)
+        target = ctx.extra.get("rank")
+        if target is not None:
+            k = min(k, int(target))
+        u, s, vh = u[:, :k], s[:k], vh[:k]
+        kept = float((s**2).sum())
+        if self.split == "up":
+            b, a = u * s[None, :], vh
+        else:
+            rs = s.sqrt()
+            b, a = u * rs[None, :], rs[:, None] * vh
+        return LayerResult(up=b, down=a, info={"svd_rank": k, "sigma_max": float(s[0]) if k else 0.0,
+                                               "energy_kept": kept})

@@ -1,0 +1,216 @@
+"""Judging toy-world samples: per-adapter accuracies, the merge benchmark rows, and PNG grids."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ..adapter import Adapter
+from ..errors import UsageError
+from . import world
+
+JOINT = "a sks object in zkz style"
+
+
+@lru_cache(maxsize=1)
+def _cached_base():
+    from .model import load_base
+
+    return load_base()
+
+
+@lru_cache(maxsize=1)
+def _cached_judge():
+    from .judge import load_judge
+
+    return load_judge()
+
+
+def eval_seeds(n: int, seed: int = 0) -> list[int]:
+    """The fixed sampling seeds of an evaluation (independent of the adapter)."""
+    return [seed * 1_000_003 + i for i in range(n)]
+
+
+def judge_images(images: torch.Tensor, shape: str | None, style: str | None, judge=None) -> dict[str, Any]:
+    """Fractions of images judged to have ``shape`` / ``style`` / both (None: not asked, reported as None)."""
+    judge = judge or _cached_judge()
+    s, t = judge.predict(images)
+    ok_s = (s == judge.shapes.index(shape)) if shape is not None else None
+    ok_t = (t == judge.styles.index(style)) if style is not None else None
+    both = ok_s & ok_t if ok_s is not None and ok_t is not None else (ok_s if ok_t is None else ok_t)
+    return {
+        "n": int(images.shape[0]),
+        "content_acc": float(ok_s.float().mean()) if ok_s is not None else None,
+        "style_acc": float(ok_t.float().mean()) if ok_t is not None else None,
+        "joint_acc": float(both.float().mean()) if both is not None else None,
+        "shapes_seen": _counts([judge.shapes[i] for i in s.tolist()]),
+        "styles_seen": _counts([judge.styles[i] for i in t.tolist()]),
+    }
+
+
+def _counts(names: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for nm in names:
+        out[nm] = out.get(nm, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def evaluate(adapter_or_path: Adapter | str | os.PathLike | None, n: int = 64, seed: int = 0, prompt: str = JOINT,
+             *, scale: float = 1.0, lora_group_scales: Mapping[str, float] | None = None, steps: int | None = None,
+             world_model=None, judge=None, return_images: bool = False) -> dict[str, Any]:
+    """Sample ``n`` images of ``prompt`` (fixed seeds) with the adapter folded in, and judge them.
+
+    Expected shape and style are read from the prompt (``"a sks object"`` asks for no style: its
+    ``style_acc`` is None and ``joint_acc`` equals ``content_acc``).
+    """
+    from .sampling import DEFAULT_STEPS, sample
+
+    shape, style = world.parse_prompt(prompt)
+    if shape is None and style is None:
+        raise UsageError(f"prompt {prompt!r} names no toy-world shape or style to judge")
+    wm = world_model or _cached_base()
+    imgs = sample(wm, prompt, eval_seeds(n, seed), adapter=adapter_or_path, scale=scale,
+                  lora_group_scales=lora_group_scales, steps=steps or DEFAULT_STEPS)
+    res = judge_images(imgs, shape, style, judge)
+    res["prompt"] = prompt
+    if return_images:
+        res["images"] = imgs
+    return res
+
+
+def base_sanity(n_per_combo: int = 4, seed: int = 0, world_model=None, judge=None) -> dict[str, Any]:
+    """Base-model samples of every seen shape × seen style, judged (the issue's ≥ 80 % sanity check)."""
+    from .sampling import sample
+
+    wm = world_model or _cached_base()
+    judge = judge or _cached_judge()
+    combos = [(s, t) for s in world.SEEN_SHAPES for t in world.SEEN_STYLES]
+    prompts = [world.caption(s, t) for s, t in combos for _ in range(n_per_combo)]
+    seeds = eval_seeds(len(prompts), seed + 7)
+    imgs = sample(wm, prompts, seeds)
+    ps, pt = judge.predict(imgs)
+    want_s = torch.tensor([judge.shapes.index(s) for s, _ in combos for _ in range(n_per_combo)])
+    want_t = torch.tensor([judge.styles.index(t) for _, t in combos for _ in range(n_per_combo)])
+    return {
+        "n": len(prompts),
+        "content_acc": float((ps == want_s).float().mean()),
+        "style_acc": float((pt == want_t).float().mean()),
+        "joint_acc": float(((ps == want_s) & (pt == want_t)).float().mean()),
+        "images": imgs,
+        "combos": combos,
+    }
+
+
+# ------------------------------------------------------------------------------------------ merges
+@dataclass
+class Variant:
+    """One benchmark row: a strategy with parameters and weights."""
+
+    label: str
+    strategy: str
+    params: dict[str, Any] = field(default_factory=dict)
+    weights: tuple[float, float] = (1.0, 1.0)
+
+
+#: ablations a strategy offers, keyed by strategy name: (label suffix, params).  Only rows whose
+#: parameters the registered strategy actually declares are run.
+ABLATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "duolora": [
+        ("no prior", {"lambda_prior": 0.0}),
+        ("no hinge", {"lambda_hinge": 0.0}),
+        ("no cycle", {"lambda_cycle": 0.0}),
+        ("no prior init", {"prior_init": False}),
+    ],
+    "ziplora": [("no sim", {"lambda_sim": 0.0})],
+}
+
+
+def default_variants(strategies: Sequence[str] | None = None, ablations: bool = True) -> list[Variant]:
+    """Every registered strategy that can merge two inputs, with its defaults (+ its ablations)."""
+    from ..strategies import available_strategies
+
+    avail = available_strategies()
+    names = list(strategies) if strategies else list(avail)
+    out: list[Variant] = []
+    for nm in names:
+        if nm not in avail:
+            raise UsageError(f"unknown strategy {nm!r}; available: {', '.join(avail)}")
+        cls = avail[nm]
+        if cls.min_inputs > 2 or (cls.max_inputs is not None and cls.max_inputs < 2):
+            continue
+        if nm == "linear":
+            out.append(Variant("linear (1, 1)", "linear"))
+            out.append(Variant("linear (0.5, 0.5)", "linear", weights=(0.5, 0.5)))
+            continue
+        out.append(Variant(nm, nm))
+        if ablations:
+            declared = {p.name for p in cls.params}
+            for suffix, params in ABLATIONS.get(nm, []):
+                if set(params) <= declared:
+                    out.append(Variant(f"{nm} ({suffix})", nm, dict(params)))
+    return out
+
+
+def trainable_values(report: dict[str, Any]) -> int | None:
+    """Trainable-value count a strategy reports (ZipLoRA/DuoLoRA coefficients), if any."""
+    strat = report.get("strategy") or {}
+    for key in ("trainable_values", "trainable", "num_trainable", "trainable_params", "n_trainable"):
+        if isinstance(strat.get(key), (int, float)):
+            return int(strat[key])
+    return None
+
+
+def run_variant(v: Variant, content: Path, style: Path, n: int, seed: int = 0, world_model=None, judge=None,
+                arch: str | None = "toyworld") -> dict[str, Any]:
+    from .. import merge
+
+    t0 = time.perf_counter()
+    res = merge([content, style], None, strategy=v.strategy, weights=list(v.weights), params=v.params or None,
+                seed=seed, arch=arch)
+    dt = time.perf_counter() - t0
+    ev = evaluate(res.adapter, n=n, seed=seed, prompt=JOINT, world_model=world_model, judge=judge,
+                  return_images=True)
+    ev.update(label=v.label, strategy=v.strategy, params=v.params, weights=list(v.weights), merge_seconds=dt,
+              trainable_values=trainable_values(res.report), rank=max(res.adapter.ranks) if len(res.adapter) else 0)
+    return ev
+
+
+# ------------------------------------------------------------------------------------------- grids
+def save_grid(rows: Sequence[tuple[str, torch.Tensor]], path: str | os.PathLike, zoom: int = 4,
+              max_cols: int = 16) -> Path:
+    """A labelled PNG: one row per ``(label, images)``; written to a temp file then renamed."""
+    from PIL import Image, ImageDraw
+
+    if not rows:
+        raise UsageError("nothing to draw")
+    size = world.IMAGE_SIZE * zoom
+    label_w = 8 + 7 * max(len(lbl) for lbl, _ in rows)
+    cols = min(max_cols, max(int(im.shape[0]) for _, im in rows))
+    pad = 2
+    canvas = Image.new("RGB", (label_w + cols * (size + pad), len(rows) * (size + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, imgs) in enumerate(rows):
+        y = pad + r * (size + pad)
+        draw.text((4, y + size // 2 - 6), label, fill=(0, 0, 0))
+        arr = world.to_uint8(imgs[:cols]).numpy()
+        for c in range(arr.shape[0]):
+            tile = Image.fromarray(arr[c]).resize((size, size), Image.NEAREST)
+            canvas.paste(tile, (label_w + c * (size + pad), y))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.png")
+    canvas.save(tmp)
+    tmp.replace(out)
+    return out
+
+
+def pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.0f}%"
+
+
+ProgressFn = Callable[[str], None]

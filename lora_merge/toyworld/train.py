@@ -1,0 +1,200 @@
+"""Training the toy world from scratch: base model, content/style LoRAs, judge.  All seeded.
+
+Run through ``lora-merge toyworld train-base | train-loras | train-judge``; the shipped package data was
+produced by exactly those commands with their defaults on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import world
+from .model import DATA_DIR, TextEncoder, build_unet, ddpm_scheduler, save_base
+
+Log = Callable[[str], None]
+
+
+def _seed_all(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def base_caption(shape: str, style: str, u: float) -> str:
+    """Caption mix for base training: mostly full captions, some partial, some empty (for guidance)."""
+    if u < 0.80:
+        return world.caption(shape, style)
+    if u < 0.88:
+        return world.caption(shape, None)
+    if u < 0.95:
+        return world.caption(None, style)
+    return ""
+
+
+def _pool(combos: list[tuple[str, str]], per_combo: int, salt: str) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    imgs, labels = [], []
+    for shape, style in combos:
+        for i in range(per_combo):
+            imgs.append(world.render(shape, style, world.seed_for(salt, shape, style, i)))
+            labels.append((shape, style))
+    return torch.stack(imgs), labels
+
+
+def _cosine_lr(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, steps - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def diffusion_loss(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g)
+    xt = scheduler.add_noise(x0, noise, t)
+    pred = unet(xt, t, encoder_hidden_states=cond).sample
+    return F.mse_loss(pred, noise)
+
+
+def train_base(out: Path = DATA_DIR / "base", steps: int = 1200, batch: int = 48, lr: float = 2e-3, seed: int = 0,
+               ema_decay: float = 0.995, checkpoint_every: int = 100, log: Log = print) -> Path:
+    """Train text encoder + UNet from scratch on seen shapes × seen styles; write fp16 EMA weights to ``out``.
+
+    One thread: on a shared, oversubscribed 2-core box two intra-op threads were measured 8× slower."""
+    torch.set_num_threads(1)
+    g = _seed_all(seed)
+    combos = [(s, t) for s in world.SEEN_SHAPES for t in world.SEEN_STYLES]
+    images, labels = _pool(combos, 300, "base")
+    unet = build_unet()
+    te = TextEncoder()
+    sched = ddpm_scheduler()
+    ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    opt = torch.optim.AdamW(
+        [
+            {"params": list(unet.parameters()), "weight_decay": 1e-2},
+            # no decay on the embedding: rows of words never seen (sks, zkz) must stay at their random init
+            {"params": [te.embed.weight], "weight_decay": 0.0},
+            {"params": [p for n, p in te.named_parameters() if n != "embed.weight"], "weight_decay": 1e-2},
+        ],
+        lr=lr,
+    )
+    params = list(unet.parameters()) + list(te.parameters())
+    ema_params = list(ema_unet.parameters()) + list(ema_te.parameters())
+    t0 = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * _cosine_lr(step, steps, 100)
+        idx = torch.randint(0, images.shape[0], (batch,), generator=g)
+        us = torch.rand(batch, generator=g).tolist()
+        x0 = images[idx]
+        prompts = [base_caption(*labels[i], u) for i, u in zip(idx.tolist(), us)]
+        cond = te(te.tokenize(prompts))
+        loss = diffusion_loss(unet, sched, x0, cond, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(ema_decay, (1 + step) / (10 + step))
+            torch._foreach_mul_(ema_params, d)
+            torch._foreach_add_(ema_params, params, alpha=1 - d)
+        if step % 50 == 0 or step == steps - 1:
+            log(f"step {step}/{steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} {time.time() - t0:.0f}s")
+        if (step + 1) % checkpoint_every == 0 or step == steps - 1:
+            save_base(ema_unet, ema_te, out, {"training": {"steps": step + 1, "of": steps, "batch": batch, "lr": lr,
+                                                           "seed": seed, "ema_decay": ema_decay}})
+            log(f"checkpoint at step {step + 1} -> {out}")
+    return out
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------- LoRAs
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_RANK = 8
+LORA_FILES = {"content": "content_lora.safetensors", "style": "style_lora.safetensors"}
+
+
+def lora_training_set(concept: str, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """The DreamBooth set: images and their captions (content: one subject, one prompt; style: many shapes)."""
+    if concept == "content":
+        imgs = [world.render(world.CONTENT_WORD, world.CONTENT_REFERENCE_STYLE, world.seed_for("ref", seed, "c", i))
+                for i in range(n)]
+        return torch.stack(imgs), [world.caption(world.CONTENT_WORD, None)] * n
+    if concept == "style":
+        shapes = [world.SEEN_SHAPES[i % len(world.SEEN_SHAPES)] for i in range(n)]
+        imgs = [world.render(s, world.STYLE_WORD, world.seed_for("ref", seed, "s", i)) for i, s in enumerate(shapes)]
+        return torch.stack(imgs), [world.caption(s, world.STYLE_WORD) for s in shapes]
+    raise ValueError(f"concept must be 'content' or 'style', not {concept!r}")
+
+
+def peft_to_adapter(state: dict[str, torch.Tensor], alpha: float, metadata: dict[str, str]):
+    """PEFT's ``get_peft_model_state_dict`` of the UNet → a lora-merge Adapter with ``unet.``-prefixed names."""
+    from ..adapter import Adapter, LoraModule
+
+    ad = Adapter(metadata=dict(metadata), dialect="diffusers")
+    downs = {k[: -len(".lora_A.weight")]: v for k, v in state.items() if k.endswith(".lora_A.weight")}
+    for mod, down in sorted(downs.items()):
+        up = state[mod + ".lora_B.weight"]
+        name = "unet." + mod
+        ad.modules[name] = LoraModule.from_tensors(name, down.detach().float().clone(), up.detach().float().clone(),
+                                                   alpha=alpha)
+    return ad
+
+
+def train_lora(concept: str, out: Path = DATA_DIR, steps: int = 400, batch: int = 32, lr: float = 1e-3,
+               seed: int = 0, n_images: int = 64, log: Log = print) -> Path:
+    """DreamBooth-style PEFT LoRA (rank 8, every attention's to_q/k/v/out.0) on the bundled base UNet."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    from .. import save
+    from .model import load_base
+
+    torch.set_num_threads(1)
+    g = _seed_all(seed)
+    base = load_base()
+    unet = copy.deepcopy(base.unet)
+    cfg = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=LORA_TARGETS, init_lora_weights=True)
+    unet = inject_adapter_in_model(cfg, unet)
+    unet.requires_grad_(False)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    unet.train()
+    images, captions = lora_training_set(concept, n_images, seed)
+    cond_all = base.encode_prompt(captions)
+    sched = ddpm_scheduler(base.config.get("scheduler"))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, images.shape[0], (batch,), generator=g)
+        loss = diffusion_loss(unet, sched, images[idx], cond_all[idx], g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"{concept} LoRA step {step}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+    state = get_peft_model_state_dict(unet)
+    prompt = world.caption(world.CONTENT_WORD, None) if concept == "content" else "in zkz style"
+    md = {
+        "modelspec.architecture": "lora-merge/toyworld",
+        "modelspec.title": f"toy-world {concept} LoRA ({prompt!r})",
+        "lora_merge.toyworld.concept": concept,
+        "lora_merge.toyworld.training": json.dumps({"steps": steps, "batch": batch, "lr": lr, "seed": seed,
+                                                    "n_images": n_images, "rank": LORA_RANK}),
+    }
+    ad = peft_to_adapter(state, float(LORA_RANK), md)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LORA_FILES[concept]
+    written = save(ad, path, to="diffusers", dtype=torch.float16, force=True, metadata=md)
+    log(f"wrote {written} ({len(ad)} modules, {ad.num_params} values)")
+    return Path(written)

@@ -1,0 +1,308 @@
+"""Model mode: LoRAs wrapped in a tiny diffusers UNet, masks trained through it (issue 6)."""
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lora_merge import masks as M
+from lora_merge.errors import UsageError
+from lora_merge.model_mode import glue
+from lora_merge.model_mode.runtime import MaskedLoraLayer, attach_loras, load_base_model, load_image_folder
+from lora_merge.model_mode.tiny import random_lora, tiny_base_model
+from lora_merge.model_mode.train import (
+    MaskObjective,
+    TrainConfig,
+    _Data,
+    _sample,
+    layer_roles,
+    prior_rank_term,
+    similarity_term,
+    train_masks,
+    unet_block_resolutions,
+)
+from lora_merge.strategies.base import LayerInput
+
+
+@pytest.fixture(scope="module")
+def world():
+    base = tiny_base_model(seed=0)
+    content, style = random_lora(base.unet, seed=1), random_lora(base.unet, seed=2, rank=3, alpha=None)
+    g = torch.Generator().manual_seed(3)
+    images = {"content": torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, "style": torch.rand(2, 3, 8, 8, generator=g) * 2 - 1}
+    return SimpleNamespace(base=base, adapters=[content, style], images=images)
+
+
+@pytest.fixture
+def priors_file(tmp_path):
+    p = tmp_path / "priors.json"
+    p.write_text(json.dumps({"format": "lora-merge.priors/1", "rules": [
+        {"pattern": "unet.down_blocks.0", "role": "content"}, {"pattern": "unet.up_blocks.1", "role": "style"}]}))
+    return str(p)
+
+
+def _out(base, x, t, cond):
+    with torch.no_grad():
+        return base.predict(x, t, cond)
+
+
+# ------------------------------------------------------------------ runtime
+def test_wrapped_unet_matches_dense_merge(world):
+    """Strengths switch one wrapped UNet between base, content-only and merged; each equals a UNet whose
+    weights have the dense ΔW added."""
+    base = world.base
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 700])
+    cond = base.encode_prompt(["a sks thing"])
+    ref_base = _out(base, x, t, cond)
+    dense = copy.deepcopy(base.unet)
+    for name, mod in world.adapters[0].modules.items():
+        dense.get_submodule(name[5:]).weight.data += mod.delta()
+    loras = attach_loras(base.unet, world.adapters, mask_kinds="rank")
+    try:
+        assert len(loras.layers) == len(world.adapters[0].modules) == 32
+        with loras.configured((0.0, 0.0)):
+            assert torch.allclose(_out(base, x, t, cond), ref_base, atol=1e-5)
+        with loras.only(0):
+            got = _out(base, x, t, cond)
+        want = dense(x, t, encoder_hidden_states=base.encode_prompt(["a sks thing"])["encoder_hidden_states"].expand(2, -1, -1)).sample
+        assert torch.allclose(got, want, atol=1e-4)
+        assert not torch.allclose(got, ref_base, atol=1e-3)
+        # group scale 0 on every layer of input 0 = the base model again
+        with loras.only(0), loras.scaled("unet", 0.0, inputs=[0]) as names:
+            assert len(names) == 32
+            assert torch.allclose(_out(base, x, t, cond), ref_base, atol=1e-5)
+    finally:
+        loras.detach()
+    assert not any(isinstance(m, MaskedLoraLayer) for m in base.unet.modules())
+    assert torch.allclose(_out(base, x, t, cond), ref_base)
+
+
+@pytest.mark.parametrize("kind", ["rank", "out", "in"])
+def test_masked_layer_equals_h4_fold(world, kind):
+    """The wrapped layer computes W0 x + Σ strength·scale·fold(mask) x with the same fold as masks.fold."""
+    base = world.base
+    loras = attach_loras(base.unet, world.adapters, mask_kinds=kind)
+    try:
+        name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+        layer = loras.layers[name]
+        for s in layer.slots:
+            s.mask.data = torch.rand_like(s.mask) * 2 - 1
+        x = torch.randn(5, layer.base.in_features)
+        want = layer.base(x)
+        for s, ad in zip(layer.slots, world.adapters):
+            b, a = ad.modules[name].factors()
+            b, a = M.fold(kind, b, a, s.mask.detach())
+            want = want + ad.modules[name].scale * x @ (b @ a).T
+        assert torch.allclose(layer(x), want, atol=1e-5)
+    finally:
+        loras.detach()
+
+
+def test_load_base_model_errors(tmp_path):
+    with pytest.raises(UsageError, match="not a local folder"):
+        load_base_model(str(tmp_path / "nope"))
+    with pytest.raises(UsageError, match="pipeline folder"):
+        load_base_model(str(tmp_path))
+
+
+def test_load_image_folder(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("L", (12, 12), 0).save(tmp_path / "b.jpg")
+    imgs = load_image_folder(tmp_path, 8)
+    assert imgs.shape == (2, 3, 8, 8)
+    assert torch.allclose(imgs[0, 0], torch.ones(8, 8)) and torch.allclose(imgs[0, 1], -torch.ones(8, 8))
+    assert torch.allclose(imgs[1], -torch.ones(3, 8, 8))
+    with pytest.raises(UsageError, match="no images"):
+        load_image_folder(_empty(tmp_path), 8)
+
+
+def _empty(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    return d
+
+
+def test_block_resolutions_follow_the_paper_tables():
+    from lora_merge.arch import BLOCK_RESOLUTIONS
+
+    sdxl = SimpleNamespace(config=SimpleNamespace(sample_size=128, down_block_types=[0] * 3, up_block_types=[0] * 3))
+    sd1 = SimpleNamespace(config=SimpleNamespace(sample_size=64, down_block_types=[0] * 4, up_block_types=[0] * 4))
+    assert unet_block_resolutions(sdxl) == (BLOCK_RESOLUTIONS["sdxl"], 128)
+    assert unet_block_resolutions(sd1) == (BLOCK_RESOLUTIONS["sd1"], 64)
+
+
+# ------------------------------------------------------------------ terms
+def test_torch_terms_equal_h4_definitions():
+    g = torch.Generator().manual_seed(0)
+    for rc, rs in ((4, 4), (4, 3), (0, 2)):
+        mc, ms = torch.randn(rc, generator=g), torch.randn(rs, generator=g)
+        assert float(similarity_term(mc, ms)) == pytest.approx(M.similarity(mc.numpy(), ms.numpy()), abs=1e-6)
+        for role in ("content", "style", "neutral"):
+            for lam in (0.0, 1.0, 2.5):
+                want = M.prior_rank_term(mc.numpy(), ms.numpy(), role, lam)
+                assert float(prior_rank_term(mc, ms, role, lam)) == pytest.approx(want, abs=1e-5)
+
+
+def _objective(world, cfg, roles=None, seed=0):
+    base = world.base
+    loras = attach_loras(base.unet, world.adapters, mask_kinds=cfg.mask_kind)
+    g = torch.Generator().manual_seed(seed)
+    for p in loras.mask_parameters():
+        p.data = torch.rand(p.shape, generator=g) + 0.2
+    data = _Data(world.images["content"], world.images["style"], {
+        "content": base.encode_prompt(["a sks thing"]), "style": base.encode_prompt(["zkz style"]),
+        "cycle": base.encode_prompt(["a sks thing zkz style"])})
+    batch = _sample(data, base, 2, torch.Generator().manual_seed(seed + 1))
+    return loras, MaskObjective(base, loras, data, cfg, roles or {}), batch
+
+
+def test_each_switch_removes_its_term(world, priors_file):
+    """Weight 0 removes a term: it is not computed (no UNet passes for the cycles), the total drops by
+    exactly λ·term, and the gradient equals the gradient without it."""
+    roles, _ = layer_roles(list(world.adapters[0].modules), priors_file, world.base)
+    assert {r for r, _ in roles.values()} == {"content", "style", "neutral"}  # mid_block: no rule
+    full = {"lambda_sim": 0.5, "lambda_prior": 0.3, "lambda_cycle": 0.7, "lambda_rev": 0.9}
+    calls = []
+    hook = world.base.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        cfg = TrainConfig(strategy="duolora", **full)
+        loras, obj, batch = _objective(world, cfg, roles)
+        try:
+            calls.clear()
+            terms = obj(batch)
+            n_full = len(calls)
+            assert set(terms) == {"content", "style", "sim", "prior", "cycle", "rev", "total"}
+            assert n_full == 8  # 2 targets + 2 per cycle + 2 merged
+            grads_full = torch.autograd.grad(terms["total"], loras.mask_parameters())
+            for term, lam_key in (("sim", "lambda_sim"), ("prior", "lambda_prior"), ("cycle", "lambda_cycle"),
+                                  ("rev", "lambda_rev")):
+                obj.lam = TrainConfig(strategy="duolora", **{**full, lam_key: 0.0}).weights()
+                calls.clear()
+                off = obj(batch)
+                assert term not in off
+                assert len(calls) == n_full - (2 if term in ("cycle", "rev") else 0)
+                want = float(terms["total"].detach() - full[lam_key] * terms[term].detach())
+                assert float(off["total"]) == pytest.approx(want, rel=1e-5)
+                assert float(terms[term]) > 0
+                g_off = torch.autograd.grad(off["total"], loras.mask_parameters())
+                assert any(not torch.allclose(a, b) for a, b in zip(g_off, grads_full))
+            # with all switches off only the two reconstruction terms remain
+            obj.lam = TrainConfig(strategy="duolora").weights() | {"sim": 0, "prior": 0, "cycle": 0, "rev": 0}
+            base_only = obj(batch)
+            assert set(base_only) == {"content", "style", "total"}
+            assert float(base_only["total"]) == pytest.approx(float(terms["content"] + terms["style"]), rel=1e-5)
+        finally:
+            loras.detach()
+    finally:
+        hook.remove()
+
+
+def test_gradient_of_a_disabled_term_is_exactly_absent(world):
+    """Similarity off: mask gradients equal those of the reconstruction terms alone."""
+    cfg = TrainConfig(strategy="ziplora", lambda_sim=0.0)
+    loras, obj, batch = _objective(world, cfg)
+    try:
+        t = obj(batch)
+        g = torch.autograd.grad(t["total"], loras.mask_parameters())
+        t2 = obj(batch)
+        g2 = torch.autograd.grad(t2["content"] + t2["style"], loras.mask_parameters())
+        assert all(torch.allclose(a, b) for a, b in zip(g, g2))
+        obj.lam = TrainConfig(strategy="ziplora", lambda_sim=1.0).weights()
+        t3 = obj(batch)
+        g3 = torch.autograd.grad(t3["total"], loras.mask_parameters())
+        assert any(not torch.allclose(a, b) for a, b in zip(g, g3))
+    finally:
+        loras.detach()
+
+
+# ------------------------------------------------------------------ training
+def test_training_decreases_objective_counts_steps_and_trains_only_masks(world, priors_file):
+    base = world.base
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    cfg = TrainConfig(strategy="duolora", steps=5, lr=0.05, lambda_sim=0.0, lambda_prior=0.1, priors=priors_file,
+                      prior_init=True, eval_batches=2, batch_size=2)
+    res = train_masks(base, world.adapters, content_images=world.images["content"], content_prompt="a sks thing",
+                      style_images=world.images["style"], style_prompt="zkz style", config=cfg)
+    # every step counts even though the similarity term is switched off (no early exit)
+    assert [h["step"] for h in res.history] == [1, 2, 3, 4, 5]
+    assert "sim" not in res.history[0]
+    assert res.final["total"] < res.initial["total"]
+    assert res.num_trainable == 32 * (4 + 3)
+    # the UNet is untouched and unwrapped afterwards
+    assert not any(isinstance(m, MaskedLoraLayer) for m in base.unet.modules())
+    assert all(torch.equal(before[k], v) for k, v in base.unet.state_dict().items())
+    rep = res.report()
+    assert rep["steps"] == 5 and len(rep["loss_curve"]) == 5 and rep["trainable_values"] == 224
+    assert set(rep["block_mean_masks"]) >= {"down_blocks.0.attentions.0", "up_blocks.1.attentions.0"}
+
+
+def test_prior_init_uses_h4_draw(world, priors_file):
+    from lora_merge.strategies.base import LayerContext
+
+    cfg = TrainConfig(strategy="duolora", steps=0, priors=priors_file, prior_init=True, eval_batches=0, seed=5)
+    res = train_masks(world.base, world.adapters, content_images=world.images["content"], content_prompt="a b",
+                      style_images=world.images["style"], style_prompt="c d", config=cfg)
+    name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    gen = LayerContext(name=name, index=0, seed=5).generator("duolora-prior-init")
+    mc, ms = M.prior_init(4, 3, "content", gen)
+    assert torch.allclose(res.masks[name][0], mc.float()) and torch.allclose(res.masks[name][1], ms.float())
+    assert res.roles[name] == ("content", 1.0)
+
+
+def test_saved_file_reproduces_trained_merged_layers(world, tmp_path):
+    """Fold the learned masks into a standard LoRA, write it, read it back: every layer's output equals the
+    wrapped merged layer's output."""
+    import lora_merge
+
+    base = world.base
+    cfg = TrainConfig(strategy="ziplora", steps=2, lr=0.05, eval_batches=0)
+    res = train_masks(base, world.adapters, content_images=world.images["content"], content_prompt="a sks thing",
+                      style_images=world.images["style"], style_prompt="zkz style", config=cfg, keep_attached=True)
+    loras = res.loras
+    try:
+        assert any(not torch.allclose(m[0], torch.ones_like(m[0])) for m in res.masks.values())
+        out = lora_merge.Adapter(dialect="diffusers")
+        for name in loras.layers:
+            inputs = []
+            for ad in world.adapters:
+                b, a = ad.modules[name].factors()
+                inputs.append(LayerInput(up=b, down=a, scale=ad.modules[name].scale, weight=1.0))
+            r = glue.fold_learned(inputs, res.masks[name], "out")
+            out.modules[name] = lora_merge.LoraModule.from_tensors(name, r.down, r.up, alpha=float(r.up.shape[1]))
+        path = tmp_path / "merged.safetensors"
+        lora_merge.save(out, path)
+        back = lora_merge.load(path)
+        assert set(back.modules) == set(loras.layers)
+        with loras.configured((1.0, 1.0), use_masks=True):
+            for name, layer in loras.layers.items():
+                x = torch.randn(3, layer.base.in_features)
+                want = layer(x)
+                got = layer.base(x) + x @ back.modules[name].delta().T
+                assert torch.allclose(got, want, atol=1e-5), name
+    finally:
+        loras.detach()
+
+
+# ------------------------------------------------------------------ strategy glue
+def test_model_mode_options_are_checked():
+    with pytest.raises(UsageError, match="--base"):
+        glue.check_model_inputs({"mode": "model", "content_images": "x", "content_prompt": "p",
+                                 "style_images": "y", "style_prompt": "q"})
+    with pytest.raises(UsageError, match="only apply with --mode model"):
+        glue.check_weights_mode({"base": "toyworld", "mixed_precision": "no"})
+    glue.check_weights_mode({"mixed_precision": "no", "batch_size": 1})
+    with pytest.raises(UsageError, match="exactly 2"):
+        train_masks(None, [1, 2, 3], content_images=None, content_prompt="a", style_images=None,
+                    style_prompt="b", config=TrainConfig())
+
+
+def test_train_config_uses_paper_defaults():
+    z = glue.train_config("ziplora", {})
+    assert (z.steps, z.lr, z.lambda_sim, z.lambda_cycle, z.lambda_prior, z.mask_kind) == (100, 0.01, 0.01, 0, 0, "out")
+    d = glue.train_config("duolora", {"lambda_cycle": 0.02})
+    assert (d.lambda_prior, d.lambda_cycle, d.lambda_rev, d.mask_kind, d.priors) == (0.1, 0.02, 0.02, "rank", "auto")
