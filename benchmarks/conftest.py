@@ -106,8 +106,14 @@ def sdxl_lora(tmp_path_factory, sdxl_layers) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sdxl_lora_rank1(tmp_path_factory, sdxl_layers) -> Path:
+    """The same 560 modules, keys and metadata at rank 1 (~3 MB): the same header, 128× less data."""
+    return write_kohya_lora(tmp_path_factory.mktemp("sdxl_r1") / "sdxl_rank1.safetensors", sdxl_layers, 1, 1.0)
+
+
+@pytest.fixture(scope="session")
 def tiny_lora(tmp_path_factory, sdxl_layers) -> Path:
-    """The same dialect and metadata, but four projections of rank 4."""
+    """The same dialect and metadata, but only four projections of rank 4 (a tiny header too)."""
     return write_kohya_lora(tmp_path_factory.mktemp("tiny") / "tiny_rank4.safetensors", sdxl_layers[:4], 4, 4.0)
 
 

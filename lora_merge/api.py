@@ -47,8 +47,10 @@ def load(path: str | os.PathLike, *, format: str | None = None, strict: bool = F
             raise FormatError(f"folder has no {_peft.WEIGHTS_NAME} (not a PEFT adapter folder)", p)
         if cfg_path.exists():
             config = _peft.read_config(cfg_path)
-    elif p.name in (_peft.WEIGHTS_NAME, _peft.PICKLE_WEIGHTS_NAME) and (p.parent / _peft.CONFIG_NAME).exists():
-        config = _peft.read_config(p.parent / _peft.CONFIG_NAME)
+    else:
+        sibling = p.parent / _peft.CONFIG_NAME
+        if p.name in (_peft.WEIGHTS_NAME, _peft.PICKLE_WEIGHTS_NAME) and sibling.exists():
+            config = _peft.read_config(sibling)
 
     refs, metadata = _read_tensors(weights, allow_pickle)
     check_supported(refs.keys(), weights, config)
@@ -70,7 +72,8 @@ def load(path: str | os.PathLike, *, format: str | None = None, strict: bool = F
     if not ad.modules:
         raise FormatError(f"no {format} LoRA modules found ({len(refs)} tensors, none parsed)", weights)
     if ad.unparsed_keys:
-        shown = ", ".join(ad.unparsed_keys[:_MAX_LISTED]) + (", …" if len(ad.unparsed_keys) > _MAX_LISTED else "")
+        more = ", …" if len(ad.unparsed_keys) > _MAX_LISTED else ""
+        shown = ", ".join(ad.unparsed_keys[:_MAX_LISTED]) + more
         msg = f"{len(ad.unparsed_keys)} keys not understood as {format} LoRA and skipped: {shown}"
         if strict:
             raise FormatError(msg, weights)
@@ -91,7 +94,7 @@ def _read_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, TensorRef],
 def _read_pickle(path: Path) -> dict[str, TensorRef]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError, ...
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError (zip), EOFError, ... all mean "bad file"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise FormatError(f"cannot read pickle file with weights_only=True: {first}", path) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -128,8 +131,15 @@ def _guard(targets: list[Path], adapter: Adapter, force: bool, out: Path) -> Non
                 raise OutputExistsError("output exists; pass force=True / --force to overwrite", t)
 
 
-def save(adapter: Adapter, path: str | os.PathLike, *, to: str | None = None, dtype: torch.dtype | None = None,
-         force: bool = False, metadata: dict[str, str] | None = None) -> Path:
+def save(
+    adapter: Adapter,
+    path: str | os.PathLike,
+    *,
+    to: str | None = None,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """Write ``adapter`` in dialect ``to`` (default: the adapter's own, else diffusers); returns the path.
 
     PEFT output is a folder (``adapter_config.json`` + ``adapter_model.safetensors``). Refuses an
@@ -139,7 +149,8 @@ def save(adapter: Adapter, path: str | os.PathLike, *, to: str | None = None, dt
     to = to or adapter.dialect or "diffusers"
     if to not in WRITERS:
         raise UsageError(f"unknown output format {to!r} (choose from {', '.join(WRITERS)})")
-    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str)
+                                        for k, v in metadata.items()):
         raise UsageError("metadata must map strings to strings")
     if dtype is not None and not dtype.is_floating_point:
         raise UsageError(f"dtype must be a floating-point type, got {dtype}")
@@ -148,7 +159,8 @@ def save(adapter: Adapter, path: str | os.PathLike, *, to: str | None = None, dt
     out = Path(path)
     if to == "peft":
         if out.suffix == ".safetensors":
-            raise UsageError(f"{out}: a PEFT adapter is a folder; give a folder path, not a .safetensors file")
+            raise UsageError(f"{out}: a PEFT adapter is a folder; give a folder path, not a .safetensors "
+                             "file")
         files = [out / _peft.WEIGHTS_NAME, out / _peft.CONFIG_NAME]
         if out.exists() and not out.is_dir():
             raise OutputExistsError("output exists and is not a folder", out)

@@ -54,6 +54,7 @@ def gram(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor | None) -> torch
     """``X Σ Yᵀ`` with ``Σ = L Lᵀ`` (``factor = L``) or ``Σ = I`` (``factor = None``)."""
     if factor is None:
         return x @ y.T
+    x, y = x.to(factor.dtype), y.to(factor.dtype)
     return (x @ factor) @ (y @ factor).T
 
 
@@ -80,18 +81,25 @@ class InputModel:
         return {"input_model": self.name}
 
 
-def _projected_gram(k: torch.Tensor, idx: slice, rtol: float = 1e-6) -> torch.Tensor:
+def _projected_gram(k: torch.Tensor, idx: slice, rtol: float = 1e-10) -> torch.Tensor:
     """``Q P Qᵀ`` for the projector ``P`` onto the row space of ``Q[idx]``, from ``K = Q Qᵀ`` alone:
-    ``K[:, idx] K[idx, idx]⁺ K[idx, :]`` (no ``d_in``-sized work)."""
+    ``K[:, idx] K[idx, idx]⁻¹ K[idx, :]`` (no ``d_in``-sized work).  A relative ridge ``rtol`` keeps a
+    rank-deficient block well defined (directions without energy get no weight)."""
     kk = k[idx, idx]
     if kk.numel() == 0:
         return k.new_zeros(k.shape)
-    lam, u = torch.linalg.eigh(0.5 * (kk + kk.T))
-    keep = lam > rtol * lam.max().clamp_min(0)
-    if not bool(keep.any()):
+    top = float(kk.diagonal().max())
+    if top <= 0:
         return k.new_zeros(k.shape)
-    x = k[:, idx] @ (u[:, keep] / lam[keep].sqrt())
-    return x @ x.T
+    kk = 0.5 * (kk + kk.T) + (rtol * top) * torch.eye(kk.shape[0], dtype=kk.dtype)
+    chol, info = torch.linalg.cholesky_ex(kk)
+    if int(info) != 0:  # not positive definite even with the ridge: fall back to an eigen-decomposition
+        lam, u = torch.linalg.eigh(kk)
+        keep = lam > rtol * top
+        x = k[:, idx] @ (u[:, keep] / lam[keep].sqrt())
+        return x @ x.T
+    xt = torch.linalg.solve_triangular(chol, k[idx, :], upper=False)
+    return xt.T @ xt
 
 
 class SubspaceModel(InputModel):

@@ -267,28 +267,57 @@ class MaskProblem:
         return Terms(rc_, rs_, cyc, sim, pr, total)
 
     # ---- closed form of the quadratic part
+    def htot(self) -> np.ndarray:
+        """The quadratic part's Hessian/2 (``dense``: ``R×R``; ``blocks``: ``n×2×2``)."""
+        return (1.0 + self.lambda_cycle) * (self.wc * self.hc + self.ws * self.hs)
+
     def closed_form(self, anchor: np.ndarray, rtol: float = 1e-10, cg_iters: int = 500) -> np.ndarray:
-        """Minimizer of the quadratic part (reconstruction + cycle) nearest to ``anchor``."""
+        """Minimizer of the quadratic part (reconstruction + cycle) nearest to ``anchor``.
+
+        ``z = z₀ + (H + εI)⁻¹ (b − H z₀)`` with a tiny relative ridge ``ε = rtol·max diag H``: directions
+        the objective does not see keep the anchor's value (the pseudo-inverse solution, up to ``ε``)."""
         b = self.rhs()
-        s = 1.0 + self.lambda_cycle
         if self.kind == "dense":
-            h = s * (self.wc * self.hc + self.ws * self.hs)
-            return anchor + _pinv_apply(h[None], (b - h @ anchor)[None], rtol)[0]
+            h = self.htot()
+            return anchor + _ridge_solve(h, b - h @ anchor, rtol)
         if self.kind == "blocks":
-            h = s * (self.wc * self.hc + self.ws * self.hs)
-            resid = b - np.einsum("nij,nj->ni", h, anchor)
-            return anchor + _pinv_apply(h, resid, rtol)
+            h = self.htot()
+            resid = b - np.stack([h[:, 0, 0] * anchor[:, 0] + h[:, 0, 1] * anchor[:, 1],
+                                  h[:, 1, 0] * anchor[:, 0] + h[:, 1, 1] * anchor[:, 1]], 1)  # fmt: skip
+            return anchor + _ridge_solve_2x2(h, resid, rtol)
         return _cg(self.htot_v, b, anchor, cg_iters)
 
 
-def _pinv_apply(h: np.ndarray, r: np.ndarray, rtol: float) -> np.ndarray:
-    """``H⁺ r`` for a stack of symmetric PSD matrices; eigenvalues below ``rtol·max`` (over the whole
-    stack) count as zero, so directions without signal keep the anchor's value."""
-    lam, v = np.linalg.eigh(0.5 * (h + np.swapaxes(h, -1, -2)))
-    top = float(lam.max()) if lam.size else 0.0
-    inv = np.where(lam > rtol * max(top, 0.0), 1.0 / np.where(lam > 0, lam, 1.0), 0.0) if top > 0 else np.zeros_like(lam)
-    coef = np.einsum("nij,ni->nj", v, r) * inv
-    return np.einsum("nij,nj->ni", v, coef)
+def _ridge_solve(h: np.ndarray, r: np.ndarray, rtol: float) -> np.ndarray:
+    n = h.shape[0]
+    if n == 0:
+        return r.copy()
+    top = float(np.diag(h).max())
+    if top <= 0:
+        return np.zeros_like(r)
+    hr = torch.from_numpy(0.5 * (h + h.T) + rtol * top * np.eye(n))
+    rt = torch.from_numpy(np.ascontiguousarray(r))[:, None]
+    c, info = torch.linalg.cholesky_ex(hr)
+    if int(info) == 0:
+        return torch.cholesky_solve(rt, c)[:, 0].numpy()
+    # round-off made it indefinite: pseudo-inverse via eigh
+    lam, v = torch.linalg.eigh(hr)
+    inv = torch.where(lam > rtol * top, 1.0 / torch.where(lam > 0, lam, 1.0), 0.0)
+    return (v @ (inv[:, None] * (v.T @ rt)))[:, 0].numpy()
+
+
+def _ridge_solve_2x2(h: np.ndarray, r: np.ndarray, rtol: float) -> np.ndarray:
+    """Per-row ``(H_i + εI)⁻¹ r_i`` for ``n`` symmetric PSD ``2×2`` blocks, vectorized."""
+    if h.shape[0] == 0:
+        return r.copy()
+    top = float(max(h[:, 0, 0].max(), h[:, 1, 1].max()))
+    if top <= 0:
+        return np.zeros_like(r)
+    eps = rtol * top
+    a, c, d = h[:, 0, 0] + eps, 0.5 * (h[:, 0, 1] + h[:, 1, 0]), h[:, 1, 1] + eps
+    det = a * d - c * c
+    det = np.where(det > eps * eps, det, eps * eps)
+    return np.stack([(d * r[:, 0] - c * r[:, 1]) / det, (a * r[:, 1] - c * r[:, 0]) / det], 1)
 
 
 def _cg(op, b: np.ndarray, x0: np.ndarray, iters: int, tol: float = 1e-12) -> np.ndarray:
@@ -330,9 +359,10 @@ def build_problem(
     if axis not in AXES:
         raise ValueError(f"unknown mask axis {axis!r}")
     rc, rs = int(down_c.shape[0]), int(down_s.shape[0])
-    p = torch.cat([up_c, up_s], 1).float()
+    if rc == 0 or rs == 0:  # one LoRA is absent here: nothing to separate, only reconstruction is left
+        weights = {**weights, "lambda_sim": 0.0, "lambda_prior": 0.0}
     q = torch.cat([down_c, down_s], 0).float()
-    ptp = (p.T @ p).double()
+    ptp = _block_gram(up_c.float(), up_s.float())
     gc, gs = input_model.grams(module, q, rc)
     hc_r, hs_r = ptp * gc, ptp * gs
     ec = float(hc_r[:rc, :rc].sum()) if rc else 0.0
@@ -343,7 +373,7 @@ def build_problem(
     bc, bs = up_c.double(), up_s.double()
     if axis == "out":
         blocks = [_row_blocks(bc, bs, g, rc) for g in (gc, gs)]
-        return MaskProblem(n=int(p.shape[0]), kind="blocks", hc=blocks[0], hs=blocks[1], **common)
+        return MaskProblem(n=int(up_c.shape[0]), kind="blocks", hc=blocks[0], hs=blocks[1], **common)
     # axis == "in"
     ac, as_ = down_c.double(), down_s.double()
     lc, ls = input_model.factors(module, down_c, down_s)
@@ -358,6 +388,12 @@ def build_problem(
         n=d_in, kind="matfree", ptp=ptp.numpy(), ac=ac.numpy(), as_=as_.numpy(), lc=lc.numpy(), ls=ls.numpy(),
         **common,
     )  # fmt: skip
+
+
+def _block_gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[x y]ᵀ[x y]`` in fp64 without concatenating the (tall) factors."""
+    xx, xy, yy = x.T @ x, x.T @ y, y.T @ y
+    return torch.cat([torch.cat([xx, xy], 1), torch.cat([xy.T, yy], 1)], 0).double()
 
 
 def _row_blocks(bc: torch.Tensor, bs: torch.Tensor, g: torch.Tensor, rc: int) -> np.ndarray:
@@ -415,6 +451,105 @@ def refine(problem: MaskProblem, z0: np.ndarray, steps: int, lr: float) -> tuple
     return best, best_t
 
 
+def refine_many(problems: list[MaskProblem], z0s: list[np.ndarray], steps: int, lr: float
+                ) -> list[tuple[np.ndarray, int]]:  # fmt: skip
+    """:func:`refine` for many layers at once, vectorized: dense problems of equal ranks are stacked,
+    block problems are concatenated row-wise; the same iterates as one :func:`refine` per layer (up to
+    round-off), at a fraction of the per-call overhead.  Matrix-free problems run one by one."""
+    out: list[tuple[np.ndarray, int] | None] = [None] * len(problems)
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(problems):
+        if steps <= 0 or z0s[i].size == 0 or p.kind == "matfree":
+            out[i] = refine(p, z0s[i], steps, lr)
+        else:
+            key = ("dense", p.rc, p.rs) if p.kind == "dense" else ("blocks",)
+            groups.setdefault(key, []).append(i)
+    for key, idx in groups.items():
+        ps, zs = [problems[i] for i in idx], [z0s[i] for i in idx]
+        res = _refine_dense(ps, zs, steps, lr) if key[0] == "dense" else _refine_blocks(ps, zs, steps, lr)
+        for i, r in zip(idx, res):
+            out[i] = r
+    return out  # type: ignore[return-value]
+
+
+_B1, _B2, _EPS = 0.9, 0.999, 1e-8
+
+
+def _refine_dense(ps: list[MaskProblem], zs: list[np.ndarray], steps: int, lr: float):
+    rc, rs = ps[0].rc, ps[0].rs
+    k = min(rc, rs)
+    h = np.stack([p.htot() for p in ps])
+    b = np.stack([p.rhs() for p in ps])
+    z = np.stack(zs).astype(np.float64)
+    lam_sim = np.array([p.lambda_sim for p in ps])[:, None]
+    use_pr = np.array([p.lambda_prior * p.prior_score if p.role != "neutral" else 0.0 for p in ps])
+    role_c = np.array([p.role == "content" for p in ps])
+    lh = np.array([p.lambda_hinge for p in ps])
+    rbar = 0.5 * (rc + rs)
+    any_prior = bool(np.any(use_pr != 0))
+    m1, m2 = np.zeros_like(z), np.zeros_like(z)
+    best, best_f, best_t = z.copy(), np.full(len(ps), np.inf), np.zeros(len(ps), dtype=int)
+    for t in range(1, steps + 2):
+        hz = np.matmul(h, z[..., None])[..., 0]
+        g = 2.0 * (hz - b)
+        f = (z * hz).sum(1) - 2.0 * (b * z).sum(1)
+        mc, ms = z[:, :rc], z[:, rc:]
+        if k:
+            prod = mc[:, :k] * ms[:, :k]
+            f += lam_sim[:, 0] * np.abs(prod).mean(1)
+            sg = np.sign(prod) * (lam_sim / k)
+            g[:, :k] += sg * ms[:, :k]
+            g[:, rc:rc + k] += sg * mc[:, :k]
+        if any_prior:
+            nc, ns = np.abs(mc).sum(1), np.abs(ms).sum(1)
+            dom, oth = np.where(role_c, nc, ns), np.where(role_c, ns, nc)
+            act = (oth > dom).astype(np.float64)
+            f += use_pr * (dom + lh * np.maximum(0.0, oth - dom)) / rbar
+            cd, co = (1.0 - lh * act) / rbar, (lh * act) / rbar
+            g[:, :rc] += (use_pr * np.where(role_c, cd, co))[:, None] * np.sign(mc)
+            g[:, rc:] += (use_pr * np.where(role_c, co, cd))[:, None] * np.sign(ms)
+        better = f < best_f
+        best[better], best_f[better], best_t[better] = z[better], f[better], t - 1
+        if t > steps:
+            break
+        m1 = _B1 * m1 + (1 - _B1) * g
+        m2 = _B2 * m2 + (1 - _B2) * g * g
+        z = z - lr * (m1 / (1 - _B1**t)) / (np.sqrt(m2 / (1 - _B2**t)) + _EPS)
+    return [(best[i].copy(), int(best_t[i])) for i in range(len(ps))]
+
+
+def _refine_blocks(ps: list[MaskProblem], zs: list[np.ndarray], steps: int, lr: float):
+    sizes = [p.n for p in ps]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    seg = np.repeat(np.arange(len(ps)), sizes)
+    h = np.concatenate([p.htot() for p in ps])
+    h00, h01, h11 = h[:, 0, 0], 0.5 * (h[:, 0, 1] + h[:, 1, 0]), h[:, 1, 1]
+    b = np.concatenate([p.rhs() for p in ps])
+    z = np.concatenate(zs).astype(np.float64)
+    wsim = np.repeat([p.lambda_sim / max(p.n, 1) for p in ps], sizes)
+    nonempty = np.array(sizes) > 0
+    m1, m2 = np.zeros_like(z), np.zeros_like(z)
+    best, best_f, best_t = z.copy(), np.full(len(ps), np.inf), np.zeros(len(ps), dtype=int)
+    for t in range(1, steps + 2):
+        hz0 = h00 * z[:, 0] + h01 * z[:, 1]
+        hz1 = h01 * z[:, 0] + h11 * z[:, 1]
+        prod = z[:, 0] * z[:, 1]
+        f_row = z[:, 0] * hz0 + z[:, 1] * hz1 - 2.0 * (b[:, 0] * z[:, 0] + b[:, 1] * z[:, 1]) + wsim * np.abs(prod)
+        sg = wsim * np.sign(prod)
+        g = np.stack([2.0 * (hz0 - b[:, 0]) + sg * z[:, 1], 2.0 * (hz1 - b[:, 1]) + sg * z[:, 0]], 1)
+        f = np.where(nonempty, np.add.reduceat(f_row, np.minimum(starts, max(len(f_row) - 1, 0))), 0.0)
+        better = f < best_f
+        rows = better[seg]
+        best[rows] = z[rows]
+        best_f[better], best_t[better] = f[better], t - 1
+        if t > steps:
+            break
+        m1 = _B1 * m1 + (1 - _B1) * g
+        m2 = _B2 * m2 + (1 - _B2) * g * g
+        z = z - lr * (m1 / (1 - _B1**t)) / (np.sqrt(m2 / (1 - _B2**t)) + _EPS)
+    return [(best[s:s + n].copy(), int(best_t[i])) for i, (s, n) in enumerate(zip(starts, sizes))]
+
+
 @dataclass
 class Solution:
     mask_c: torch.Tensor
@@ -425,6 +560,28 @@ class Solution:
     best_step: int
 
 
+def start(problem: MaskProblem, init: tuple[torch.Tensor, torch.Tensor] | None, closed_form: bool
+          ) -> tuple[np.ndarray, Terms, Terms | None]:  # fmt: skip
+    """Initial masks (all ones when ``init`` is None) and, optionally, the closed form nearest to them."""
+    if init is None:
+        z0 = problem.target("ones")
+    else:
+        z0 = problem.join(init[0].double().numpy(), init[1].double().numpy())
+    t_init = problem.terms(z0)
+    if not closed_form:
+        return z0, t_init, None
+    z = problem.closed_form(z0)
+    return z, t_init, problem.terms(z)
+
+
+def finish(problem: MaskProblem, z: np.ndarray, best_step: int, t_init: Terms, t_cf: Terms | None) -> Solution:
+    mc, ms = problem.split(z)
+    return Solution(
+        torch.from_numpy(np.ascontiguousarray(mc)).float(), torch.from_numpy(np.ascontiguousarray(ms)).float(),
+        t_init, t_cf, problem.terms(z), best_step,
+    )  # fmt: skip
+
+
 def solve(
     problem: MaskProblem,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -433,18 +590,6 @@ def solve(
     lr: float = 0.01,
 ) -> Solution:
     """Closed form of the quadratic part (nearest to ``init``; all ones when None), then Adam."""
-    if init is None:
-        z0 = problem.target("ones")
-    else:
-        z0 = problem.join(init[0].double().numpy(), init[1].double().numpy())
-    t_init = problem.terms(z0)
-    z, t_cf = z0, None
-    if closed_form:
-        z = problem.closed_form(z0)
-        t_cf = problem.terms(z)
+    z, t_init, t_cf = start(problem, init, closed_form)
     z, best_t = refine(problem, z, steps, lr)
-    mc, ms = problem.split(z)
-    return Solution(
-        torch.from_numpy(np.ascontiguousarray(mc)).float(), torch.from_numpy(np.ascontiguousarray(ms)).float(),
-        t_init, t_cf, problem.terms(z), best_t,
-    )  # fmt: skip
+    return finish(problem, z, best_t, t_init, t_cf)

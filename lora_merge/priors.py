@@ -68,10 +68,10 @@ class LayerPriors:
     name: str = ""
 
     def rule_for(self, module: str) -> PriorRule | None:
-        for r in self.rules:
-            if r.matches(module):
-                return r
-        return None
+        cache = self.__dict__.setdefault("_cache", {})
+        if module not in cache:
+            cache[module] = next((r for r in self.rules if r.matches(module)), None)
+        return cache[module]
 
     def role_of(self, module: str) -> str:
         r = self.rule_for(module)

@@ -399,6 +399,44 @@ def _prompt_summary(p: str | Sequence[str]) -> str:
     return uniq[0] if len(uniq) == 1 else f"{len(uniq)} prompts, e.g. {uniq[0]!r}"
 
 
+def load_references(model: Any, content_images: str | None, content_prompt: str | None,
+                    style_images: str | None, style_prompt: str | None, n_images: int = 16,
+                    seed: int = 0) -> tuple[torch.Tensor, Any, torch.Tensor, Any]:
+    """``(content images, prompt(s), style images, prompt(s))``.  Images: a folder, or ``toyworld:content``
+    / ``toyworld:style`` (the bundled LoRAs' training renders, ``n_images`` of them, with their training
+    captions as the default prompts).  On the toy world a concept given nothing defaults to its own
+    ``toyworld:<concept>``; on any other model the four are required."""
+    from .model_mode.runtime import resolve_images
+
+    toy = getattr(model, "arch", None) == "toyworld"
+    out: list[Any] = []
+    missing = []
+    for concept, spec, prompt in (("content", content_images, content_prompt), ("style", style_images, style_prompt)):
+        if not spec and toy:
+            spec = f"toyworld:{concept}"
+        if spec and str(spec).startswith("toyworld:"):
+            from .toyworld.train import lora_training_set
+
+            which = str(spec).split(":", 1)[1]
+            if which not in ("content", "style"):
+                raise UsageError(f"{spec!r}: use toyworld:content or toyworld:style")
+            imgs, caps = lora_training_set(which, n_images, seed)
+            if imgs.shape[-1] != model.image_size:
+                imgs = torch.nn.functional.interpolate(imgs, size=(model.image_size,) * 2, mode="bilinear",
+                                                       align_corners=False)
+            out += [imgs, prompt or caps]
+            continue
+        if not spec:
+            missing.append(f"--{concept}-images")
+        if not prompt:
+            missing.append(f"--{concept}-prompt")
+        if spec and prompt:
+            out += [resolve_images(spec, model.image_size), prompt]
+    if missing:
+        raise UsageError(f"measured priors need {', '.join(missing)} (the reference images and prompts of each LoRA)")
+    return out[0], out[1], out[2], out[3]
+
+
 def probe_groups(unet: Any, content: Adapter, style: Adapter, latent_size: int,
                  granularity: str) -> tuple[list[BlockGroup], list[str]]:
     """The groups a measurement probes (UNet layers of either LoRA) and the names it leaves at full
@@ -420,6 +458,7 @@ def judge_priors(
     scale: float = 0.0,
     n: int = 64,
     seed: int = 0,
+    steps: int | None = None,
     content_prompt: str | None = None,
     style_prompt: str | None = None,
     margin: float = DEFAULT_MARGIN,
@@ -445,7 +484,8 @@ def judge_priors(
     groups, unprobed = probe_groups(wm.unet, content, style, int(wm.image_size), granularity)
 
     def acc(adapter, prompt, key, scales=None) -> float:
-        r = evaluate(adapter, n=n, seed=seed, prompt=prompt, lora_group_scales=scales, world_model=wm, judge=jd)
+        r = evaluate(adapter, n=n, seed=seed, prompt=prompt, lora_group_scales=scales, steps=steps, world_model=wm,
+                     judge=jd)
         if progress:
             progress("", 1)
         return float(r[key])
@@ -462,7 +502,7 @@ def judge_priors(
         lost[concept] = [(full - a) / (full - base_acc) for a in per_group]
         accs[concept] = {"prompt": prompt, "base": base_acc, "full": full,
                          "without_group": dict(zip([g.name for g in groups], per_group))}
-    settings = {"seed": seed, "n": n, "scale": scale, "margin": margin, "floor": floor,
+    settings = {"seed": seed, "n": n, "steps": steps, "scale": scale, "margin": margin, "floor": floor,
                 "content_prompt": cp, "style_prompt": sp, "accuracy": accs}
     return _finish("judge", "toyworld", granularity, groups, lost["content"], lost["style"], settings, unprobed)
 
@@ -524,6 +564,52 @@ def write_priors(result: MeasuredPriors, path: str | Path, force: bool = False, 
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+# ------------------------------------------------------------------------------- strategy hook
+#: strategy parameters ``priors=measure`` reads (the model-mode parameters of ziplora/duolora)
+MEASURE_PARAMS = ("base", "content_images", "content_prompt", "style_images", "style_prompt")
+
+
+def measured_priors_for(config: dict[str, Any], adapters: Sequence[Adapter], context: dict[str, Any]):
+    """``duolora --priors measure`` (weight space): load ``config["base"]``, run the noise measure on the
+    strategy's reference images and prompts, return ``(LayerPriors, MeasuredPriors)``.
+
+    Needs ``base`` (a pipeline folder or ``toyworld``) and, for a pipeline folder, the content/style images
+    and prompts; a missing one is a :class:`UsageError` (never a fallback to a table)."""
+    base = config.get("base")
+    if not base:
+        raise UsageError("--priors measure needs --base MODEL (a diffusers pipeline folder or 'toyworld') and, "
+                         "for a pipeline folder, --content-images/--content-prompt/--style-images/--style-prompt: "
+                         "the roles are measured by running the base model on the reference images")
+    from .model_mode.runtime import load_base_model
+
+    model = load_base_model(str(base), device=context.get("device", "cpu"))
+    return measure_for_model(model, adapters, config.get("content_images"), config.get("content_prompt"),
+                             config.get("style_images"), config.get("style_prompt"), int(context.get("seed", 0)))
+
+
+def measure_for_model(model: Any, adapters: Sequence[Adapter], content_images: Any, content_prompt: str | None,
+                      style_images: Any, style_prompt: str | None, seed: int = 0):
+    """The noise measure with default settings on a loaded model, as ``(LayerPriors, MeasuredPriors)`` —
+    what ``--priors measure`` uses in weight space and in model mode.  Images: tensors, folders or
+    ``toyworld:content``/``toyworld:style``."""
+    if len(adapters) != 2:
+        raise UsageError(f"--priors measure needs exactly 2 inputs (content, style), got {len(adapters)}")
+    if isinstance(content_images, torch.Tensor) or isinstance(style_images, torch.Tensor):
+        from .model_mode.runtime import resolve_images
+
+        if not (content_prompt and style_prompt):
+            raise UsageError("measured priors need --content-prompt and --style-prompt")
+        imgs_c, prm_c = resolve_images(content_images, model.image_size), content_prompt
+        imgs_s, prm_s = resolve_images(style_images, model.image_size), style_prompt
+    else:
+        imgs_c, prm_c, imgs_s, prm_s = load_references(model, content_images, content_prompt, style_images,
+                                                       style_prompt, seed=seed)
+    result = measure_priors(model, adapters[0], adapters[1], content_images=imgs_c, content_prompt=prm_c,
+                            style_images=imgs_s, style_prompt=prm_s, seed=seed)
+    src = f"measured on {getattr(model, 'name', '') or model.arch} (noise measure, seed {seed})"
+    return to_layer_priors(result, source=src), result
 
 
 # ------------------------------------------------------------------------------------------ plot

@@ -6,12 +6,11 @@ import struct
 
 import pytest
 import torch
+from conftest import shared_fixture
 from safetensors.torch import save_file
 
 import lora_merge
 from lora_merge.errors import FormatError, PartialReadWarning, UnsupportedAdapterError
-
-from conftest import shared_fixture
 
 
 def _write(tmp_path, tensors, name="x.safetensors", metadata=None):
@@ -25,7 +24,8 @@ def _z(*shape):
 
 
 def _kohya_pair(name, r=2, d=4):
-    return {f"{name}.lora_down.weight": _z(r, d), f"{name}.lora_up.weight": _z(d, r), f"{name}.alpha": torch.tensor(1.0)}
+    return {f"{name}.lora_down.weight": _z(r, d), f"{name}.lora_up.weight": _z(d, r),
+            f"{name}.alpha": torch.tensor(1.0)}
 
 
 UNSUPPORTED = [
@@ -33,12 +33,13 @@ UNSUPPORTED = [
                       "lora_unet_a_to_q.hada_w2_a": _z(4, 2), "lora_unet_a_to_q.hada_w2_b": _z(2, 4),
                       "lora_unet_a_to_q.alpha": torch.tensor(1.0)}, "hada_w1_a, hada_w1_b, hada_w2_a, …"),
     ("LyCORIS LoKr", {"lora_unet_a_to_q.lokr_w1": _z(2, 2), "lora_unet_a_to_q.lokr_w2": _z(2, 2)}, "lokr_w1"),
-    ("LyCORIS Tucker LoCon", {**_kohya_pair("lora_unet_a_conv1"), "lora_unet_a_conv1.lora_mid.weight": _z(2, 2, 3, 3)},
-     "lora_mid"),
+    ("LyCORIS Tucker LoCon",
+     {**_kohya_pair("lora_unet_a_conv1"), "lora_unet_a_conv1.lora_mid.weight": _z(2, 2, 3, 3)}, "lora_mid"),
     ("DoRA", {**_kohya_pair("lora_unet_a_to_q"), "lora_unet_a_to_q.dora_scale": _z(1, 4)}, "dora_scale"),
     ("DoRA", {"unet.a.to_q.lora_A.weight": _z(2, 4), "unet.a.to_q.lora_B.weight": _z(4, 2),
               "unet.a.to_q.lora_magnitude_vector": _z(4)}, "lora_magnitude_vector"),
-    ("LyCORIS full-weight diff", {"lora_unet_a_to_q.diff": _z(4, 4), "lora_unet_a_to_q.diff_b": _z(4)}, "diff"),
+    ("LyCORIS full-weight diff",
+     {"lora_unet_a_to_q.diff": _z(4, 4), "lora_unet_a_to_q.diff_b": _z(4)}, "diff"),
     ("OFT", {"lora_unet_a_to_q.oft_blocks": _z(2, 2, 2)}, "oft_blocks"),
     ("LyCORIS GLoRA", {"lora_unet_a_to_q.a1.weight": _z(2, 4), "lora_unet_a_to_q.a2.weight": _z(4, 2),
                        "lora_unet_a_to_q.b1.weight": _z(2, 4), "lora_unet_a_to_q.b2.weight": _z(4, 2)}, "a1"),
@@ -47,7 +48,8 @@ UNSUPPORTED = [
 ]
 
 
-@pytest.mark.parametrize("kind,tensors,shown", UNSUPPORTED, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(UNSUPPORTED)])
+@pytest.mark.parametrize("kind,tensors,shown", UNSUPPORTED,
+                         ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(UNSUPPORTED)])
 def test_not_plain_lora_is_named(tmp_path, kind, tensors, shown):
     p = _write(tmp_path, tensors)
     with pytest.raises(UnsupportedAdapterError) as ei:
@@ -60,8 +62,9 @@ def test_not_plain_lora_is_named(tmp_path, kind, tensors, shown):
 
 def test_loha_message_exact(tmp_path):
     p = _write(tmp_path, UNSUPPORTED[0][1], name="x.safetensors")
-    with pytest.raises(UnsupportedAdapterError, match=r"x\.safetensors: LyCORIS LoHa adapter \(hada_w1_a, hada_w1_b, "
-                                                      r"hada_w2_a, …\), not a plain LoRA$"):
+    expected = (r"x\.safetensors: LyCORIS LoHa adapter \(hada_w1_a, hada_w1_b, hada_w2_a, …\), "
+                r"not a plain LoRA$")
+    with pytest.raises(UnsupportedAdapterError, match=expected):
         lora_merge.load(p)
 
 
@@ -72,7 +75,8 @@ def test_peft_config_not_plain_lora(tmp_path, config_patch, match):
     d.mkdir()
     _write(d, {"base_model.model.a.lora_A.weight": _z(2, 4), "base_model.model.a.lora_B.weight": _z(4, 2)},
            name="adapter_model.safetensors")
-    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, **config_patch}))
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, **config_patch}
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedAdapterError, match=match):
         lora_merge.load(d)
 
@@ -134,8 +138,10 @@ def test_huge_header_length(tmp_path):
 
 
 def test_ab_shape_mismatch(tmp_path):
-    p = _write(tmp_path, {"lora_unet_a_to_q.lora_down.weight": _z(4, 8), "lora_unet_a_to_q.lora_up.weight": _z(8, 2)})
-    with pytest.raises(FormatError, match=r"A/B shape mismatch: down \(A\) has rank 4 but up \(B\) has rank 2"):
+    p = _write(tmp_path, {"lora_unet_a_to_q.lora_down.weight": _z(4, 8),
+                          "lora_unet_a_to_q.lora_up.weight": _z(8, 2)})
+    expected = r"A/B shape mismatch: down \(A\) has rank 4 but up \(B\) has rank 2"
+    with pytest.raises(FormatError, match=expected):
         lora_merge.load(p)
     p = _write(tmp_path, {"unet.a.to_q.lora_A.weight": _z(4, 8), "unet.a.to_q.lora_B.weight": _z(8, 4, 3, 3)},
                name="y.safetensors")
@@ -199,7 +205,8 @@ def test_unparsed_keys_warn_or_fail_with_strict(tmp_path):
 def test_pickle_refused_unless_allowed(tmp_path):
     p = tmp_path / "x.bin"
     torch.save({"lora_unet_a_to_q.lora_down.weight": torch.randn(2, 4),
-                "lora_unet_a_to_q.lora_up.weight": torch.randn(4, 2), "lora_unet_a_to_q.alpha": torch.tensor(1.0)}, p)
+                "lora_unet_a_to_q.lora_up.weight": torch.randn(4, 2),
+                "lora_unet_a_to_q.alpha": torch.tensor(1.0)}, p)
     for suffix in (".bin", ".pt", ".ckpt", ".pth"):
         q = p.with_suffix(suffix)
         q.write_bytes(p.read_bytes())

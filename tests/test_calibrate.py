@@ -1,4 +1,5 @@
 """``lora-merge calibrate``: per-layer input second moments recorded from the base UNet (issue 6)."""
+
 from __future__ import annotations
 
 import json
@@ -16,6 +17,15 @@ from lora_merge.model_mode.tiny import random_lora, tiny_base_model
 
 ATTN2_K = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
 ATTN1_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster than two on a shared 2-core machine (no OpenMP spinning)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +53,8 @@ def test_select_layers(base):
 
 
 def test_file_matches_direct_computation(base, images, tmp_path):
-    """The written matrices are E[x xᵀ] of exactly the inputs the layers saw, per role; load_stats reads them."""
+    """The written matrices are E[x xᵀ] of exactly the inputs the layers saw, per role; load_stats reads
+    them."""
     seen: dict[str, list[torch.Tensor]] = {"content": [], "style": []}
     layer = base.unet.get_submodule(ATTN1_Q[5:])
     calls = []
@@ -58,8 +69,17 @@ def test_file_matches_direct_computation(base, images, tmp_path):
     h = layer.register_forward_pre_hook(spy)
     try:
         out = tmp_path / "stats.safetensors"
-        summary = calibrate(base, out, content_images=images[0], content_prompt="a sks thing",
-                            style_images=images[1], style_prompt="zkz style", samples=2, batch_size=4, seed=3)
+        summary = calibrate(
+            base,
+            out,
+            content_images=images[0],
+            content_prompt="a sks thing",
+            style_images=images[1],
+            style_prompt="zkz style",
+            samples=2,
+            batch_size=4,
+            seed=3,
+        )
     finally:
         h.remove()
     assert summary["layers"] == 32
@@ -88,8 +108,16 @@ def test_conv_layers_record_unfolded_patches(base, images):
     seen = []
     h = conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].double()))
     try:
-        mom = record_moments(base, [name], content_images=images[0], content_prompt="a", style_images=images[1],
-                             style_prompt="b", samples=1, seed=0)
+        mom = record_moments(
+            base,
+            [name],
+            content_images=images[0],
+            content_prompt="a",
+            style_images=images[1],
+            style_prompt="b",
+            samples=1,
+            seed=0,
+        )
     finally:
         h.remove()
     c = conv.in_channels
@@ -102,14 +130,30 @@ def test_conv_layers_record_unfolded_patches(base, images):
 
 def test_low_rank_option(base, images, tmp_path):
     out = tmp_path / "lr.safetensors"
-    calibrate(base, out, content_images=images[0], content_prompt="a", style_images=images[1], style_prompt="b",
-              layers="attn2.to_k", samples=1, rank=3)
+    calibrate(
+        base,
+        out,
+        content_images=images[0],
+        content_prompt="a",
+        style_images=images[1],
+        style_prompt="b",
+        layers="attn2.to_k",
+        samples=1,
+        rank=3,
+    )
     stats = load_stats(out)
     lc, _ = stats.factors(ATTN2_K, torch.zeros(1, 32), torch.zeros(1, 32))
     assert lc.shape == (32, 3)
     with pytest.raises(Exception, match="exists"):
-        calibrate(base, out, content_images=images[0], content_prompt="a", style_images=images[1],
-                  style_prompt="b", samples=1)
+        calibrate(
+            base,
+            out,
+            content_images=images[0],
+            content_prompt="a",
+            style_images=images[1],
+            style_prompt="b",
+            samples=1,
+        )
 
 
 def test_cli(base, tmp_path):
@@ -123,9 +167,26 @@ def test_cli(base, tmp_path):
         for i in range(2):
             Image.new("RGB", (8, 8), (40 * i, 100, 200)).save(tmp_path / role / f"{i}.png")
     out = tmp_path / "cli.safetensors"
-    args = ["calibrate", "--base", "tiny-test-calibrate", "--content-images", str(tmp_path / "c"), "--content-prompt",
-            "a sks thing", "--style-images", str(tmp_path / "s"), "--style-prompt", "zkz style", "-o", str(out),
-            "--layers", "attn2", "--samples", "1", "--json"]
+    args = [
+        "calibrate",
+        "--base",
+        "tiny-test-calibrate",
+        "--content-images",
+        str(tmp_path / "c"),
+        "--content-prompt",
+        "a sks thing",
+        "--style-images",
+        str(tmp_path / "s"),
+        "--style-prompt",
+        "zkz style",
+        "-o",
+        str(out),
+        "--layers",
+        "attn2",
+        "--samples",
+        "1",
+        "--json",
+    ]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)

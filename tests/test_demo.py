@@ -7,11 +7,11 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from click.testing import CliRunner  # noqa: E402
+from click.testing import CliRunner
 
-from lora_merge.cli import cli  # noqa: E402
-from lora_merge.strategies import available_strategies  # noqa: E402
-from lora_merge.toyworld.quality import ABLATIONS, default_variants  # noqa: E402
+from lora_merge.cli import cli
+from lora_merge.strategies import available_strategies
+from lora_merge.toyworld.quality import ABLATIONS, default_variants
 
 
 def test_demo_writes_grid_and_judges(tmp_path, monkeypatch):

@@ -182,3 +182,14 @@ def test_sd15_fixtures_differ_sensibly(sd15_fixture):
         assert row["cosine"] == pytest.approx(float((da * db).sum() / (da.norm() * db.norm())), rel=1e-6, abs=1e-9)
     assert len(res["top"]) == 5
     assert res["max_rel_diff"] > 0.1  # two different trainings are not near each other
+
+
+def test_diff_never_svds_a_dense_delta(monkeypatch):
+    seen = []
+    real_svd, real_svdvals = torch.linalg.svd, torch.linalg.svdvals
+    monkeypatch.setattr(torch.linalg, "svd", lambda x, *a, **k: seen.append(tuple(x.shape)) or real_svd(x, *a, **k))
+    monkeypatch.setattr(torch.linalg, "svdvals",
+                        lambda x, *a, **k: seen.append(tuple(x.shape)) or real_svdvals(x, *a, **k))
+    a, b = _pair()
+    diff_adapters(a, b)
+    assert seen and max(max(s) for s in seen) <= 8  # at most the larger rank

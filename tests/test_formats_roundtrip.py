@@ -7,14 +7,13 @@ import warnings
 
 import pytest
 import torch
+from conftest import PEFT_DIRS, SD15_FILES, shared_fixture
 
 import lora_merge
 from lora_merge.adapter import Adapter, LoraModule
 from lora_merge.errors import OutputExistsError, UsageError
 from lora_merge.formats import WRITERS, detect_dialect
 from lora_merge.formats.safetensors_io import CheckedHandle
-
-from conftest import PEFT_DIRS, SD15_FILES, shared_fixture
 
 LAYOUT_KEYS = {"lora_adapter_metadata", "lora_merge.kohya_names", "format"}
 ALL_FIXTURES = [f"sd15/{n}.safetensors" for n in SD15_FILES] + [f"peft/{n}" for n in PEFT_DIRS]
@@ -37,14 +36,16 @@ def test_sd15_fixtures_read(name):
     assert ad.dialect == "diffusers"
     assert len(ad) == 128 and set(ad.ranks) == {4}
     assert all(m.scale == 1.0 and m.kind == "linear" for m in ad)
-    assert all(n.startswith("unet.down_blocks") or n.startswith(("unet.up_blocks", "unet.mid_block")) for n in ad.modules)
+    assert all(n.startswith(("unet.down_blocks", "unet.up_blocks", "unet.mid_block")) for n in ad.modules)
     assert "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0" in ad
-    assert ad.dialect_variant == ("diffusers-attn-processor" if "style" in name else "diffusers-lora-compatible")
+    variant = "diffusers-attn-processor" if "style" in name else "diffusers-lora-compatible"
+    assert ad.dialect_variant == variant
     # lazy: every tensor is backed by one shared handle on the file, nothing loaded yet
     handles = {id(r.handle) for m in ad for r in (m.down, m.up)}
     assert len(handles) == 1
     m = next(iter(ad))
-    assert isinstance(m.down.handle, CheckedHandle) and m.down.tensor is None and m.down.handle._handle is None
+    assert isinstance(m.down.handle, CheckedHandle)
+    assert m.down.tensor is None and m.down.handle._handle is None
 
 
 @pytest.mark.parametrize("name,scale,heads,fifo", [
@@ -57,8 +58,9 @@ def test_peft_fixtures_read(name, scale, heads, fifo):
     assert ad.dialect == "peft" and ad.dialect_variant == "peft-folder"
     assert {m.scale for m in ad} == {scale} and set(ad.ranks) == {8}
     assert ad.config["fan_in_fan_out"] is fifo
-    assert {k.rsplit(".", 1)[0]: tuple(ad.extra_tensors[k].shape) for k in ad.extra_tensors if k.endswith("weight")} \
-        == heads
+    weights = {k.rsplit(".", 1)[0]: tuple(t.shape) for k, t in ad.extra_tensors.items()
+               if k.endswith("weight")}
+    assert weights == heads
     if name == "gpt2_tigrinya":
         m = ad["transformer.h.0.attn.c_attn"]
         assert (m.out_features, m.in_features) == (2304, 768)  # A r×in, B out×r even with fan_in_fan_out
@@ -240,10 +242,9 @@ def test_convert_and_forced_format(tmp_path):
     out = lora_merge.convert(p, tmp_path / "p", to="peft")
     ad = lora_merge.load(out, format="peft")
     assert len(ad) == 128
-    with pytest.raises(lora_merge.FormatError, match="no kohya LoRA modules"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            lora_merge.load(p, format="kohya")
+    with pytest.raises(lora_merge.FormatError, match="no kohya LoRA modules"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora_merge.load(p, format="kohya")
 
 
 def test_detect_dialect():

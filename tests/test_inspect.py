@@ -193,3 +193,24 @@ def test_peft_fixture_summary(peft_fixture, name, scale, fifo, heads):
     else:
         assert s["extra_tensors"] == []
     assert s["num_modules"] == (36 if name.startswith("gpt2") else 12)
+
+
+def test_modules_stats_never_svd_a_dense_delta(monkeypatch):
+    """‖ΔW‖ and effective rank come from the r×r core: no SVD sees a matrix larger than the rank."""
+    seen = []
+    real_svd, real_svdvals = torch.linalg.svd, torch.linalg.svdvals
+
+    def svd(x, *a, **k):
+        seen.append(tuple(x.shape))
+        return real_svd(x, *a, **k)
+
+    def svdvals(x, *a, **k):
+        seen.append(tuple(x.shape))
+        return real_svdvals(x, *a, **k)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    monkeypatch.setattr(torch.linalg, "svdvals", svdvals)
+    g = torch.Generator().manual_seed(1)
+    m = LoraModule.from_tensors(Q, torch.randn(4, 320, generator=g), torch.randn(640, 4, generator=g))
+    row = summarize(Adapter(modules={Q: m}), modules=True)["modules"][0]
+    assert row["norm"] > 0 and seen and max(max(s) for s in seen) <= 4

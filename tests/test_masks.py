@@ -266,3 +266,19 @@ def test_stats_file_errors(tmp_path):
         resolve_input_model("stats", None)
     with pytest.raises(UsageError, match="unknown input model"):
         resolve_input_model("nope")
+
+
+def test_batched_refinement_matches_one_layer_at_a_time():
+    probs, zs = [], []
+    for seed, (axis, role) in enumerate([("rank", "content"), ("rank", "style"), ("rank", "neutral"),
+                                         ("out", "neutral"), ("out", "neutral")]):  # fmt: skip
+        bc, ac, bs, as_ = _layer(d_out=10 + seed, rc=3, rs=3, seed=seed)
+        p = M.build_problem(axis, bc, ac, bs, as_, SubspaceModel(), lambda_sim=0.3 + 0.1 * seed,
+                            lambda_prior=0.2, lambda_hinge=1.5, role=role, lambda_cycle=0.01)  # fmt: skip
+        probs.append(p)
+        zs.append(p.closed_form(p.target("ones")))
+    batched = M.refine_many(probs, zs, steps=40, lr=0.02)
+    for p, z0, (zb, tb) in zip(probs, zs, batched):
+        z1, t1 = M.refine(p, z0, steps=40, lr=0.02)
+        np.testing.assert_allclose(zb, z1, rtol=1e-9, atol=1e-9)
+        assert tb == t1

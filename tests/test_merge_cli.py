@@ -178,9 +178,22 @@ def test_strategy_option_not_taken_is_refused(tmp_path, capsys):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def _small_pair(tmp_path):
+    """Two small synthetic files (dense strategies run a full SVD per layer; keep layers tiny in tests)."""
+    paths = []
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        ad = Adapter(dialect="diffusers")
+        for i in range(3):
+            n = f"unet.up_blocks.1.attentions.{i}.transformer_blocks.0.attn2.to_v"
+            ad.modules[n] = LoraModule.from_tensors(n, torch.randn(6, 24, generator=g), torch.randn(40, 6, generator=g),
+                                                    alpha=3.0)  # fmt: skip
+        paths.append(lm.save(ad, tmp_path / f"in{seed}.safetensors"))
+    return paths
+
+
 def test_strategy_options_reach_the_strategy(tmp_path, capsys):
-    a = shared_fixture("sd15/pokemon_style.safetensors")
-    b = shared_fixture("sd15/rick_and_morty_style.safetensors")
+    a, b = _small_pair(tmp_path)
     out = tmp_path / "o.safetensors"
     code, stdout, err = run([a, b, "-o", out, "-s", "dare", "--density", "0.25", "--variant", "ties", "--seed", "3",
                              "--rank", "4", "--dtype", "fp16", "--json"], capsys)  # fmt: skip
@@ -215,14 +228,13 @@ def test_layer_weight_option(tmp_path, capsys):
 # ---------------------------------------------------------------- recipes
 @pytest.mark.parametrize("fmt", ["yaml", "toml"])
 def test_recipe_file_and_cli_override(tmp_path, capsys, fmt):
-    a = shared_fixture("sd15/pokemon_style.safetensors")
-    b = shared_fixture("sd15/rick_and_morty_style.safetensors")
+    a, b = _small_pair(tmp_path)
     if fmt == "yaml":
         text = (f"inputs: ['{a}', '{b}']\noutput: out.safetensors\nstrategy: ties\nweights: [0.5, 0.5]\n"
-                "density: 0.4\nlayer_weights: ['attn1=2']\nseed: 9\n")  # fmt: skip
+                "density: 0.4\nlayer_weights: ['attn2=2']\nseed: 9\n")  # fmt: skip
     else:
         text = (f"inputs = ['{a}', '{b}']\noutput = 'out.safetensors'\nstrategy = 'ties'\nweights = [0.5, 0.5]\n"
-                "seed = 9\nlayer_weights = ['attn1=2']\n[params]\ndensity = 0.4\n")  # fmt: skip
+                "seed = 9\nlayer_weights = ['attn2=2']\n[params]\ndensity = 0.4\n")  # fmt: skip
     cfg = tmp_path / f"r.{fmt}"
     cfg.write_text(text)
     code, stdout, err = run(["--config", cfg, "--weights", "1,0.25", "--json"], capsys)
@@ -231,11 +243,11 @@ def test_recipe_file_and_cli_override(tmp_path, capsys, fmt):
     recipe = json.loads(lm.load(out).metadata["lora_merge.recipe"])
     assert recipe["strategy"] == "ties" and recipe["params"]["density"] == 0.4 and recipe["seed"] == 9
     assert recipe["weights"] == [1.0, 0.25]  # the flag overrode the file
-    assert recipe["layer_weights"] == [["attn1", [2.0, 2.0]]]
+    assert recipe["layer_weights"] == [["attn2", [2.0, 2.0]]]
 
 
 def test_recipe_unknown_key_and_replay_from_metadata(tmp_path, capsys):
-    a = shared_fixture("sd15/pokemon_style.safetensors")
+    a = tmp_path / "missing.safetensors"
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"inputs: ['{a}']\nwieghts: [1]\n")
     code, _, err = run(["--config", bad, "-o", tmp_path / "x.safetensors"], capsys)
@@ -244,7 +256,7 @@ def test_recipe_unknown_key_and_replay_from_metadata(tmp_path, capsys):
     code, _, err = run(["--config", bad, "-o", tmp_path / "x.safetensors"], capsys)
     assert code == 2 and "density" in err
 
-    b = shared_fixture("sd15/rick_and_morty_style.safetensors")
+    a, b = _small_pair(tmp_path)
     first = lm.merge([a, b], tmp_path / "one.safetensors", strategy="dare", params={"density": 0.5}, seed=4,
                      weights=[0.6, 0.7])  # fmt: skip
     replay = tmp_path / "replay.json"

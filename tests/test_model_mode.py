@@ -1,4 +1,5 @@
 """Model mode: LoRAs wrapped in a tiny diffusers UNet, masks trained through it (issue 6)."""
+
 from __future__ import annotations
 
 import copy
@@ -27,20 +28,41 @@ from lora_merge.model_mode.train import (
 from lora_merge.strategies.base import LayerInput
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster than two on a shared 2-core machine (no OpenMP spinning)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def world():
     base = tiny_base_model(seed=0)
     content, style = random_lora(base.unet, seed=1), random_lora(base.unet, seed=2, rank=3, alpha=None)
     g = torch.Generator().manual_seed(3)
-    images = {"content": torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, "style": torch.rand(2, 3, 8, 8, generator=g) * 2 - 1}
+    images = {
+        "content": torch.rand(2, 3, 8, 8, generator=g) * 2 - 1,
+        "style": torch.rand(2, 3, 8, 8, generator=g) * 2 - 1,
+    }
     return SimpleNamespace(base=base, adapters=[content, style], images=images)
 
 
 @pytest.fixture
 def priors_file(tmp_path):
     p = tmp_path / "priors.json"
-    p.write_text(json.dumps({"format": "lora-merge.priors/1", "rules": [
-        {"pattern": "unet.down_blocks.0", "role": "content"}, {"pattern": "unet.up_blocks.1", "role": "style"}]}))
+    p.write_text(
+        json.dumps(
+            {
+                "format": "lora-merge.priors/1",
+                "rules": [
+                    {"pattern": "unet.down_blocks.0", "role": "content"},
+                    {"pattern": "unet.up_blocks.1", "role": "style"},
+                ],
+            }
+        )
+    )
     return str(p)
 
 
@@ -67,7 +89,13 @@ def test_wrapped_unet_matches_dense_merge(world):
             assert torch.allclose(_out(base, x, t, cond), ref_base, atol=1e-5)
         with loras.only(0):
             got = _out(base, x, t, cond)
-        want = dense(x, t, encoder_hidden_states=base.encode_prompt(["a sks thing"])["encoder_hidden_states"].expand(2, -1, -1)).sample
+        want = dense(
+            x,
+            t,
+            encoder_hidden_states=base.encode_prompt(["a sks thing"])["encoder_hidden_states"].expand(
+                2, -1, -1
+            ),
+        ).sample
         assert torch.allclose(got, want, atol=1e-4)
         assert not torch.allclose(got, ref_base, atol=1e-3)
         # group scale 0 on every layer of input 0 = the base model again
@@ -130,8 +158,12 @@ def _empty(tmp_path):
 def test_block_resolutions_follow_the_paper_tables():
     from lora_merge.arch import BLOCK_RESOLUTIONS
 
-    sdxl = SimpleNamespace(config=SimpleNamespace(sample_size=128, down_block_types=[0] * 3, up_block_types=[0] * 3))
-    sd1 = SimpleNamespace(config=SimpleNamespace(sample_size=64, down_block_types=[0] * 4, up_block_types=[0] * 4))
+    sdxl = SimpleNamespace(
+        config=SimpleNamespace(sample_size=128, down_block_types=[0] * 3, up_block_types=[0] * 3)
+    )
+    sd1 = SimpleNamespace(
+        config=SimpleNamespace(sample_size=64, down_block_types=[0] * 4, up_block_types=[0] * 4)
+    )
     assert unet_block_resolutions(sdxl) == (BLOCK_RESOLUTIONS["sdxl"], 128)
     assert unet_block_resolutions(sd1) == (BLOCK_RESOLUTIONS["sd1"], 64)
 
@@ -154,9 +186,15 @@ def _objective(world, cfg, roles=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     for p in loras.mask_parameters():
         p.data = torch.rand(p.shape, generator=g) + 0.2
-    data = _Data(world.images["content"], world.images["style"], {
-        "content": base.encode_prompt(["a sks thing"]), "style": base.encode_prompt(["zkz style"]),
-        "cycle": base.encode_prompt(["a sks thing zkz style"])})
+    data = _Data(
+        world.images["content"],
+        world.images["style"],
+        {
+            "content": base.encode_prompt(["a sks thing"]),
+            "style": base.encode_prompt(["zkz style"]),
+            "cycle": base.encode_prompt(["a sks thing zkz style"]),
+        },
+    )
     batch = _sample(data, base, 2, torch.Generator().manual_seed(seed + 1))
     return loras, MaskObjective(base, loras, data, cfg, roles or {}), batch
 
@@ -179,15 +217,19 @@ def test_each_switch_removes_its_term(world, priors_file):
             assert set(terms) == {"content", "style", "sim", "prior", "cycle", "rev", "total"}
             assert n_full == 8  # 2 targets + 2 per cycle + 2 merged
             grads_full = torch.autograd.grad(terms["total"], loras.mask_parameters())
-            for term, lam_key in (("sim", "lambda_sim"), ("prior", "lambda_prior"), ("cycle", "lambda_cycle"),
-                                  ("rev", "lambda_rev")):
+            for term, lam_key in (
+                ("sim", "lambda_sim"),
+                ("prior", "lambda_prior"),
+                ("cycle", "lambda_cycle"),
+                ("rev", "lambda_rev"),
+            ):
                 obj.lam = TrainConfig(strategy="duolora", **{**full, lam_key: 0.0}).weights()
                 calls.clear()
                 off = obj(batch)
                 assert term not in off
                 assert len(calls) == n_full - (2 if term in ("cycle", "rev") else 0)
                 want = float(terms["total"].detach() - full[lam_key] * terms[term].detach())
-                assert float(off["total"]) == pytest.approx(want, rel=1e-5)
+                assert float(off["total"].detach()) == pytest.approx(want, rel=1e-5)
                 assert float(terms[term]) > 0
                 g_off = torch.autograd.grad(off["total"], loras.mask_parameters())
                 assert any(not torch.allclose(a, b) for a, b in zip(g_off, grads_full))
@@ -195,7 +237,9 @@ def test_each_switch_removes_its_term(world, priors_file):
             obj.lam = TrainConfig(strategy="duolora").weights() | {"sim": 0, "prior": 0, "cycle": 0, "rev": 0}
             base_only = obj(batch)
             assert set(base_only) == {"content", "style", "total"}
-            assert float(base_only["total"]) == pytest.approx(float(terms["content"] + terms["style"]), rel=1e-5)
+            assert float(base_only["total"]) == pytest.approx(
+                float(terms["content"] + terms["style"]), rel=1e-5
+            )
         finally:
             loras.detach()
     finally:
@@ -224,10 +268,26 @@ def test_gradient_of_a_disabled_term_is_exactly_absent(world):
 def test_training_decreases_objective_counts_steps_and_trains_only_masks(world, priors_file):
     base = world.base
     before = {k: v.clone() for k, v in base.unet.state_dict().items()}
-    cfg = TrainConfig(strategy="duolora", steps=5, lr=0.05, lambda_sim=0.0, lambda_prior=0.1, priors=priors_file,
-                      prior_init=True, eval_batches=2, batch_size=2)
-    res = train_masks(base, world.adapters, content_images=world.images["content"], content_prompt="a sks thing",
-                      style_images=world.images["style"], style_prompt="zkz style", config=cfg)
+    cfg = TrainConfig(
+        strategy="duolora",
+        steps=5,
+        lr=0.05,
+        lambda_sim=0.0,
+        lambda_prior=0.1,
+        priors=priors_file,
+        prior_init=True,
+        eval_batches=2,
+        batch_size=2,
+    )
+    res = train_masks(
+        base,
+        world.adapters,
+        content_images=world.images["content"],
+        content_prompt="a sks thing",
+        style_images=world.images["style"],
+        style_prompt="zkz style",
+        config=cfg,
+    )
     # every step counts even though the similarity term is switched off (no early exit)
     assert [h["step"] for h in res.history] == [1, 2, 3, 4, 5]
     assert "sim" not in res.history[0]
@@ -244,9 +304,18 @@ def test_training_decreases_objective_counts_steps_and_trains_only_masks(world, 
 def test_prior_init_uses_h4_draw(world, priors_file):
     from lora_merge.strategies.base import LayerContext
 
-    cfg = TrainConfig(strategy="duolora", steps=0, priors=priors_file, prior_init=True, eval_batches=0, seed=5)
-    res = train_masks(world.base, world.adapters, content_images=world.images["content"], content_prompt="a b",
-                      style_images=world.images["style"], style_prompt="c d", config=cfg)
+    cfg = TrainConfig(
+        strategy="duolora", steps=0, priors=priors_file, prior_init=True, eval_batches=0, seed=5
+    )
+    res = train_masks(
+        world.base,
+        world.adapters,
+        content_images=world.images["content"],
+        content_prompt="a b",
+        style_images=world.images["style"],
+        style_prompt="c d",
+        config=cfg,
+    )
     name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
     gen = LayerContext(name=name, index=0, seed=5).generator("duolora-prior-init")
     mc, ms = M.prior_init(4, 3, "content", gen)
@@ -261,8 +330,16 @@ def test_saved_file_reproduces_trained_merged_layers(world, tmp_path):
 
     base = world.base
     cfg = TrainConfig(strategy="ziplora", steps=2, lr=0.05, eval_batches=0)
-    res = train_masks(base, world.adapters, content_images=world.images["content"], content_prompt="a sks thing",
-                      style_images=world.images["style"], style_prompt="zkz style", config=cfg, keep_attached=True)
+    res = train_masks(
+        base,
+        world.adapters,
+        content_images=world.images["content"],
+        content_prompt="a sks thing",
+        style_images=world.images["style"],
+        style_prompt="zkz style",
+        config=cfg,
+        keep_attached=True,
+    )
     loras = res.loras
     try:
         assert any(not torch.allclose(m[0], torch.ones_like(m[0])) for m in res.masks.values())
@@ -273,7 +350,9 @@ def test_saved_file_reproduces_trained_merged_layers(world, tmp_path):
                 b, a = ad.modules[name].factors()
                 inputs.append(LayerInput(up=b, down=a, scale=ad.modules[name].scale, weight=1.0))
             r = glue.fold_learned(inputs, res.masks[name], "out")
-            out.modules[name] = lora_merge.LoraModule.from_tensors(name, r.down, r.up, alpha=float(r.up.shape[1]))
+            out.modules[name] = lora_merge.LoraModule.from_tensors(
+                name, r.down, r.up, alpha=float(r.up.shape[1])
+            )
         path = tmp_path / "merged.safetensors"
         lora_merge.save(out, path)
         back = lora_merge.load(path)
@@ -291,18 +370,288 @@ def test_saved_file_reproduces_trained_merged_layers(world, tmp_path):
 # ------------------------------------------------------------------ strategy glue
 def test_model_mode_options_are_checked():
     with pytest.raises(UsageError, match="--base"):
-        glue.check_model_inputs({"mode": "model", "content_images": "x", "content_prompt": "p",
-                                 "style_images": "y", "style_prompt": "q"})
+        glue.check_model_inputs(
+            {
+                "mode": "model",
+                "content_images": "x",
+                "content_prompt": "p",
+                "style_images": "y",
+                "style_prompt": "q",
+            }
+        )
     with pytest.raises(UsageError, match="only apply with --mode model"):
         glue.check_weights_mode({"base": "toyworld", "mixed_precision": "no"})
     glue.check_weights_mode({"mixed_precision": "no", "batch_size": 1})
     with pytest.raises(UsageError, match="exactly 2"):
-        train_masks(None, [1, 2, 3], content_images=None, content_prompt="a", style_images=None,
-                    style_prompt="b", config=TrainConfig())
+        train_masks(
+            None,
+            [1, 2, 3],
+            content_images=None,
+            content_prompt="a",
+            style_images=None,
+            style_prompt="b",
+            config=TrainConfig(),
+        )
 
 
 def test_train_config_uses_paper_defaults():
     z = glue.train_config("ziplora", {})
-    assert (z.steps, z.lr, z.lambda_sim, z.lambda_cycle, z.lambda_prior, z.mask_kind) == (100, 0.01, 0.01, 0, 0, "out")
+    assert (z.steps, z.lr, z.lambda_sim, z.lambda_cycle, z.lambda_prior, z.mask_kind) == (
+        100,
+        0.01,
+        0.01,
+        0,
+        0,
+        "out",
+    )
     d = glue.train_config("duolora", {"lambda_cycle": 0.02})
-    assert (d.lambda_prior, d.lambda_cycle, d.lambda_rev, d.mask_kind, d.priors) == (0.1, 0.02, 0.02, "rank", "auto")
+    assert (d.lambda_prior, d.lambda_cycle, d.lambda_rev, d.mask_kind, d.priors) == (
+        0.1,
+        0.02,
+        0.02,
+        "rank",
+        "auto",
+    )
+
+
+def _image_dirs(tmp_path, world):
+    from PIL import Image
+
+    dirs = {}
+    for role, imgs in world.images.items():
+        d = tmp_path / role
+        d.mkdir()
+        for i, im in enumerate(imgs):
+            arr = ((im.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(d / f"{i}.png")
+        dirs[role] = str(d)
+    return dirs
+
+
+@pytest.mark.parametrize("strategy", ["ziplora", "duolora"])
+def test_merge_api_model_mode_end_to_end(world, tmp_path, strategy):
+    """``lora_merge.merge`` with ``mode=model`` trains, folds and writes a standard LoRA whose layers equal
+    the learned masks folded into the inputs; the report carries the loss curve."""
+    import lora_merge
+    from lora_merge.model_mode.runtime import register_base_model
+    from lora_merge.strategies import get_strategy
+
+    register_base_model("tiny-test-merge", lambda device, dtype: world.base)
+    dirs = _image_dirs(tmp_path, world)
+    params = {
+        "mode": "model",
+        "base": "tiny-test-merge",
+        "content_images": dirs["content"],
+        "content_prompt": "a sks thing",
+        "style_images": dirs["style"],
+        "style_prompt": "zkz style",
+        "cycle_prompt": "a sks thing zkz style",
+        "steps": 2,
+        "lr": 0.05,
+    }
+    strat = get_strategy(strategy)(**params)
+    out = tmp_path / "merged.safetensors"
+    res = lora_merge.merge(world.adapters, out, strategy=strat, seed=1)
+    rep = res.report["strategy"]
+    mm = rep["model_mode"]
+    assert rep["mode"] == "model" and mm["steps"] == 2 and len(mm["loss_curve"]) == 2
+    c, s = world.adapters
+    want = sum(
+        m.rank + s.modules[n].rank if strategy == "duolora" else 2 * m.out_features
+        for n, m in c.modules.items()
+    )
+    assert rep["trainable_values"] == want
+    if strategy == "duolora":
+        assert {"cycle", "rev", "prior"} <= set(mm["loss_curve"][0])
+    back = lora_merge.load(out)
+    assert set(back.modules) == set(world.adapters[0].modules)
+    assert json.loads(back.metadata["lora_merge.recipe"])["params"]["mode"] == "model"
+    sidecar = strat.mask_tensors()
+    axis = "rank" if strategy == "duolora" else "out"
+    for name in list(back.modules)[::7]:
+        ins = [
+            LayerInput(*ad.modules[name].factors(), scale=ad.modules[name].scale, weight=1.0)
+            for ad in world.adapters
+        ]
+        masks = [sidecar[f"{name}.mask_content"], sidecar[f"{name}.mask_style"]]
+        assert not torch.allclose(masks[0], torch.ones_like(masks[0]))
+        r = glue.fold_learned(ins, masks, axis)
+        assert torch.allclose(back.modules[name].delta(), r.up @ r.down, atol=1e-5)
+
+
+# ------------------------------------------------------------------ diffusers pipeline folders (tiny, local)
+def _build_pipeline(root, xl: bool):
+    """A tiny SD 1.x / SDXL pipeline folder written with save_pretrained (nothing downloaded)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    root.mkdir(parents=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for w in ("a", "photo", "of", "sks", "dog", "in", "zkz", "style"):
+        vocab[w + "</w>"] = len(vocab)
+    for d in ("tokenizer", "tokenizer_2") if xl else ("tokenizer",):
+        (root / d).mkdir()
+        (root / d / "vocab.json").write_text(json.dumps(vocab))
+        (root / d / "merges.txt").write_text("#version: 0.2\n")
+        CLIPTokenizer(
+            str(root / d / "vocab.json"), str(root / d / "merges.txt"), model_max_length=8
+        ).save_pretrained(root / d)
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        projection_dim=16,
+    )
+    CLIPTextModel(cfg).save_pretrained(root / "text_encoder")
+    if xl:
+        CLIPTextModelWithProjection(cfg).save_pretrained(root / "text_encoder_2")
+    ucfg = {
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 32 if xl else 16,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    }
+    if xl:
+        ucfg.update(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=16 + 48,
+        )
+    UNet2DConditionModel(**ucfg).save_pretrained(root / "unet")
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).save_pretrained(root / "vae")
+    EulerDiscreteScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
+    index = {"_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"}
+    if xl:
+        index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+@pytest.mark.parametrize("xl", [False, True], ids=["sd1", "sdxl"])
+def test_pipeline_folder_matches_diffusers_pipeline(tmp_path, xl):
+    """Prompt conditioning and latents equal what the diffusers pipeline computes from the same folder."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    root = _build_pipeline(tmp_path / "pipe", xl)
+    parts = {
+        "vae": AutoencoderKL.from_pretrained(root / "vae"),
+        "unet": UNet2DConditionModel.from_pretrained(root / "unet"),
+        "scheduler": EulerDiscreteScheduler.from_pretrained(root / "scheduler"),
+        "tokenizer": CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        "text_encoder": CLIPTextModel.from_pretrained(root / "text_encoder"),
+    }
+    base = load_base_model(str(root))
+    assert base.arch == ("sdxl" if xl else "sd1") and base.image_size == 16
+    cond = base.encode_prompt(["a photo of sks dog"])
+    if xl:
+        pipe = StableDiffusionXLPipeline(
+            **parts,
+            tokenizer_2=CLIPTokenizer.from_pretrained(root / "tokenizer_2"),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2"),
+        )
+        emb, _, pooled, _ = pipe.encode_prompt(
+            "a photo of sks dog", device="cpu", do_classifier_free_guidance=False
+        )
+        tids = pipe._get_add_time_ids(
+            (16, 16),
+            (0, 0),
+            (16, 16),
+            dtype=emb.dtype,
+            text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+        )
+        assert torch.allclose(cond["added_cond_kwargs"]["text_embeds"], pooled, atol=1e-6)
+        assert torch.equal(cond["added_cond_kwargs"]["time_ids"], tids)
+    else:
+        pipe = StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+        emb, _ = pipe.encode_prompt(
+            "a photo of sks dog", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+    assert torch.allclose(cond["encoder_hidden_states"], emb, atol=1e-6)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    vae = parts["vae"]
+    assert torch.allclose(
+        base.encode_images(x), vae.encode(x).latent_dist.mean * vae.config.scaling_factor, atol=1e-5
+    )
+    # a model-mode run and a calibration go through the folder's UNet
+    ads = [random_lora(base.unet, 1), random_lora(base.unet, 2)]
+    res = train_masks(
+        base,
+        ads,
+        content_images=x,
+        content_prompt="a photo of sks dog",
+        style_images=x,
+        style_prompt="a dog in zkz style",
+        config=TrainConfig(strategy="duolora", steps=1, eval_batches=0, lambda_cycle=0.01, lambda_rev=0.01),
+    )
+    assert len(res.history) == 1 and {"cycle", "rev"} <= set(res.history[0])
+
+
+def test_mixed_precision(world):
+    """bf16 autocast trains on CPU; fp16 on CPU is refused (accelerate would quietly run fp32)."""
+    x = world.images["content"]
+    kw = {"content_images": x, "content_prompt": "a", "style_images": x, "style_prompt": "b"}
+    res = train_masks(
+        world.base,
+        world.adapters,
+        config=TrainConfig(strategy="ziplora", steps=1, eval_batches=0, mixed_precision="bf16"),
+        **kw,
+    )
+    assert len(res.history) == 1 and res.history[0]["total"] > 0
+    with pytest.raises(UsageError, match="fp16 needs a GPU"):
+        train_masks(
+            world.base,
+            world.adapters,
+            config=TrainConfig(strategy="ziplora", steps=1, mixed_precision="fp16"),
+            **kw,
+        )
+    # a later fp32 run in the same process is not stuck with the earlier precision
+    res = train_masks(
+        world.base, world.adapters, config=TrainConfig(strategy="ziplora", steps=1, eval_batches=0), **kw
+    )
+    assert len(res.history) == 1
+
+
+def test_x0_recovery_inverts_add_noise(world):
+    """The Constyle cycle's x̂0: exact inverse of adding noise with the true ε (or v), clipped as the scheduler."""
+    from diffusers import DDPMScheduler
+
+    base = world.base
+    x = torch.rand(3, 3, 8, 8) * 2 - 1
+    eps, t = torch.randn(3, 3, 8, 8), torch.tensor([0, 500, 990])
+    noisy = base.add_noise(x, eps, t)
+    ref = base.scheduler.add_noise(x, eps, t)
+    assert torch.allclose(noisy, ref, atol=1e-6)
+    assert torch.allclose(base.predict_x0(noisy, eps, t), x, atol=1e-3)
+    assert float(base.predict_x0(noisy, torch.zeros_like(eps), t).abs().max()) <= 1.0  # clip_sample
+    v_base = copy.copy(base)
+    v_base.scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", clip_sample=False)
+    v = v_base.scheduler.get_velocity(x, eps, t)
+    assert torch.allclose(v_base.predict_x0(noisy, v, t), x, atol=1e-4)

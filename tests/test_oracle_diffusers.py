@@ -16,22 +16,27 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 accelerate = pytest.importorskip("accelerate")
 
-SD1_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                block_out_channels=(320, 640, 1280, 1280),
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                cross_attention_dim=768, attention_head_dim=8)
-SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280),
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
-                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816)
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              projection_dim=768)
-CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-              projection_dim=1280)
+SD1_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "cross_attention_dim": 768, "attention_head_dim": 8,
+}
+SDXL_UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10), "cross_attention_dim": 2048,
+    "attention_head_dim": (5, 10, 20),
+    "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+          "projection_dim": 768}
+CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+          "projection_dim": 1280}
 LORA_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
 
 
@@ -67,10 +72,12 @@ def _diffusers_conversion(kohya_names: list[str], unet_config) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("arch,cfg,sgm,min_modules", [("sd1", SD1_UNET, False, 280), ("sdxl", SDXL_UNET, True, 790)])
+@pytest.mark.parametrize("arch,cfg,sgm,min_modules",
+                         [("sd1", SD1_UNET, False, 280), ("sdxl", SDXL_UNET, True, 790)])
 def test_kohya_unet_names_match_diffusers_conversion(arch, cfg, sgm, min_modules):
     unet = _meta_unet(cfg)
-    truth = {f"unet.{n}" for n in _lora_targets(unet)}  # every Linear/Conv2d: attention, LoCon convs, embeddings
+    # every Linear/Conv2d: attention, LoCon convs, embeddings
+    truth = {f"unet.{n}" for n in _lora_targets(unet)}
     assert len(truth) >= min_modules
     kohya = {names.canonical_to_kohya(n, sgm=sgm): n for n in truth}
     if sgm:
@@ -103,10 +110,12 @@ def test_kohya_text_encoder_names_match_diffusers_conversion(prefix, comp, cfg, 
     assert _diffusers_conversion(kohya, None) == truth
 
 
-TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=8,
-                 norm_num_groups=8)
+TINY_UNET = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+    "block_out_channels": (32, 64), "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 16, "attention_head_dim": 8, "norm_num_groups": 8,
+}
 
 
 def _tiny_unet_adapter(unet, rslora=False) -> Adapter:
@@ -117,8 +126,9 @@ def _tiny_unet_adapter(unet, rslora=False) -> Adapter:
         if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0", "proj"):
             r = 2 + i % 3
             ad.modules[f"unet.{n}"] = LoraModule.from_tensors(
-                f"unet.{n}", torch.randn(r, m.in_features, generator=g), torch.randn(m.out_features, r, generator=g),
-                alpha=[1.0, 4.0, 0.5, None][i % 4], scale_rule=rule)
+                f"unet.{n}", torch.randn(r, m.in_features, generator=g),
+                torch.randn(m.out_features, r, generator=g), alpha=[1.0, 4.0, 0.5, None][i % 4],
+                scale_rule=rule)
         elif isinstance(m, torch.nn.Conv2d) and n.endswith(("resnets.0.conv1", "proj_in")):
             k = m.kernel_size
             ad.modules[f"unet.{n}"] = LoraModule.from_tensors(
@@ -170,15 +180,15 @@ def test_written_diffusers_file_loads_into_unet_exactly(tmp_path, caplog, rslora
             with torch.no_grad():
                 change = layer(inp) - layer.base_layer(inp)
                 conv = layer.base_layer
-                expect = torch.nn.functional.conv2d(inp, ours.delta(flat=False), None, conv.stride, conv.padding)
+                expect = torch.nn.functional.conv2d(inp, ours.delta(flat=False), None, conv.stride,
+                                                    conv.padding)
             torch.testing.assert_close(change, expect, rtol=1e-5, atol=1e-5 * float(expect.abs().max()))
 
 
 def _peft_roundtrip(tmp_path, fixture, keep_layers, model):
+    from conftest import shared_fixture
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
-
-    from conftest import shared_fixture
 
     src = lora_merge.load(shared_fixture(fixture))
     for name in list(src.modules):
@@ -188,7 +198,8 @@ def _peft_roundtrip(tmp_path, fixture, keep_layers, model):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # PEFT warns on missing/unexpected adapter keys
         peft_model = PeftModel.from_pretrained(model, str(out))
-    layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+              if isinstance(m, LoraLayer)}
     assert set(layers) == set(src.modules)
     for name, layer in layers.items():
         m = src[name]
@@ -205,7 +216,8 @@ def _peft_roundtrip(tmp_path, fixture, keep_layers, model):
 def test_written_peft_folder_loads_with_peftmodel_distilbert(tmp_path):
     import transformers
 
-    cfg = transformers.DistilBertConfig(vocab_size=64, dim=768, n_layers=2, n_heads=12, hidden_dim=64, num_labels=6)
+    cfg = transformers.DistilBertConfig(vocab_size=64, dim=768, n_layers=2, n_heads=12, hidden_dim=64,
+                                        num_labels=6)
     model = transformers.DistilBertForSequenceClassification(cfg).eval()
     src, pm = _peft_roundtrip(tmp_path, "peft/distilbert_emotion", [0, 1], model)
     head = pm.base_model.model.classifier
@@ -215,7 +227,59 @@ def test_written_peft_folder_loads_with_peftmodel_distilbert(tmp_path):
 def test_written_peft_folder_loads_with_peftmodel_gpt2_fan_in_fan_out(tmp_path):
     import transformers
 
-    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=768, n_layer=2, n_head=12, n_inner=3072)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=768, n_layer=2, n_head=12,
+                                  n_inner=3072)
     model = transformers.GPT2LMHeadModel(cfg).eval()
-    src, pm = _peft_roundtrip(tmp_path, "peft/gpt2_tigrinya", [0, 1], model)
+    _src, pm = _peft_roundtrip(tmp_path, "peft/gpt2_tigrinya", [0, 1], model)
     assert pm.peft_config["default"].fan_in_fan_out is True
+
+
+def _delta_check(unet, ad, adapter_name):
+    from peft.tuners.lora import LoraLayer
+
+    loaded = {f"unet.{n}": m for n, m in unet.named_modules() if isinstance(m, LoraLayer)}
+    assert set(loaded) == set(ad.modules)
+    for name, layer in loaded.items():
+        theirs = layer.get_delta_weight(adapter_name)
+        ours = ad[name].delta(flat=False)
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6 * float(ours.abs().max()))
+
+
+def test_written_kohya_file_loads_with_diffusers_kohya_converter(tmp_path):
+    """diffusers converts our kohya output (alphas via network_alphas) to the same ΔW.
+
+    One alpha for all modules (ranks still mixed): diffusers 0.42 drops *varying* kohya alphas for SD 1.x
+    UNets (its alpha_pattern keys keep the ``processor.to_k_lora.down.weight`` suffix and match nothing) —
+    see docs/formats.md; our diffusers-dialect output carries mixed alphas exactly (test above)."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**TINY_UNET).eval()
+    ad = _tiny_unet_adapter(unet)
+    for m in ad:
+        m.alpha = 4.0
+    assert len({m.scale for m in ad}) > 1
+    path = lora_merge.save(ad, tmp_path / "k.safetensors", to="kohya")
+    state_dict, network_alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(path))
+    assert len(network_alphas) == len(ad)
+    unet.load_lora_adapter(state_dict, prefix="unet", network_alphas=network_alphas, adapter_name="k")
+    _delta_check(unet, ad, "k")
+
+
+def test_reads_file_written_by_diffusers_save_lora_weights(tmp_path):
+    """A current-dialect file saved by diffusers itself (alphas in lora_adapter_metadata) reads exactly."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**TINY_UNET).eval()
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"],
+                     rank_pattern={"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 2},
+                     alpha_pattern={"to_k": 3}, init_lora_weights=False)
+    unet.add_adapter(cfg, adapter_name="d")
+    sd = get_peft_model_state_dict(unet, adapter_name="d")
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path), unet_lora_layers=sd, unet_lora_adapter_metadata=cfg.to_dict(),
+        weight_name="d.safetensors")
+    ad = lora_merge.load(tmp_path / "d.safetensors")
+    assert ad.dialect_variant == "diffusers-peft"
+    assert {m.rank for m in ad} == {2, 4} and {m.scale for m in ad} == {2.0, 4.0, 0.75}
+    _delta_check(unet, ad, "d")

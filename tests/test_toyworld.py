@@ -6,11 +6,11 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from lora_merge import load  # noqa: E402
-from lora_merge.arch import BLOCK_RESOLUTIONS, guess_arch, resolution_of  # noqa: E402
-from lora_merge.errors import UsageError  # noqa: E402
-from lora_merge import toyworld as tw  # noqa: E402
-from lora_merge.toyworld.world import parse_prompt  # noqa: E402
+from lora_merge import load
+from lora_merge import toyworld as tw
+from lora_merge.arch import BLOCK_RESOLUTIONS, guess_arch, resolution_of
+from lora_merge.errors import UsageError
+from lora_merge.toyworld.world import parse_prompt
 
 
 def test_render_is_deterministic_and_varies_with_seed():

@@ -35,13 +35,13 @@ def _markdown(res: dict) -> str:
 
     lines = [
         "<!-- written by `lora-merge bench quality`; do not edit by hand -->",
-        f"Measured by `{res['command']}` ({res['n']} images per row, seeds {res['seed']}·1000003 + i, DDIM "
-        f"{res['steps']} steps, guidance {res['guidance']}), {res['date']}, {res['machine']}.",
+        (f"Measured by `{res['command']}` ({res['n']} images per row, seeds {res['seed']}·1000003 + i, DDIM "
+        f"{res['steps']} steps, guidance {res['guidance']}), {res['date']}, {res['machine']}."),
         "",
-        f"Judge accuracy on fresh clean renders: shapes min {pct(res['judge']['shape_min'])}, styles min "
+        (f"Judge accuracy on fresh clean renders: shapes min {pct(res['judge']['shape_min'])}, styles min "
         f"{pct(res['judge']['style_min'])} (every class, `sks` and `zkz` included).  Base-model sanity "
         f"(seen shape × seen style prompts, {res['sanity']['n']} samples): shape {pct(res['sanity']['content_acc'])}, "
-        f"style {pct(res['sanity']['style_acc'])}, both {pct(res['sanity']['joint_acc'])}.",
+        f"style {pct(res['sanity']['style_acc'])}, both {pct(res['sanity']['joint_acc'])}."),
         "",
         "| row | prompt | content (ring) | style (zkz) | both | trainable values | merge s |",
         "|---|---|---:|---:|---:|---:|---:|",

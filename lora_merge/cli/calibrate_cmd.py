@@ -1,4 +1,5 @@
 """``lora-merge calibrate``: record per-layer input second moments for the weight-space strategies."""
+
 from __future__ import annotations
 
 import click
@@ -7,31 +8,83 @@ from .common import json_option, print_json, stderr_console, stdout_console
 
 
 @click.command("calibrate", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--base", "base", required=True, metavar="MODEL",
-              help="A local diffusers pipeline folder (SD 1.x, SDXL) or 'toyworld'. Nothing is downloaded.")
-@click.option("--content-images", required=True, type=click.Path(), help="Folder of content reference images.")
-@click.option("--content-prompt", required=True, help="Prompt of the content images, e.g. 'a photo of sks dog'.")
-@click.option("--style-images", required=True, type=click.Path(), help="Folder of style reference images.")
+@click.option(
+    "--base",
+    "base",
+    required=True,
+    metavar="MODEL",
+    help="A local diffusers pipeline folder (SD 1.x, SDXL) or 'toyworld'. Nothing is downloaded.",
+)
+@click.option(
+    "--content-images",
+    required=True,
+    type=click.Path(),
+    help="Folder of content reference images (toyworld:content: the toy world's).",
+)
+@click.option(
+    "--content-prompt", required=True, help="Prompt of the content images, e.g. 'a photo of sks dog'."
+)
+@click.option(
+    "--style-images",
+    required=True,
+    type=click.Path(),
+    help="Folder of style reference images (toyworld:style: the toy world's).",
+)
 @click.option("--style-prompt", required=True, help="Prompt of the style images, e.g. 'a cat in zkz style'.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Stats file to write (.safetensors).")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(),
-              help="Record the UNet layers this LoRA touches (repeatable). Default: every attention projection "
-              "(to_q, to_k, to_v, to_out.0).")  # fmt: skip
-@click.option("--layers", "layers", default=None, metavar="PATTERN",
-              help="Only layers whose name matches PATTERN (see `lora-merge merge --help`, --weight).")
-@click.option("--samples", default=4, show_default=True, type=int,
-              help="Noisy versions (seeded noise and timestep) of each image.")
+              help="Record the UNet layers this LoRA touches (repeatable). Default: every attention "
+              "projection (to_q, to_k, to_v, to_out.0).")  # fmt: skip
+@click.option(
+    "--layers",
+    "layers",
+    default=None,
+    metavar="PATTERN",
+    help="Only layers whose name matches PATTERN (see `lora-merge merge --help`, --weight).",
+)
+@click.option(
+    "--samples",
+    default=4,
+    show_default=True,
+    type=int,
+    help="Noisy versions (seeded noise and timestep) of each image.",
+)
 @click.option("--batch-size", default=8, show_default=True, type=int, help="UNet batch size.")
-@click.option("--rank", default=None, type=int,
-              help="Store each moment as its top-K eigenpairs (smaller files for SDXL); default: full matrices.")
+@click.option(
+    "--rank",
+    default=None,
+    type=int,
+    help="Store each moment as its top-K eigenpairs (smaller files for SDXL); default: full matrices.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda or cuda:1.")
-@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
-              help="UNet dtype (moments are always accumulated in fp32).")
+@click.option(
+    "--dtype",
+    default="fp32",
+    show_default=True,
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    help="UNet dtype (moments are always accumulated in fp32).",
+)
 @click.option("--force", is_flag=True, help="Overwrite the output.")
 @json_option
-def calibrate_cmd(base, content_images, content_prompt, style_images, style_prompt, output, adapters, layers,
-                  samples, batch_size, rank, seed, device, dtype, force, as_json):
+def calibrate_cmd(
+    base,
+    content_images,
+    content_prompt,
+    style_images,
+    style_prompt,
+    output,
+    adapters,
+    layers,
+    samples,
+    batch_size,
+    rank,
+    seed,
+    device,
+    dtype,
+    force,
+    as_json,
+):
     """Record E[x xᵀ] of the inputs of each LoRA'd UNet layer on the content and the style references.
 
     The base model (no LoRA) runs on noisy versions of the reference images with their prompts; the
@@ -47,9 +100,9 @@ def calibrate_cmd(base, content_images, content_prompt, style_images, style_prom
     loaded = [load_adapter(a) for a in adapters]
     model = load_base_model(base, device=device, dtype=dt)
     summary = calibrate(
-        model, output, content_images=content_images, content_prompt=content_prompt, style_images=style_images,
-        style_prompt=style_prompt, adapters=loaded, layers=layers, samples=samples, batch_size=batch_size,
-        rank=rank, seed=seed, force=force, progress=not as_json,
+        model, output, content_images=content_images, content_prompt=content_prompt,
+        style_images=style_images, style_prompt=style_prompt, adapters=loaded, layers=layers, samples=samples,
+        batch_size=batch_size, rank=rank, seed=seed, force=force, progress=not as_json,
     )  # fmt: skip
     if as_json:
         print_json(summary)
@@ -64,5 +117,7 @@ def calibrate_cmd(base, content_images, content_prompt, style_images, style_prom
     t.add_row(summary["output"], str(summary["layers"]), f"{summary['counts']['content']:,}",
               f"{summary['counts']['style']:,}", summary["rank"], human_bytes(summary["bytes"]))  # fmt: skip
     stdout_console().print(t)
-    stderr_console().print("use it with: lora-merge merge C S --strategy ziplora|duolora "
-                           f"--input-model stats --stats {summary['output']}")
+    stderr_console().print(
+        "use it with: lora-merge merge C S --strategy ziplora|duolora "
+        f"--input-model stats --stats {summary['output']}"
+    )

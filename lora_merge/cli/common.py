@@ -48,8 +48,8 @@ strict_option = click.option(
 allow_pickle_option = click.option(
     "--allow-pickle",
     is_flag=True,
-    help="UNSAFE: allow reading pickle files (.bin/.pt/.ckpt). Unpickling can run arbitrary code; "
-    "only use it on files you trust.",
+    help="UNSAFE: also read pickle files (.bin/.pt/.pth/.ckpt), with torch.load(weights_only=True). "
+    "Pickle is a code format; use this only on files you trust.",
 )
 
 json_option = click.option(

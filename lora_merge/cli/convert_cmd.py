@@ -8,7 +8,7 @@ from .common import DIALECTS, allow_pickle_option, format_option, load_adapter, 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-@click.command("convert")
+@click.command("convert", short_help="Rewrite an adapter in another dialect (ΔW unchanged).")
 @click.argument("src", metavar="IN", type=click.Path(path_type=str))
 @click.argument("dst", metavar="OUT", type=click.Path(path_type=str))
 @click.option("--to", "to", required=True, type=click.Choice(DIALECTS, case_sensitive=False),

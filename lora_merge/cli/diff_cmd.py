@@ -20,7 +20,7 @@ from .common import (
 )
 
 
-@click.command("diff")
+@click.command("diff", short_help="Compare two adapters module by module (from the factors).")
 @click.argument("a", type=click.Path(path_type=str))
 @click.argument("b", type=click.Path(path_type=str))
 @click.option("--top", default=10, show_default=True, type=click.IntRange(min=0),

@@ -23,7 +23,7 @@ from .common import (
 )
 
 
-@click.command("inspect")
+@click.command("inspect", short_help="Show what adapter files hold (reads only the header).")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--modules", "show_modules", is_flag=True,
               help="Add a per-module table with ‖ΔW‖_F and effective rank (loads the tensors).")
@@ -55,9 +55,11 @@ def inspect_cmd(files, show_modules, as_json, fmt, strict, allow_pickle):
             first_error = first_error or exc
             results.append({"file": f, "error": str(exc)})
             continue
-        results.append(summary)
         if not as_json:
+            if any("error" not in r for r in results):
+                click.echo()  # a blank line between files
             render(summary)
+        results.append(summary)
     if as_json:
         print_json(results[0] if len(files) == 1 else results)
     if first_error is not None:

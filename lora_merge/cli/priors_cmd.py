@@ -14,7 +14,7 @@ import click
 
 #: sub-command name -> "module:attribute" (lazy, like the top-level COMMANDS)
 SUBCOMMANDS: dict[str, str] = {
-    # e.g. "measure": "lora_merge.cli.priors_measure_cmd:measure",
+    "measure": "lora_merge.cli.priors_measure_cmd:measure",
 }
 
 

@@ -93,12 +93,12 @@ def measure(content, style, base, content_images, content_prompt, style_images, 
     console = stderr_console()
 
     def run_noise(bar):
-        from ..model_mode.runtime import load_base_model, load_image_folder
+        from ..model_mode.runtime import load_base_model
 
         dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
         model = load_base_model(base, device=device, dtype=dt)
-        imgs_c, prm_c, imgs_s, prm_s = _references(model, toy, content_images, content_prompt, style_images,
-                                                   style_prompt, n_images, seed, load_image_folder)
+        imgs_c, prm_c, imgs_s, prm_s = pm.load_references(model, content_images, content_prompt, style_images,
+                                                          style_prompt, n_images=n_images, seed=seed)
         groups, _ = pm.probe_groups(model.unet, c_ad, s_ad, model.encode_images(imgs_c[:1]).shape[-1], granularity)
         task = bar.add_task("noise measure", total=2 * (len(groups) + 2))
         return pm.measure_priors(
@@ -148,31 +148,6 @@ def measure(content, style, base, content_images, content_prompt, style_images, 
                       f"--priors {output}")
     if plot:
         console.print(f"bar chart written to {plot}")
-
-
-def _references(model, toy, content_images, content_prompt, style_images, style_prompt, n_images, seed,
-                load_image_folder):
-    """Reference images and prompts of each concept: the user's folders, or the toy world's renders."""
-    if toy:
-        from ..toyworld.train import lora_training_set
-
-        imgs_c, caps_c = lora_training_set("content", n_images, seed)
-        imgs_s, caps_s = lora_training_set("style", n_images, seed)
-        if content_images:
-            imgs_c, caps_c = load_image_folder(content_images, model.image_size), None
-        if style_images:
-            imgs_s, caps_s = load_image_folder(style_images, model.image_size), None
-        prm_c = content_prompt or caps_c
-        prm_s = style_prompt or caps_s
-        if prm_c is None or prm_s is None:
-            raise UsageError("give --content-prompt/--style-prompt for your own image folders")
-        return imgs_c, prm_c, imgs_s, prm_s
-    missing = [o for o, v in (("--content-images", content_images), ("--content-prompt", content_prompt),
-                              ("--style-images", style_images), ("--style-prompt", style_prompt)) if not v]
-    if missing:
-        raise UsageError(f"{', '.join(missing)} required with a pipeline folder as --base")
-    return (load_image_folder(content_images, model.image_size), content_prompt,
-            load_image_folder(style_images, model.image_size), style_prompt)
 
 
 def _table(result):

@@ -10,15 +10,22 @@ from .peft import PREFIX as _PEFT_PREFIX
 DIALECTS = ("kohya", "diffusers", "peft")
 
 
+def _is_kohya(key: str) -> bool:
+    split = _kohya._split(key)
+    if split is None:
+        return False
+    return key.startswith((UNET_PREFIX, *TE_PREFIXES, "lora_")) or split[1] != "alpha"
+
+
 def detect_dialect(keys, metadata: dict[str, str] | None = None) -> str:
-    """``"kohya"``, ``"diffusers"`` or ``"peft"`` by majority of recognised keys; FormatError when none fits."""
+    """``"kohya"``, ``"diffusers"`` or ``"peft"`` by majority of recognised keys.
+
+    Raises :class:`FormatError` when no key fits any dialect."""
     votes = {d: 0 for d in DIALECTS}
     for key in keys:
         if key.startswith(_PEFT_PREFIX):
             votes["peft"] += 1
-        elif key.startswith((UNET_PREFIX, *TE_PREFIXES, "lora_")) and _kohya._split(key) is not None:
-            votes["kohya"] += 1
-        elif _kohya._split(key) is not None and key.split(".", 1)[1] != "alpha":
+        elif _is_kohya(key):
             votes["kohya"] += 1
         elif _diffusers.parse_key(key) is not None:
             votes["diffusers"] += 1

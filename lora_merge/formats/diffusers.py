@@ -10,6 +10,7 @@ Alpha: none (alpha = r), per-module ``<module>.alpha`` keys (``network_alphas``)
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -38,7 +39,7 @@ _ALPHA = re.compile(r"^(?P<m>.+)\.alpha$")
 
 
 def split_component(name: str) -> tuple[str, str]:
-    """``unet.down_blocks.0…`` → ``("unet", "down_blocks.0…")``; names of other models → ``("model", name)``."""
+    """``unet.down_blocks.0…`` → ``("unet", "down_blocks.0…")``; other models' names → ``("model", name)``."""
     head, _, rest = name.partition(".")
     if head in COMPONENTS and rest:
         return head, rest
@@ -54,6 +55,7 @@ def _canonical(path: str) -> str:
     return path
 
 
+@functools.lru_cache(maxsize=1 << 16)  # detection and reading parse the same keys
 def parse_key(key: str) -> tuple[str, str, str] | None:
     """``(canonical module, "down"|"up", variant)`` or None."""
     for rx, variant in _PATTERNS:

@@ -10,7 +10,7 @@ from .. import arch
 from ..adapter import Adapter, TensorRef
 from ..errors import FormatError
 from . import names
-from .common import cast, carried_metadata, make_module, read_scalar, standard_alpha
+from .common import carried_metadata, cast, make_module, read_scalar, standard_alpha
 
 NAME_MAP_KEY = "lora_merge.kohya_names"
 _SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}

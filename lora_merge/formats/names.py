@@ -117,18 +117,22 @@ def _join(a: str, b: str) -> str:
     return f"{a}.{b}" if b else a
 
 
+_DIFF_BLOCK = re.compile(
+    r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.*))?$")
+
+
 def diffusers_to_sgm(path: str, up_blocks_with_attention: frozenset[int] = frozenset({0, 1})) -> str | None:
     """Inverse of :func:`sgm_to_diffusers` (None for paths outside the SGM layout)."""
     for src, dst in _TOP_DIFF_TO_SGM.items():
         if path == src or path.startswith(src + "."):
             return dst + path[len(src):]
-    m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.*))?$",
-                 path)
+    m = _DIFF_BLOCK.match(path)
     if m:
         kind, b, sub, n, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5) or ""
         if kind == "down_blocks":
             if sub == "downsamplers":
-                return f"input_blocks.{3 * b + 3}.0.op" + (rest[4:] if rest.startswith("conv") else "." + rest)
+                tail = rest[4:] if rest.startswith("conv") else "." + rest
+                return f"input_blocks.{3 * b + 3}.0.op" + tail
             i = 3 * b + n + 1
             if sub == "resnets":
                 return _join(f"input_blocks.{i}.0", _map_resnet(rest, _RESNET_DIFF_TO_SGM))

@@ -46,7 +46,7 @@ def read(refs: dict[str, TensorRef], metadata: dict[str, str], path, config: dic
     extras: dict[str, TensorRef] = {}
     unparsed: list[str] = []
     for key, ref in refs.items():
-        body = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        body = key.removeprefix(PREFIX)
         m = _LORA.match(body)
         if m:
             role = "down" if m.group("r") == "A" else "up"

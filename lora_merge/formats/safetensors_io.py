@@ -65,7 +65,7 @@ class CheckedHandle(_SafetensorsHandle):
             return super().get(key)
         except FormatError:
             raise
-        except Exception as e:  # safetensors' Rust errors, OSError, ...
+        except Exception as e:  # noqa: BLE001 - safetensors' Rust errors, OSError: all mean "bad file"
             raise FormatError(f"cannot read tensor {key!r}: {_one_line(e)}", self.path) from None
 
 
@@ -87,8 +87,8 @@ def read_header(path: str | os.PathLike) -> Header:
                 raise FormatError(f"not a safetensors file: implausible header length {n}", path)
             if n > size - 8:
                 raise FormatError(
-                    f"truncated or not a safetensors file: header claims {n} bytes but the file has {size - 8} "
-                    "after the length prefix", path)
+                    f"truncated or not a safetensors file: header claims {n} bytes but the file has "
+                    f"{size - 8} after the length prefix", path)
             raw = f.read(n)
     except OSError as e:
         raise FormatError(f"cannot read file: {e.strerror or e}", path) from None
@@ -118,14 +118,17 @@ def read_header(path: str | os.PathLike) -> Header:
     return Header(path=path, tensors=tensors, metadata=dict(metadata), data_start=8 + n)
 
 
+def _is_dim(s) -> bool:
+    return isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**62
+
+
 def _tensor_info(path: Path, key: str, info, data_len: int) -> TensorInfo:
     if not isinstance(info, dict):
         raise FormatError(f"bad safetensors header: entry {key!r} is not an object", path)
     tag, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if tag not in DTYPES:
         raise FormatError(f"tensor {key!r} has unknown dtype {tag!r}", path)
-    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                              for s in shape):
+    if not isinstance(shape, list) or not all(_is_dim(s) for s in shape):
         raise FormatError(f"tensor {key!r} has an invalid shape {shape!r}", path)
     if (not isinstance(offs, list) or len(offs) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
@@ -140,8 +143,8 @@ def _tensor_info(path: Path, key: str, info, data_len: int) -> TensorInfo:
     dtype, itemsize = DTYPES[tag]
     if math.prod(shape) * itemsize != end - begin:
         raise FormatError(
-            f"tensor {key!r}: shape {shape} of {tag} needs {math.prod(shape) * itemsize} bytes but its offsets "
-            f"span {end - begin}", path)
+            f"tensor {key!r}: shape {shape} of {tag} needs {math.prod(shape) * itemsize} bytes but its "
+            f"offsets span {end - begin}", path)
     return TensorInfo(dtype=dtype, shape=tuple(shape), begin=begin, end=end)
 
 
@@ -150,8 +153,8 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_len: int) -> 
     pos = 0
     for key, t in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
         if t.begin != pos:
-            raise FormatError(f"bad safetensors layout: tensor {key!r} starts at byte {t.begin}, expected {pos}",
-                              path)
+            raise FormatError(
+                f"bad safetensors layout: tensor {key!r} starts at byte {t.begin}, expected {pos}", path)
         pos = t.end
     if pos != data_len:
         raise FormatError(

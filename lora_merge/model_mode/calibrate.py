@@ -7,6 +7,7 @@ their prompt.  Content images + content prompt give ``Σ_c``, style images + sty
 ``Σ = E[x xᵀ]`` is written in the stats format of :mod:`lora_merge.input_models`, so the weight-space
 ``ziplora``/``duolora`` can run with ``input_model=stats`` (algorithms.md §8).
 """
+
 from __future__ import annotations
 
 import json
@@ -59,11 +60,15 @@ def select_layers(
                  if isinstance(m, (nn.Linear, nn.Conv2d)) and n.endswith(DEFAULT_TARGETS)]  # fmt: skip
     for n in names:
         try:
-            mod = unet.get_submodule(n[len(prefix):])
+            mod = unet.get_submodule(n[len(prefix) :])
         except AttributeError:
-            raise UsageError(f"the base model has no layer {n!r}; wrong base model for this adapter?") from None
+            raise UsageError(
+                f"the base model has no layer {n!r}; wrong base model for this adapter?"
+            ) from None
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
-            raise UsageError(f"layer {n!r} is a {type(mod).__name__}; only Linear and Conv2d inputs are recorded")
+            raise UsageError(
+                f"layer {n!r} is a {type(mod).__name__}; only Linear and Conv2d inputs are recorded"
+            )
     if pattern:
         names = [n for n in names if matches(pattern, n)]
         if not names:
@@ -77,8 +82,9 @@ def _input_vectors(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1]).float()
     if tuple(module.kernel_size) == (1, 1) and module.stride in (1, (1, 1)):
         return x.float().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    cols = F.unfold(x.float(), module.kernel_size, dilation=module.dilation, padding=module.padding,
-                    stride=module.stride)  # N × (c·kh·kw) × L
+    cols = F.unfold(
+        x.float(), module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
+    )  # N × (c·kh·kw) × L
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
@@ -119,14 +125,21 @@ def record_moments(
 
     unet = base.unet
     for n in names:
-        mod = unet.get_submodule(n[len(prefix):])
-        d = mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels * int(torch.tensor(mod.kernel_size).prod())
+        mod = unet.get_submodule(n[len(prefix) :])
+        d = (
+            mod.in_features
+            if isinstance(mod, nn.Linear)
+            else mod.in_channels * int(torch.tensor(mod.kernel_size).prod())
+        )
         dev = mod.weight.device
         mom.sums[n] = {r: torch.zeros(d, d, dtype=torch.float32, device=dev) for r in ("content", "style")}
         mom.counts[n] = {"content": 0, "style": 0}
         handles.append(mod.register_forward_pre_hook(hook_for(n, mod)))
     work = []
-    for role, imgs, prompt in (("content", content_images, content_prompt), ("style", style_images, style_prompt)):
+    for role, imgs, prompt in (
+        ("content", content_images, content_prompt),
+        ("style", style_images, style_prompt),
+    ):
         if not prompt or not str(prompt).strip():
             raise UsageError(f"calibrate needs a {role} prompt (--{role}-prompt)")
         imgs = resolve_images(imgs, base.image_size)
@@ -140,7 +153,9 @@ def record_moments(
                 rep = lat.repeat_interleave(samples, dim=0)
                 for chunk in rep.split(batch_size):
                     noise = torch.randn(chunk.shape, generator=gen).to(chunk.device, chunk.dtype)
-                    t = torch.randint(0, base.num_train_timesteps, (chunk.shape[0],), generator=gen).to(chunk.device)
+                    t = torch.randint(0, base.num_train_timesteps, (chunk.shape[0],), generator=gen).to(
+                        chunk.device
+                    )
                     base.predict(base.add_noise(chunk, noise, t), t, cond)
                     advance()
     finally:
@@ -222,8 +237,8 @@ class _bar:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.prog = Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                             console=Console(stderr=True), transient=True)  # fmt: skip
+        self.prog = Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), console=Console(stderr=True), transient=True)  # fmt: skip
         task = self.prog.add_task("", total=self.total)
         self.prog.start()
         return lambda: self.prog.update(task, advance=1)

@@ -3,6 +3,7 @@
 A strategy with ``mode == "model"`` calls :func:`train_for_strategy` once from ``prepare()`` and
 :func:`fold_learned` from ``merge_layer()`` for every layer the training covered.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ import torch
 
 from ..errors import UsageError
 from .params import MODEL_MODE_PARAMS, REQUIRED_IN_MODEL_MODE
-from .train import TrainConfig, TrainResult
+from .train import TrainConfig, TrainResult, check_precision
 
 #: paper defaults per strategy (algorithms.md §5–6): ZipLoRA λ=0.01, no priors, no cycles;
 #: DuoLoRA λ_cycle 0.01, λ_prior 0.1, Adam lr 0.01; both 100 steps
@@ -34,7 +35,9 @@ def check_weights_mode(config: dict[str, Any]) -> None:
     defaults = {p.name: p.default for p in MODEL_MODE_PARAMS if p.name != "mode"}
     given = [k for k, d in defaults.items() if config.get(k) is not None and config.get(k) != d]
     if given:
-        raise UsageError(", ".join("--" + k.replace("_", "-") for k in given) + " only apply with --mode model")
+        raise UsageError(
+            ", ".join("--" + k.replace("_", "-") for k in given) + " only apply with --mode model"
+        )
 
 
 def _pick(config: dict[str, Any], names: Sequence[str], default: Any) -> Any:
@@ -54,7 +57,9 @@ def train_config(strategy: str, config: dict[str, Any], seed: int = 0) -> TrainC
         steps=int(_pick(config, ("steps",), d["steps"])),
         lr=float(_pick(config, ("lr",), d["lr"])),
         lambda_sim=float(_pick(config, ("lambda_sim",), d["lambda_sim"])),
-        lambda_prior=float(_pick(config, ("lambda_prior",), d["lambda_prior"])) if strategy == "duolora" else 0.0,
+        lambda_prior=float(_pick(config, ("lambda_prior",), d["lambda_prior"]))
+        if strategy == "duolora"
+        else 0.0,
         lambda_hinge=float(_pick(config, ("lambda_hinge",), 1.0)),
         lambda_cycle=lam_cycle if strategy == "duolora" else 0.0,
         lambda_rev=float(_pick(config, ("lambda_rev",), lam_cycle)) if strategy == "duolora" else 0.0,
@@ -95,6 +100,8 @@ def train_for_strategy(strategy: Any, adapters: Sequence[Any], context: dict[str
     if len(adapters) != 2:
         raise UsageError(f"--mode model merges exactly 2 inputs (content, style), got {len(adapters)}")
     tcfg = train_config(strategy.name, cfg, context.get("seed", 0))
+    tcfg.validate()
+    check_precision(tcfg.mixed_precision, context.get("device", "cpu"))
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[tcfg.mixed_precision]
     base = load_base_model(cfg["base"], device=context.get("device", "cpu"), dtype=dtype)
     return train_masks(
@@ -120,7 +127,9 @@ def fold_learned(inputs: Sequence[Any], masks: Sequence[torch.Tensor | None], ax
         ac, mc = c.down.new_zeros(0, c.down.shape[1]), torch.ones(0) if axis == "rank" else mc
     if not s.present:
         as_, ms = s.down.new_zeros(0, s.down.shape[1]), torch.ones(0) if axis == "rank" else ms
-    up, down = M.fold_pair(axis, c.up[:, : ac.shape[0]], ac, s.up[:, : as_.shape[0]], as_, mc.to(dev), ms.to(dev))
+    up, down = M.fold_pair(
+        axis, c.up[:, : ac.shape[0]], ac, s.up[:, : as_.shape[0]], as_, mc.to(dev), ms.to(dev)
+    )
     info = {"mask_axis": axis, "mode": "model", "trainable_values": int(mc.numel() + ms.numel()),
             "mask_content_mean": float(mc.mean()) if mc.numel() else None,
             "mask_style_mean": float(ms.mean()) if ms.numel() else None}  # fmt: skip
@@ -157,3 +166,39 @@ def report(trained: TrainResult | None) -> dict[str, Any]:
     rep = trained.report()
     rep["weight_space_layers"] = rep.pop("not_trained")
     return {"mode": "model", "model_mode": rep}
+
+
+class ModelModeMixin:
+    """Adds ``--mode model`` to a two-input mask strategy (``ziplora``, ``duolora``): list it before the
+    strategy's base class and add :data:`~lora_merge.model_mode.params.MODEL_MODE_PARAMS` to its params.
+
+    ``prepare`` trains every UNet layer's masks jointly through the base model; ``merge_layer`` folds the
+    learned masks (layers outside the UNet go to the strategy's weight-space solve and are listed in the
+    report); ``report`` adds the training report under ``model_mode``.
+    """
+
+    def prepare(self, inputs, context) -> None:
+        super().prepare(inputs, context)
+        self._trained = prepare(self, inputs, context)
+
+    def merge_layer(self, inputs, ctx):
+        trained = getattr(self, "_trained", None)
+        res = merge_layer(self, trained, inputs, ctx)
+        if res is None:
+            return super().merge_layer(inputs, ctx)
+        masks = getattr(self, "_masks", None)
+        if isinstance(masks, dict):  # the strategy's mask sidecar, same keys as in weight space
+            mc, ms = trained.masks[ctx.name]
+            masks[f"{ctx.name}.mask_content"] = (mc if mc is not None else torch.ones(0)).contiguous()
+            masks[f"{ctx.name}.mask_style"] = (ms if ms is not None else torch.ones(0)).contiguous()
+        return res
+
+    def report(self) -> dict[str, Any]:
+        rep = super().report()
+        trained = getattr(self, "_trained", None)
+        if trained is not None:
+            weight_space = rep.get("trainable_values", 0) or 0
+            rep.update(report(trained))
+            rep["trainable_values"] = trained.num_trainable + int(weight_space)
+            rep["layers"] = len(trained.masks) + len(trained.skipped)
+        return rep

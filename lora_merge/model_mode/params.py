@@ -4,6 +4,7 @@
 (the default) solves them from the two files alone.  The shared parameters (``steps``, ``lr``, the λ's,
 ``axis``, ``priors``) are the strategies' own; model mode reads them too.
 """
+
 from __future__ import annotations
 
 from ..strategies.base import Param
@@ -19,18 +20,44 @@ MODE_PARAM = Param(
 
 MODEL_MODE_PARAMS: tuple[Param, ...] = (
     MODE_PARAM,
-    Param("base", str, None, "model mode: base model, a local diffusers pipeline folder (SD 1.x, SDXL) or 'toyworld'"),
-    Param("content_images", str, None, "model mode: folder of content reference images"),
+    Param(
+        "base",
+        str,
+        None,
+        "model mode: base model, a local diffusers pipeline folder (SD 1.x, SDXL) or 'toyworld'",
+    ),
+    Param(
+        "content_images",
+        str,
+        None,
+        "model mode: folder of content reference images (toyworld:content: the toy world's)",
+    ),
     Param("content_prompt", str, None, "model mode: prompt of the content images"),
-    Param("style_images", str, None, "model mode: folder of style reference images"),
+    Param(
+        "style_images",
+        str,
+        None,
+        "model mode: folder of style reference images (toyworld:style: the toy world's)",
+    ),
     Param("style_prompt", str, None, "model mode: prompt of the style images"),
-    Param("cycle_prompt", str, None,
-          "model mode: prompt of content in style for the Constyle cycles, e.g. 'a sks dog in zkz style' "
-          "(default: the content and style prompts joined)"),
-    Param("lambda_rev", float, None,
-          "model mode: weight of the reverse Constyle cycle (style → add content → remove content); "
-          "default: --lambda-cycle", range=(0.0, None)),
-    Param("mixed_precision", str, "no", "model mode: accelerate mixed precision", choices=("no", "fp16", "bf16")),
+    Param(
+        "cycle_prompt",
+        str,
+        None,
+        "model mode: prompt of content in style for the Constyle cycles, e.g. 'a sks dog in zkz style' "
+        "(default: the content and style prompts joined)",
+    ),
+    Param(
+        "lambda_rev",
+        float,
+        None,
+        "model mode: weight of the reverse Constyle cycle (style → add content → remove content); "
+        "default: --lambda-cycle",
+        range=(0.0, None),
+    ),
+    Param(
+        "mixed_precision", str, "no", "model mode: accelerate mixed precision", choices=("no", "fp16", "bf16")
+    ),
     Param("batch_size", int, 1, "model mode: content and style images per step", range=(1, None)),
 )
 

@@ -13,6 +13,7 @@ calibrate`` and measured priors.  Two pieces:
   ``in``: ``B A diag(m)``, algorithms.md §2).  Per-input strengths, a switch for the masks and per-group
   scales make one wrapped UNet act as content-only, style-only or merged without copying it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -82,16 +83,25 @@ class BaseModel:
         ac = self.alphas_cumprod(timesteps).to(latents.dtype).view(-1, *([1] * (latents.dim() - 1)))
         return ac.sqrt() * latents + (1 - ac).sqrt() * noise
 
-    def predict_x0(self, noisy: torch.Tensor, model_output: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Recover ``x̂0`` from a model prediction (epsilon, v or sample parameterization)."""
+    def predict_x0(
+        self, noisy: torch.Tensor, model_output: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """Recover ``x̂0`` from a model prediction (epsilon, v or sample parameterization), clipped like the
+        scheduler's own step when its config has ``clip_sample`` (pixel-space models such as the toy world)."""
         ac = self.alphas_cumprod(timesteps).to(noisy.dtype).view(-1, *([1] * (noisy.dim() - 1)))
         if self.prediction_type == "epsilon":
-            return (noisy - (1 - ac).sqrt() * model_output) / ac.sqrt()
-        if self.prediction_type == "v_prediction":
-            return ac.sqrt() * noisy - (1 - ac).sqrt() * model_output
-        if self.prediction_type == "sample":
-            return model_output
-        raise UsageError(f"unsupported scheduler prediction_type {self.prediction_type!r}")
+            x0 = (noisy - (1 - ac).sqrt() * model_output) / ac.sqrt()
+        elif self.prediction_type == "v_prediction":
+            x0 = ac.sqrt() * noisy - (1 - ac).sqrt() * model_output
+        elif self.prediction_type == "sample":
+            x0 = model_output
+        else:
+            raise UsageError(f"unsupported scheduler prediction_type {self.prediction_type!r}")
+        cfg = self.scheduler.config
+        if getattr(cfg, "clip_sample", False):
+            r = float(getattr(cfg, "clip_sample_range", 1.0))
+            x0 = x0.clamp(-r, r)
+        return x0
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         """UNet output for a batch (``cond`` from :meth:`encode_prompt`, batch 1 or the batch size)."""
@@ -131,7 +141,9 @@ def register_base_model(name: str, factory: Callable[[torch.device, torch.dtype]
     _NAMED_MODELS[name] = factory
 
 
-def load_base_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> BaseModel:
+def load_base_model(
+    spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> BaseModel:
     """Load ``spec`` — a local diffusers pipeline folder (SD 1.x / SDXL), ``"toyworld"`` or a name given to
     :func:`register_base_model` — frozen, in eval mode."""
     try:
@@ -164,7 +176,7 @@ def _load_toyworld(device: torch.device, dtype: torch.dtype) -> BaseModel:
     except ImportError as exc:  # pragma: no cover - the package ships it
         raise UsageError(f"the bundled toy world is not available: {exc}") from None
     base = load_base(device=device)
-    unet = base.unet.to(device=device, dtype=dtype)
+    unet = base.unet if dtype == torch.float32 else base.unet.to(dtype)
     size = int(base.image_size)
 
     def encode_prompt(prompts: list[str]) -> Any:
@@ -195,7 +207,9 @@ def _load_pipeline_folder(path: Path, device: torch.device, dtype: torch.dtype) 
 
     kw = {"local_files_only": True}
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw).to(device)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw).to(
+            device
+        )
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, **kw).to(device)
     except (OSError, ValueError) as exc:
@@ -240,13 +254,22 @@ def _clip_prompt_encoder(path: Path, index: dict, device, image_size: int, is_xl
         te1 = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw).to(device).eval()
         if is_xl:
             tok2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
-            te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw).to(device).eval()
+            te2 = (
+                CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
+                .to(device)
+                .eval()
+            )
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot load the text encoder: {exc}".splitlines()[0], path) from None
 
     def ids(tok, prompts):
-        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids.to(device)
+        return tok(
+            prompts,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
 
     def encode(prompts: list[str]) -> dict:
         if not is_xl:
@@ -255,9 +278,13 @@ def _clip_prompt_encoder(path: Path, index: dict, device, image_size: int, is_xl
         o2 = te2(ids(tok2, prompts), output_hidden_states=True)
         hidden = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], dim=-1)
         pooled = o2.text_embeds if hasattr(o2, "text_embeds") else o2[0]
-        time_ids = torch.tensor([[image_size, image_size, 0, 0, image_size, image_size]], dtype=hidden.dtype,
-                                device=hidden.device).expand(len(prompts), 6)
-        return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        time_ids = torch.tensor(
+            [[image_size, image_size, 0, 0, image_size, image_size]], dtype=hidden.dtype, device=hidden.device
+        ).expand(len(prompts), 6)
+        return {
+            "encoder_hidden_states": hidden,
+            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids},
+        }
 
     return encode
 
@@ -316,8 +343,14 @@ def load_image_folder(directory: str | os.PathLike, size: int) -> torch.Tensor:
 class LoraSlot(nn.Module):
     """One input's LoRA on one layer: fp32 factors (buffers), its scale, an optional trainable mask."""
 
-    def __init__(self, up: torch.Tensor, down: torch.Tensor, scale: float, mask_kind: MaskKind | None,
-                 mask_init: torch.Tensor | None):
+    def __init__(
+        self,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        scale: float,
+        mask_kind: MaskKind | None,
+        mask_init: torch.Tensor | None,
+    ):
         super().__init__()
         self.register_buffer("up", up.float(), persistent=False)  # d_out × r (flattened)
         self.register_buffer("down", down.float(), persistent=False)  # r × d_in (flattened)
@@ -353,7 +386,9 @@ class MaskedLoraLayer(nn.Module):
     def __init__(self, base: nn.Module, name: str):
         super().__init__()
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
-            raise MergeError(f"layer {name} is a {type(base).__name__}; only Linear and Conv2d can be wrapped")
+            raise MergeError(
+                f"layer {name} is a {type(base).__name__}; only Linear and Conv2d can be wrapped"
+            )
         self.base = base
         self.name = name
         self.slots = nn.ModuleList()
@@ -371,8 +406,14 @@ class MaskedLoraLayer(nn.Module):
             return F.linear(F.linear(x, a), b) * slot.scale
         w = self.base.weight
         a4 = a.reshape(a.shape[0], *w.shape[1:])
-        h = F.conv2d(x, a4, stride=self.base.stride, padding=self.base.padding, dilation=self.base.dilation,
-                     groups=self.base.groups)
+        h = F.conv2d(
+            x,
+            a4,
+            stride=self.base.stride,
+            padding=self.base.padding,
+            dilation=self.base.dilation,
+            groups=self.base.groups,
+        )
         return F.conv2d(h, b.reshape(b.shape[0], b.shape[1], 1, 1)) * slot.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -470,7 +511,7 @@ class LoraSet:
         return [n for n in self.layers if n in wanted]
 
     def set_group_scale(self, pattern, factor: float, inputs: Sequence[int] | None = None) -> list[str]:
-        """Multiply the LoRA contribution of the matched layers (for ``inputs``, default all) by ``factor``."""
+        """Multiply the matched layers' LoRA contribution (for ``inputs``, default all) by ``factor``."""
         names = self.select(pattern)
         idx = range(self.num_inputs) if inputs is None else inputs
         for n in names:
@@ -513,7 +554,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 def unet_module_name(canonical: str, prefix: str = UNET_PREFIX) -> str | None:
     """The UNet submodule path of a canonical adapter module name, or None when it is not a UNet module."""
     if prefix and canonical.startswith(prefix):
-        return canonical[len(prefix):]
+        return canonical[len(prefix) :]
     return None
 
 
@@ -530,7 +571,8 @@ def attach_loras(
     """Wrap every UNet layer that any adapter touches.
 
     ``adapters`` are :class:`~lora_merge.adapter.Adapter` objects; ``weights`` multiply each LoRA's own
-    ``alpha/r`` (default 1; a callable gives per-layer weights from the canonical name); ``mask_kinds`` is one kind per input (or one for all; None = no mask);
+    ``alpha/r`` (default 1; a callable gives per-layer weights from the canonical name); ``mask_kinds``
+    is one kind per input (or one for all; None = no mask);
     ``mask_init(name, input_index, size, ranks)`` may return the initial mask (default ones; ``ranks``
     are all inputs' ranks at that layer).  Modules outside
     the UNet (text encoders) are listed in ``LoraSet.skipped``; a UNet module the base model lacks, or
@@ -563,7 +605,9 @@ def attach_loras(
             try:
                 base = unet.get_submodule(sub)
             except AttributeError:
-                raise MergeError(f"the base model has no layer {sub!r} (adapter module {cname}); wrong base model?")
+                raise MergeError(
+                    f"the base model has no layer {sub!r} (adapter module {cname}); wrong base model?"
+                )
             if isinstance(base, MaskedLoraLayer):
                 raise MergeError(f"layer {sub!r} is already wrapped; detach the previous LoraSet first")
             layer = MaskedLoraLayer(base, cname)

@@ -5,6 +5,7 @@ in ``down_blocks.0`` and ``up_blocks.1``), a seeded word-embedding stand-in for 
 DDPM scheduler, as a :class:`~lora_merge.model_mode.runtime.BaseModel` in pixel space (images are the
 latents).  ``random_lora()`` makes an :class:`~lora_merge.adapter.Adapter` on its attention projections.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,9 @@ def _word_seed(word: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{word}".encode()).digest()[:7], "little")
 
 
-def tiny_base_model(seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    tokens: int = 6) -> BaseModel:
+def tiny_base_model(
+    seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, tokens: int = 6
+) -> BaseModel:
     """The tiny random model (deterministic for a seed).  Prompts map word by word to seeded embeddings."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
@@ -56,12 +58,20 @@ def tiny_base_model(seed: int = 0, device: str | torch.device = "cpu", dtype: to
         return torch.stack(rows)
 
     return BaseModel(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000), arch=None,
-                     image_size=TINY_UNET_CONFIG["sample_size"], encode_prompt_fn=encode, encode_images_fn=None,
+                     image_size=TINY_UNET_CONFIG["sample_size"], encode_prompt_fn=encode,
+                     encode_images_fn=None,
                      name="tiny-random", device=torch.device(device), dtype=dtype)  # fmt: skip
 
 
-def random_lora(unet: torch.nn.Module, seed: int, rank: int = 4, alpha: float | None = 2.0, std: float = 0.3,
-                targets: Sequence[str] = ATTENTION_TARGETS, prefix: str = "unet.") -> Adapter:
+def random_lora(
+    unet: torch.nn.Module,
+    seed: int,
+    rank: int = 4,
+    alpha: float | None = 2.0,
+    std: float = 0.3,
+    targets: Sequence[str] = ATTENTION_TARGETS,
+    prefix: str = "unet.",
+) -> Adapter:
     """A random LoRA on every ``targets`` Linear of ``unet`` (canonical names ``unet.…``)."""
     g = torch.Generator().manual_seed(seed)
     ad = Adapter(dialect="diffusers")

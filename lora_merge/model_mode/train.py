@@ -16,6 +16,7 @@ SAME noise ``ε`` and timestep ``t``:
 removes its term completely (not computed, not in the total).  Every step counts; there is no early
 exit when ``sim`` reaches 0 (a bug of the public code).  Only the masks train (Adam).
 """
+
 from __future__ import annotations
 
 import math
@@ -155,7 +156,9 @@ def similarity_term(mask_c: torch.Tensor, mask_s: torch.Tensor) -> torch.Tensor:
     return (mask_c[:k] * mask_s[:k]).abs().mean()
 
 
-def prior_rank_term(mask_c: torch.Tensor, mask_s: torch.Tensor, role: str, lambda_hinge: float) -> torch.Tensor:
+def prior_rank_term(
+    mask_c: torch.Tensor, mask_s: torch.Tensor, role: str, lambda_hinge: float
+) -> torch.Tensor:
     """The paper's relaxed rank constraint with the hinge, per mask entry
     (:func:`lora_merge.masks.prior_rank_term`): content layers ``(‖m_c‖₁ + λ_h·max(0, ‖m_s‖₁ − ‖m_c‖₁))/r̄``,
     style layers mirrored, neutral 0."""
@@ -189,10 +192,17 @@ def _sample(data: _Data, base: BaseModel, batch: int, gen: torch.Generator) -> d
     is_ = torch.randint(0, data.style.shape[0], (batch,), generator=gen)
     z_c, z_s = data.content[ic.to(dev)], data.style[is_.to(dev)]
     if z_c.shape[1:] != z_s.shape[1:]:
-        raise UsageError(f"content latents {tuple(z_c.shape[1:])} and style latents {tuple(z_s.shape[1:])} differ")
+        raise UsageError(
+            f"content latents {tuple(z_c.shape[1:])} and style latents {tuple(z_s.shape[1:])} differ"
+        )
     noise = torch.randn(z_c.shape, generator=gen).to(dev, z_c.dtype)
     t = torch.randint(0, base.num_train_timesteps, (batch,), generator=gen).to(dev)
-    return {"x_c": base.add_noise(z_c, noise, t), "x_s": base.add_noise(z_s, noise, t), "noise": noise, "t": t}
+    return {
+        "x_c": base.add_noise(z_c, noise, t),
+        "x_s": base.add_noise(z_s, noise, t),
+        "noise": noise,
+        "t": t,
+    }
 
 
 # ------------------------------------------------------------------------------------------ objective
@@ -202,8 +212,14 @@ class MaskObjective(nn.Module):
     ``forward(batch)`` returns the dict of raw terms plus ``total``; disabled terms are absent.
     """
 
-    def __init__(self, base: BaseModel, loras: LoraSet, data: _Data, cfg: TrainConfig,
-                 roles: dict[str, tuple[str, float]]):
+    def __init__(
+        self,
+        base: BaseModel,
+        loras: LoraSet,
+        data: _Data,
+        cfg: TrainConfig,
+        roles: dict[str, tuple[str, float]],
+    ):
         super().__init__()
         self.masks = nn.ParameterList(loras.mask_parameters())
         self._base = [base]  # not registered: the UNet stays outside the trained module
@@ -211,7 +227,9 @@ class MaskObjective(nn.Module):
         self._data = [data]
         self.cfg = cfg
         self.lam = cfg.weights()
-        self._pairs_names = [n for n, layer in loras.layers.items() if all(s.mask is not None for s in layer.slots)]
+        self._pairs_names = [
+            n for n, layer in loras.layers.items() if all(s.mask is not None for s in layer.slots)
+        ]
         self._prior_layers = [(n, roles[n][0], roles[n][1]) for n in self._pairs_names
                               if n in roles and roles[n][0] != "neutral"]  # fmt: skip
 
@@ -249,10 +267,15 @@ class MaskObjective(nn.Module):
             terms["sim"] = torch.stack([similarity_term(mc, ms) for mc, ms in self._pairs()]).mean()
         if lam["prior"] > 0 and self._prior_layers:  # mean over layers, each weighted by its prior score
             layers = self._loras[0].layers
-            terms["prior"] = torch.stack([
-                score * prior_rank_term(layers[n].slots[0].mask, layers[n].slots[1].mask, role, self.cfg.lambda_hinge)
-                for n, role, score in self._prior_layers
-            ]).sum() / len(self._pairs_names)
+            terms["prior"] = torch.stack(
+                [
+                    score
+                    * prior_rank_term(
+                        layers[n].slots[0].mask, layers[n].slots[1].mask, role, self.cfg.lambda_hinge
+                    )
+                    for n, role, score in self._prior_layers
+                ]
+            ).sum() / len(self._pairs_names)
         if e_csc is not None:
             terms["cycle"] = F.mse_loss(e_mc, e_csc.float())
         if e_scs is not None:
@@ -275,7 +298,9 @@ def unet_block_resolutions(unet: nn.Module) -> tuple[dict[str, int], int]:
     return res, size
 
 
-def layer_roles(names: Sequence[str], priors: str | None, base: BaseModel) -> tuple[dict[str, tuple[str, float]], str]:
+def layer_roles(
+    names: Sequence[str], priors: str | None, base: BaseModel
+) -> tuple[dict[str, tuple[str, float]], str]:
     """Each layer's prior ``(role, score)`` and the table's description.  ``auto``: the paper's rule
     (content where the latent resolution is at most a quarter of the native one, else style) on this
     model's own block resolutions; ``none``: no priors; else :func:`lora_merge.priors.load_priors`."""
@@ -353,7 +378,8 @@ def train_masks(
         data = _Data(
             content=_images(base, content_images, "content"),
             style=_images(base, style_images, "style"),
-            cond={"content": base.encode_prompt([content_prompt]), "style": base.encode_prompt([style_prompt]),
+            cond={"content": base.encode_prompt([content_prompt]),
+                  "style": base.encode_prompt([style_prompt]),
                   **({"cycle": base.encode_prompt([cycle_prompt])} if need_cycle else {})},
         )  # fmt: skip
         objective = MaskObjective(base, loras, data, cfg, roles)
@@ -381,7 +407,8 @@ def train_masks(
             masks=masks, history=history, initial=initial, final=final, num_trainable=loras.num_trainable,
             seconds=time.perf_counter() - t0, roles=roles, priors=priors_source, skipped=list(loras.skipped),
             config={**asdict(cfg), "cycle_prompt": cycle_prompt if need_cycle else None},
-            prompts={"content": content_prompt, "style": style_prompt, **({"cycle": cycle_prompt} if need_cycle else {})},
+            prompts={"content": content_prompt, "style": style_prompt,
+                     **({"cycle": cycle_prompt} if need_cycle else {})},
             device=str(accelerator.device), num_processes=accelerator.num_processes,
             is_main_process=accelerator.is_main_process,
         )  # fmt: skip
@@ -393,9 +420,22 @@ def train_masks(
             loras.detach()
 
 
+def check_precision(mixed_precision: str, device: torch.device | str) -> None:
+    """fp16 autocast needs a GPU (accelerate would silently train in fp32 on CPU); bf16 works on both."""
+    if mixed_precision == "fp16" and torch.device(device).type == "cpu":
+        raise UsageError("--mixed-precision fp16 needs a GPU (--device cuda); on CPU use bf16 or no")
+
+
 def _accelerator(cfg: TrainConfig, base: BaseModel):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # accelerate keeps one process-wide state; a second run in the same process (API use, tests, the
+    # benchmark) with another precision must start from a fresh one.  The distributed (partial) state —
+    # the processes `accelerate launch` started — is kept.
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    check_precision(cfg.mixed_precision, base.device)
     try:
         return Accelerator(mixed_precision=cfg.mixed_precision, cpu=base.device.type == "cpu")
     except (ValueError, RuntimeError) as exc:

@@ -47,10 +47,6 @@ class DuoLoRA(PairMaskStrategy):
         self._priors_arch: object = ()
         self._roles: dict[str, int] = {}
 
-    def prepare(self, inputs, context) -> None:
-        super().prepare(inputs, context)
-        self._priors = self._load(context.get("arch"))
-
     def _load(self, arch: str | None) -> LayerPriors:
         spec = self.priors
         self._priors_arch = arch

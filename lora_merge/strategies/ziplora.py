@@ -44,6 +44,7 @@ class PairMaskStrategy(MergeStrategy):
         self._loss: dict[str, dict[str, float]] = {}
         self._blocks: dict[str, dict[str, float]] = {}
         self._masks: dict[str, torch.Tensor] = {}
+        self._pre: dict[str, tuple] = {}
 
     # ---- hooks for subclasses
     def axis_for(self, ctx: LayerContext) -> str:
@@ -55,30 +56,77 @@ class PairMaskStrategy(MergeStrategy):
 
     # ---- engine hooks
     def prepare(self, inputs, context) -> None:
+        """Resolve the input model and, when the engine tells the plan, solve every layer up front so the
+        Adam refinement runs vectorized over all layers (:func:`lora_merge.masks.refine_many`).
+        :meth:`merge_layer` uses a precomputed answer only if its inputs match what was precomputed."""
         self._reset()
         self._model = resolve_input_model(self.input_model, self.stats)
+        plan = context.get("plan")
+        if not plan or "weights" not in context:
+            return
+        from ..engine import _layer_inputs  # the engine's own construction of LayerInputs
+        from ..patterns import compile_pattern
+        from ..arch import resolution_of, sub_block_of
+
+        arch, dev = context.get("arch"), context.get("device") or torch.device("cpu")
+        setups = []
+        for idx, name in enumerate(plan):
+            shape_mod = next(ad.modules[name] for ad in inputs if name in ad.modules)
+            coeffs = list(context["weights"])
+            for pattern, vals in context.get("layer_weights") or ():
+                if compile_pattern(pattern).search(name):
+                    coeffs = [c * v for c, v in zip(coeffs, vals)]
+            ctx = LayerContext(name=name, index=idx, block=sub_block_of(name), resolution=resolution_of(name, arch),
+                               arch=arch, kind=shape_mod.kind, weight_shape=shape_mod.weight_shape,
+                               seed=int(context.get("seed", 0)), device=torch.device(dev))  # fmt: skip
+            layer_in = _layer_inputs(inputs, name, shape_mod, coeffs, ctx.device)
+            st = self._setup(layer_in, ctx)
+            z, t_init, t_cf = M.start(st["problem"], st["init"], self.closed_form)
+            setups.append((name, self._key(layer_in), st, z, t_init, t_cf))
+        refined = M.refine_many([x[2]["problem"] for x in setups], [x[3] for x in setups], self.steps, self.lr)
+        for (name, key, st, _z, t_init, t_cf), (z, best_t) in zip(setups, refined):
+            self._pre[name] = (key, M.finish(st["problem"], z, best_t, t_init, t_cf), st["extra"])
 
     def input_model_obj(self) -> InputModel:
         if self._model is None:
             self._model = resolve_input_model(self.input_model, self.stats)
         return self._model
 
-    def merge_layer(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> LayerResult:
+    @staticmethod
+    def _key(inputs: Sequence[LayerInput]) -> tuple:
+        return tuple((x.present, float(x.coeff), tuple(x.up.shape), tuple(x.down.shape)) for x in inputs)
+
+    @staticmethod
+    def _factors(inputs: Sequence[LayerInput]):
         c, s = inputs
         ac, as_ = c.down * c.coeff, s.down * s.coeff
         if not c.present or c.coeff == 0:
             ac = c.down.new_zeros(0, c.down.shape[1])
         if not s.present or s.coeff == 0:
             as_ = s.down.new_zeros(0, s.down.shape[1])
-        bc = c.up[:, : ac.shape[0]]
-        bs = s.up[:, : as_.shape[0]]
+        return c.up[:, : ac.shape[0]], ac, s.up[:, : as_.shape[0]], as_
+
+    def _setup(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> dict:
+        bc, ac, bs, as_ = self._factors(inputs)
         axis = self.axis_for(ctx)
         weights, init, extra = self.layer_setup(ctx, ac.shape[0], as_.shape[0])
         problem = M.build_problem(axis, bc, ac, bs, as_, self.input_model_obj(), ctx.name, **weights)
-        sol = M.solve(problem, init, closed_form=self.closed_form, steps=self.steps, lr=self.lr)
+        return {"axis": axis, "problem": problem, "init": init, "extra": extra}
+
+    def merge_layer(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> LayerResult:
+        bc, ac, bs, as_ = self._factors(inputs)
+        axis = self.axis_for(ctx)
+        pre = self._pre.pop(ctx.name, None)
+        if pre is not None and pre[0] == self._key(inputs):
+            sol, extra = pre[1], pre[2]
+            n_values = (sol.mask_c.numel() + sol.mask_s.numel())
+        else:
+            st = self._setup(inputs, ctx)
+            sol = M.solve(st["problem"], st["init"], closed_form=self.closed_form, steps=self.steps, lr=self.lr)
+            extra, n_values = st["extra"], st["problem"].num_values
         up, down = M.fold_pair(axis, bc, ac, bs, as_, sol.mask_c.to(ac.device), sol.mask_s.to(ac.device))
-        self._record(ctx, problem, sol)
-        info: dict[str, Any] = {"mask_axis": axis, "trainable_values": problem.num_values, **extra}
+        self._record(ctx, n_values, sol)
+        info: dict[str, Any] = {"mask_axis": axis, "trainable_values": n_values, **extra}
         if sol.mask_c.numel() + sol.mask_s.numel() <= MAX_MASK_IN_INFO:
             info["mask_content"] = [round(float(x), 6) for x in sol.mask_c]
             info["mask_style"] = [round(float(x), 6) for x in sol.mask_s]
@@ -91,8 +139,8 @@ class PairMaskStrategy(MergeStrategy):
         info["best_step"] = sol.best_step
         return LayerResult(up=up, down=down, info=info)
 
-    def _record(self, ctx: LayerContext, problem: M.MaskProblem, sol: M.Solution) -> None:
-        self._trainable += problem.num_values
+    def _record(self, ctx: LayerContext, n_values: int, sol: M.Solution) -> None:
+        self._trainable += n_values
         self._layers += 1
         for stage, t in (("init", sol.init), ("closed_form", sol.closed_form), ("final", sol.final)):
             if t is None:

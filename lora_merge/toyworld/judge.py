@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,7 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     k = torch.arange(-1, 2, dtype=x.dtype)
     w = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None].clamp_min(1e-3) ** 2))
     w = w / w.sum(1, keepdim=True)  # (N, 3)
-    n, c, h, wd = x.shape
+    _n, _c, h, wd = x.shape
     xp = F.pad(x, (1, 1, 1, 1), mode="replicate")
     # separable: rows then columns, per-sample kernels
     rows = sum(w[:, i, None, None, None] * xp[:, :, :, i : i + wd] for i in range(3))
@@ -90,7 +90,7 @@ def _ragged(x: torch.Tensor, p: torch.Tensor, g: torch.Generator) -> torch.Tenso
 
 def augment(x: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> torch.Tensor:
     n = x.shape[0]
-    r = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    r = lambda *s: torch.rand(*s, generator=g)
     shift = torch.randint(-1, 2, (2,), generator=g).tolist()
     x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(2, 3))
     x = _ragged(x, strength * 0.25 * r(n), g)

@@ -10,7 +10,7 @@ content and style concepts the bundled LoRAs learn.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -139,16 +139,16 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "CONTENT_WORD",
     "IMAGE_SIZE",
     "SEEN_SHAPES",
     "SEEN_STYLES",
     "SHAPES",
     "STYLES",
-    "CONTENT_WORD",
     "STYLE_WORD",
-    "render",
-    "render_batch",
     "caption",
     "parse_prompt",
+    "render",
+    "render_batch",
     "seed_for",
 ]

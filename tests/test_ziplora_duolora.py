@@ -1,0 +1,301 @@
+"""``ziplora`` and ``duolora`` through the strategy interface and the engine."""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import lora_merge as lm
+from lora_merge.adapter import Adapter, LoraModule
+from lora_merge.fidelity import evaluate, retention
+from lora_merge.strategies import LayerContext, LayerInput, get_strategy
+
+from conftest import REPO, shared_fixture
+
+BLOCKS = ["unet.down_blocks.1.attentions.0", "unet.down_blocks.2.attentions.0", "unet.mid_block.attentions.0",
+          "unet.up_blocks.0.attentions.1", "unet.up_blocks.1.attentions.2"]  # fmt: skip
+
+
+def _pair(overlap: float, layers: int = 10, d_out: int = 48, d_in: int = 64, r: int = 8, seed: int = 0):
+    """Two adapters whose input directions share ``overlap`` of the style LoRA's rank."""
+    g = torch.Generator().manual_seed(seed)
+    c, s = Adapter(dialect="diffusers"), Adapter(dialect="diffusers")
+    k = int(round(r * overlap))
+    for i in range(layers):
+        name = f"{BLOCKS[i % len(BLOCKS)]}.transformer_blocks.{i}.attn1.to_q"
+        basis = torch.linalg.qr(torch.randn(d_in, 2 * r, generator=g))[0].T
+        ac = torch.randn(r, r, generator=g) @ basis[:r]
+        as_ = torch.randn(r, r, generator=g) @ torch.cat([basis[:k], basis[r:2 * r - k]])
+        c.modules[name] = LoraModule.from_tensors(name, ac, torch.randn(d_out, r, generator=g) * 0.1, alpha=r / 2)
+        s.modules[name] = LoraModule.from_tensors(name, as_, torch.randn(d_out, r, generator=g) * 0.1, alpha=r)
+    return c, s
+
+
+def _merge(c, s, strategy, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lm.merge([c, s], None, strategy=strategy, arch=kw.pop("arch", "sdxl"), **kw).adapter
+
+
+def test_registered_with_two_inputs_and_their_parameters():
+    z, d = get_strategy("ziplora"), get_strategy("duolora")
+    assert z.min_inputs == z.max_inputs == d.min_inputs == d.max_inputs == 2
+    zp = {p["name"]: p for p in z.describe()["params"]}
+    dp = {p["name"]: p for p in d.describe()["params"]}
+    assert zp["axis"]["default"] == "out" and zp["lambda_sim"]["default"] == 0.01
+    assert dp["lambda_prior"]["default"] == 0.1 and dp["lambda_cycle"]["default"] == 0.01 and dp["lr"]["default"] == 0.01
+    assert zp["input_model"]["choices"] == ["subspace", "identity", "stats"]
+    with pytest.raises(lm.UsageError, match="takes 2"):
+        lm.merge([_pair(0)[0]], None, strategy="ziplora")
+
+
+@pytest.mark.parametrize("strategy,params", [
+    ("ziplora", {"closed_form": False, "steps": 0}),
+    ("ziplora", {"closed_form": False, "steps": 0, "axis": "in"}),
+    ("duolora", {"closed_form": False, "steps": 0, "prior_init": False}),
+])  # fmt: skip
+def test_all_ones_masks_reproduce_the_direct_merge(strategy, params):
+    c, s = _pair(0.5, layers=3)
+    lin = _merge(c, s, "linear", weights=[0.8, 1.2])
+    out = _merge(c, s, strategy, weights=[0.8, 1.2], params=params)
+    for name, m in lin.modules.items():
+        torch.testing.assert_close(out[name].delta(), m.delta(), rtol=1e-5, atol=1e-6)
+        assert out[name].rank == m.rank == 16 and out[name].alpha == 16  # scale folded, alpha = rank
+
+
+@pytest.mark.parametrize("strategy", ["ziplora", "duolora"])
+def test_orthogonal_inputs_keep_both_loras(strategy):
+    c, s = _pair(0.0, layers=5)
+    res = evaluate(c, s, _merge(c, s, strategy))
+    assert res["mean"]["content"] > 0.98 and res["mean"]["style"] > 0.98
+    lin = evaluate(c, s, _merge(c, s, "linear"))
+    assert lin["mean"]["joint"] == pytest.approx(1.0, abs=1e-5)
+
+
+def _tensor_bytes(path):
+    """Every tensor's bytes and the metadata (safetensors orders the metadata of the header arbitrarily,
+    so the file bytes themselves can differ between two identical writes)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
+
+
+@pytest.mark.parametrize("strategy,params", [("ziplora", {}), ("ziplora", {"axis": "in", "steps": 20}),
+                                             ("duolora", {"closed_form": False, "steps": 30})])  # fmt: skip
+def test_same_seed_same_bytes(strategy, params, tmp_path):
+    c, s = _pair(0.5, layers=4)
+    paths = []
+    for i, seed in enumerate([3, 3, 4]):
+        p = tmp_path / f"{i}.safetensors"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lm.merge([c, s], p, strategy=strategy, params=dict(params), seed=seed, arch="sdxl")
+        paths.append(_tensor_bytes(p))
+    assert paths[0] == paths[1]
+    if strategy == "duolora":  # the prior initialization is a seeded draw
+        assert paths[0] != paths[2]
+
+
+def _joint_table(c, s, strategies):
+    rows = {}
+    for label, strategy, weights, params in strategies:
+        rows[label] = evaluate(c, s, _merge(c, s, strategy, weights=weights, params=params))["mean"]["joint"]
+    return rows
+
+
+COMPARE = [("linear 1,1", "linear", [1, 1], {}), ("linear .5,.5", "linear", [0.5, 0.5], {}),
+           ("ziplora", "ziplora", None, {}), ("duolora", "duolora", None, {})]  # fmt: skip
+
+
+def test_half_overlapping_pair_beats_linear_on_joint_retention():
+    c, s = _pair(0.5, layers=10)
+    j = _joint_table(c, s, COMPARE)
+    for ours in ("ziplora", "duolora"):
+        assert j[ours] >= j["linear 1,1"] and j[ours] >= j["linear .5,.5"], j
+
+
+def test_real_sd15_style_pair_beats_linear_on_joint_retention():
+    c = lm.load(shared_fixture("sd15/pokemon_style.safetensors"))
+    s = lm.load(shared_fixture("sd15/rick_and_morty_style.safetensors"))
+    j = _joint_table(c, s, COMPARE)
+    for ours in ("ziplora", "duolora"):
+        assert j[ours] >= j["linear 1,1"] and j[ours] >= j["linear .5,.5"], j
+
+
+def test_missing_module_and_unequal_ranks():
+    c, s = _pair(0.5, layers=2)
+    name = next(iter(s.modules))
+    del s.modules[name]
+    other = list(c.modules)[1]
+    b, a = s.modules[other].factors()
+    s.modules[other] = LoraModule.from_tensors(other, a[:5], b[:, :5], alpha=5.0)
+    for strategy in ("ziplora", "duolora"):
+        out = _merge(c, s, strategy)
+        torch.testing.assert_close(out[name].delta(), c[name].delta(), rtol=1e-3, atol=1e-5)  # only content there
+        assert out[other].rank == 13
+
+
+def test_duolora_layer_priors_roles_and_ablation_switches(tmp_path):
+    c, s = _pair(0.5, layers=5)
+    rep = tmp_path / "r.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm.merge([c, s], None, strategy="duolora", arch="sdxl", report_path=rep)
+    data = json.loads(rep.read_text())
+    roles = {n: info["role"] for n, info in data["layers"].items()}
+    assert roles["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"] == "style"
+    assert roles["unet.mid_block.attentions.0.transformer_blocks.2.attn1.to_q"] == "content"
+    assert roles["unet.up_blocks.0.attentions.1.transformer_blocks.3.attn1.to_q"] == "content"
+    assert data["strategy"]["priors"]["layers_by_role"] == {"content": 3, "style": 2}
+    layer = data["layers"]["unet.mid_block.attentions.0.transformer_blocks.2.attn1.to_q"]
+    assert len(layer["mask_content"]) == 8 and "retention" in layer and layer["loss"]["final"]["prior"] > 0
+    # b-lora preset: only up_blocks.0.attentions.{0,1} get a role
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = lm.merge([c, s], None, strategy="duolora", params={"priors": "b-lora"}, arch="sdxl")
+    assert {i["role"] for i in res.report["layers"].values()} == {"neutral", "style"}
+    # the ablation: every term can be switched off; with all off duolora = the plain ZipRank closed form
+    off = {"lambda_prior": 0.0, "lambda_cycle": 0.0, "lambda_sim": 0.0, "prior_init": False}
+    res = lm.merge([c, s], None, strategy="duolora", params=off, arch="sdxl")
+    for info in res.report["layers"].values():
+        assert info["loss"]["final"]["total"] == pytest.approx(
+            info["loss"]["final"]["recon_content"] + info["loss"]["final"]["recon_style"])
+    # unknown architecture: a warning, not a silent fallback
+    with pytest.warns(UserWarning, match="architecture is unknown"):
+        lm.merge([c, s], None, strategy="duolora", arch=None)
+    with pytest.raises(lm.UsageError, match="no layer priors"):
+        lm.merge([c, s], None, strategy="duolora", params={"priors": "nonsense"}, arch="sdxl")
+
+
+def test_report_counts_masks_and_loss_terms(tmp_path):
+    c, s = _pair(0.5, layers=5)
+    rep = tmp_path / "r.json"
+    lm.merge([c, s], None, strategy="ziplora", arch="sdxl", report_path=rep)
+    data = json.loads(rep.read_text())["strategy"]
+    assert data["trainable_values"] == 5 * 2 * 48 and data["layers"] == 5
+    assert set(data["loss_mean"]) == {"init", "closed_form", "final"}
+    assert data["loss_mean"]["final"]["total"] <= data["loss_mean"]["init"]["total"]
+    assert set(data["blocks"]) == {b.removeprefix("unet.") for b in BLOCKS}
+
+
+def test_strategy_runs_without_the_engine_on_hand_made_inputs():
+    g = torch.Generator().manual_seed(0)
+    c = LayerInput(torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g), 0.5, 1.0)
+    s = LayerInput(torch.randn(6, 3, generator=g), torch.randn(3, 5, generator=g), 1.0, 1.0)
+    ctx = LayerContext(name="unet.up_blocks.0.attentions.0.x.to_q", index=0, block="unet.up_blocks.0.attentions.0",
+                       arch="sdxl")  # fmt: skip
+    for name in ("ziplora", "duolora"):
+        strat = get_strategy(name)()
+        res = strat.merge_layer([c, s], ctx)
+        assert res.up.shape == (6, 5) and res.down.shape == (5, 5)
+        r = retention(res.up, res.down, c, s)
+        assert -1 < r["content"] <= 1 and -1 < r["style"] <= 1
+        assert strat.report()["trainable_values"] == (12 if name == "ziplora" else 5)
+
+
+# ---------------------------------------------------------------- the SDXL attention layout
+
+
+def test_trainable_value_counts_on_the_sdxl_attention_layout(tmp_path):
+    pytest.importorskip("diffusers")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from sdxl_pair import sdxl_attention_layout
+
+    layout = sdxl_attention_layout()
+    assert len(layout) == 560
+    c, s = Adapter(dialect="diffusers"), Adapter(dialect="diffusers")
+    for name, (d_out, d_in) in layout.items():  # zero factors: the counts need the shapes only
+        c.modules[name] = LoraModule.from_tensors(name, torch.zeros(64, d_in), torch.zeros(d_out, 64))
+        s.modules[name] = LoraModule.from_tensors(name, torch.zeros(64, d_in), torch.zeros(d_out, 64))
+    fast = {"steps": 0, "closed_form": False}
+    counts = {}
+    for strategy in ("ziplora", "duolora"):
+        rep = tmp_path / f"{strategy}.json"
+        lm.merge([c, s], None, strategy=strategy, params=dict(fast), arch="sdxl", report_path=rep)
+        counts[strategy] = json.loads(rep.read_text())["strategy"]["trainable_values"]
+    assert counts == {"ziplora": 1_331_200, "duolora": 71_680}
+
+
+# ---------------------------------------------------------------- loaders read the output
+
+
+def _tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
+    ).eval()  # fmt: skip
+
+
+def _unet_lora(unet, seed, r):
+    g = torch.Generator().manual_seed(seed)
+    ad = Adapter(dialect="diffusers")
+    for n, mod in unet.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".attn" in n and n.endswith(("to_q", "to_k", "to_v", "to_out.0")):
+            ad.modules["unet." + n] = LoraModule.from_tensors(
+                "unet." + n, torch.randn(r, mod.in_features, generator=g) * 0.3,
+                torch.randn(mod.out_features, r, generator=g) * 0.3, alpha=r / 2)  # fmt: skip
+    return ad
+
+
+@pytest.mark.parametrize("strategy", ["ziplora", "duolora"])
+def test_diffusers_loads_the_output(strategy, tmp_path):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    base = _tiny_unet()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    a = lm.save(_unet_lora(base, 1, 4), tmp_path / "a.safetensors", to="diffusers")
+    b = lm.save(_unet_lora(base, 2, 4), tmp_path / "b.safetensors", to="diffusers")
+    res = lm.merge([a, b], tmp_path / "m.safetensors", strategy=strategy, to="diffusers", arch="sdxl")
+    merged = lm.load(res.output)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unet = _tiny_unet()
+        unet.load_state_dict(state)
+        unet.load_lora_adapter(str(res.output), prefix="unet", adapter_name="m")
+    from peft.tuners.lora import LoraLayer
+
+    seen = 0
+    for n, mod in unet.named_modules():
+        if isinstance(mod, LoraLayer):
+            torch.testing.assert_close(mod.get_delta_weight("m"), merged["unet." + n].delta(), rtol=1e-5, atol=1e-6)
+            seen += 1
+    assert seen == len(merged.modules) > 0
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.ModuleDict({"q": torch.nn.Linear(8, 8), "v": torch.nn.Linear(8, 6)}) for _ in range(2))
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk["q"](x)
+        return self.blocks[-1]["v"](x)
+
+
+@pytest.mark.parametrize("strategy", ["ziplora", "duolora"])
+def test_peft_loads_the_output_when_the_inputs_were_peft(strategy, tmp_path):
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora import LoraLayer
+
+    for i, r in enumerate((4, 2)):
+        torch.manual_seed(10 + i)
+        cfg = peft.LoraConfig(target_modules=["q", "v"], init_lora_weights=False, r=r, lora_alpha=2 * r)
+        peft.get_peft_model(_Tiny(), cfg).save_pretrained(tmp_path / f"in{i}")
+    res = lm.merge([tmp_path / "in0", tmp_path / "in1"], tmp_path / "out", strategy=strategy)
+    merged = lm.load(res.output)
+    pm = peft.PeftModel.from_pretrained(_Tiny(), str(res.output))
+    layers = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if isinstance(m, LoraLayer)}
+    assert set(layers) == set(merged.modules)
+    for name, layer in layers.items():
+        torch.testing.assert_close(layer.get_delta_weight("default"), merged[name].delta(), rtol=1e-5, atol=1e-6)
