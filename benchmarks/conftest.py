@@ -142,3 +142,12 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("ratios (median, ours / baseline, same run)")
     for group, ours, base in rows:
         terminalreporter.write_line(f"{group:<40} {ours * 1e3:10.2f} ms / {base * 1e3:10.2f} ms = {ours / base:6.2f}x")
+
+
+# ---- merge benchmarks (issue 3) ----
+@pytest.fixture(scope="session")
+def sdxl_merge_pair(tmp_path_factory, sdxl_layers) -> tuple[Path, Path]:
+    """Two synthetic SDXL attention LoRAs (560 layers, rank 64, fp16, kohya SGM keys; alpha 32 and 64)."""
+    d = tmp_path_factory.mktemp("sdxl_pair")
+    return (write_kohya_lora(d / "a_r64.safetensors", sdxl_layers, 64, 32.0, seed=1),
+            write_kohya_lora(d / "b_r64.safetensors", sdxl_layers, 64, 64.0, seed=2))  # fmt: skip

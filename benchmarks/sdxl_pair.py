@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import torch
 
-SDXL_UNET_CONFIG = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-)  # fmt: skip
+SDXL_UNET_CONFIG = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280), "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10), "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}  # fmt: skip  (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json)
 ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -36,7 +37,7 @@ def synthetic_pair(layout: dict[str, tuple[int, int]], rank: int = 64, overlap: 
 
     g = torch.Generator().manual_seed(seed)
     content, style = Adapter(dialect="diffusers"), Adapter(dialect="diffusers")
-    k = int(round(rank * overlap))
+    k = round(rank * overlap)
     for name, (d_out, d_in) in layout.items():
         r = min(rank, d_in)
         ac = torch.randn(r, d_in, generator=g) / d_in**0.5

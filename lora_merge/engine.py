@@ -6,6 +6,7 @@ over-rank results, the output metadata and the write.  Layers are processed one 
 input's factors for a layer are loaded, merged and dropped, so peak memory stays near one layer plus
 the output.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,9 +14,10 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -26,13 +28,20 @@ from .errors import MergeError, MissingModuleWarning, OutputExistsError, UsageEr
 from .patterns import compile_pattern
 from .strategies import LayerContext, LayerInput, LayerResult, MergeStrategy, get_strategy
 
-__all__ = ["MergeResult", "merge", "parse_dtype", "parse_layer_weight", "input_sha256"]
+__all__ = ["MergeResult", "input_sha256", "merge", "parse_dtype", "parse_layer_weight"]
 
 _DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32, "f32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "f16": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}  # fmt: skip
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "f32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "f16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 @dataclass
@@ -114,8 +123,14 @@ def _check_output(output: Path, input_paths: list[Path | None], force: bool) -> 
         if p is None:
             continue
         src = p.resolve()
-        if out == src or (src.is_dir() and src in out.parents) or (out.exists() and out.is_dir() and out in src.parents):
-            raise OutputExistsError("refusing to write over an input of the merge (even with --force)", output)
+        if (
+            out == src
+            or (src.is_dir() and src in out.parents)
+            or (out.exists() and out.is_dir() and out in src.parents)
+        ):
+            raise OutputExistsError(
+                "refusing to write over an input of the merge (even with --force)", output
+            )
     if output.exists() and not force:
         raise OutputExistsError("output exists; pass --force to overwrite it", output)
 
@@ -170,7 +185,8 @@ def _plan(adapters: list[Adapter], names: list[str]) -> list[str]:
         if missing and len(adapters) > 1:
             warnings.warn(
                 MissingModuleWarning(
-                    f"{len(missing)} of {len(plan)} merged module(s) are absent from input {i + 1} ({names[i]}),"
+                    f"{len(missing)} of {len(plan)} merged module(s) are absent from input {i + 1} "
+                    f"({names[i]}),"
                     f" e.g. {missing[0]}; treated as zero updates"
                 ),
                 stacklevel=3,
@@ -207,14 +223,17 @@ def _merge_extras(adapters: list[Adapter], names: list[str], keep_from: int | No
                 out[key] = TensorRef.from_tensor(adapters[keep_from].extra_tensors[key].load(), key)
         else:
             i, ref = differs
-            what = (f"{_shape(ref0.shape)} in input {i0 + 1} vs {_shape(ref.shape)} in input {i + 1}"
-                    if ref.shape != ref0.shape else f"same shape {_shape(ref.shape)}, different values in inputs "
-                    f"{i0 + 1} and {i + 1}")  # fmt: skip
+            what = (
+                f"{_shape(ref0.shape)} in input {i0 + 1} vs {_shape(ref.shape)} in input {i + 1}"
+                if ref.shape != ref0.shape
+                else f"same shape {_shape(ref.shape)}, different values in inputs {i0 + 1} and {i + 1}"
+            )
             conflicts.append(f"{key} ({what})")
     if conflicts:
         listed = ", ".join(f"{i + 1}={nm}" for i, nm in enumerate(names))
         raise MergeError(
-            f"the inputs' non-LoRA tensors (PEFT modules_to_save, e.g. classifier heads) conflict (inputs {listed}): "
+            "the inputs' non-LoRA tensors (PEFT modules_to_save, e.g. classifier heads) conflict "
+            f"(inputs {listed}): "
             + "; ".join(conflicts[:3])
             + (f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else "")
             + "; pick one input's with --keep-heads-from N (keep_extra_from=N-1)"
@@ -230,7 +249,9 @@ def _layer_inputs(adapters, name, shape_mod: LoraModule, coeffs: list[float], de
         m = ad.modules.get(name)
         if m is None:
             z = torch.zeros
-            res.append(LayerInput(z(d_out, 0, device=device), z(0, d_in, device=device), 0.0, w, present=False))
+            res.append(
+                LayerInput(z(d_out, 0, device=device), z(0, d_in, device=device), 0.0, w, present=False)
+            )
             continue
         b, a = m.factors(torch.float32, device)
         res.append(LayerInput(up=b, down=a, scale=m.scale, weight=w))
@@ -262,12 +283,11 @@ def _to_module(name: str, shape_mod: LoraModule, up, down, dtype: torch.dtype) -
     return LoraModule.from_tensors(name, down, up, alpha=float(k))
 
 
-def _retention(up, down, inputs: list[LayerInput]) -> dict | None:
-    try:
-        from .fidelity import retention
-    except ImportError:  # pragma: no cover - fidelity.py is written by another helper
-        return None
-    return retention(up, down, inputs[0], inputs[1], input_model="subspace")
+def _retention(up, down, inputs: list[LayerInput], name: str) -> dict:
+    """How much of input 1 (content) and input 2 (style) the merged layer keeps (fidelity.py)."""
+    from .fidelity import retention
+
+    return retention(up, down, inputs[0], inputs[1], input_model="subspace", module=name)
 
 
 def _progress(enabled: bool, total: int):
@@ -277,9 +297,14 @@ def _progress(enabled: bool, total: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     prog = Progress(
-        TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=Console(stderr=True), transient=True,
-    )  # fmt: skip
+        TextColumn("merging"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=Console(stderr=True),
+        transient=True,
+    )
     return prog
 
 
@@ -348,6 +373,10 @@ def merge(
     paths = _input_paths(inputs, adapters)
     if out_path is not None:
         _check_output(out_path, paths, force)
+        if hasattr(strat, "mask_tensors") and mask_sidecar_path(out_path).exists() and not force:
+            raise OutputExistsError(
+                "mask sidecar exists (use --force to overwrite)", mask_sidecar_path(out_path)
+            )
     names = [os.fspath(p) if p is not None else ad.display_name for p, ad in zip(paths, adapters)]
     plan = _plan(adapters, names)
     if not plan:
@@ -374,9 +403,17 @@ def merge(
     }
     strat.prepare(
         adapters,
-        {"arch": the_arch, "seed": int(seed), "device": dev, "weights": w, "layer_weights": lw, "rank": rank,
-         "names": names, "plan": plan},
-    )  # fmt: skip
+        {
+            "arch": the_arch,
+            "seed": int(seed),
+            "device": dev,
+            "weights": w,
+            "layer_weights": lw,
+            "rank": rank,
+            "names": names,
+            "plan": plan,
+        },
+    )
     want_retention = report_path is not None and n == 2
     merged = Adapter(dialect=adapters[0].dialect, dialect_variant=None, config=_out_config(adapters[0]))
     layer_info: dict[str, dict] = {}
@@ -392,11 +429,18 @@ def merge(
                 if compile_pattern(pattern).search(name):
                     coeffs = [c * v for c, v in zip(coeffs, vals)]
             ctx = LayerContext(
-                name=name, index=idx, block=arch_mod.sub_block_of(name),
-                resolution=arch_mod.resolution_of(name, the_arch), arch=the_arch, kind=shape_mod.kind,
-                weight_shape=shape_mod.weight_shape, seed=int(seed), device=dev, dtype=torch.float32,
+                name=name,
+                index=idx,
+                block=arch_mod.sub_block_of(name),
+                resolution=arch_mod.resolution_of(name, the_arch),
+                arch=the_arch,
+                kind=shape_mod.kind,
+                weight_shape=shape_mod.weight_shape,
+                seed=int(seed),
+                device=dev,
+                dtype=torch.float32,
                 extra={"rank": rank, "input_names": names},
-            )  # fmt: skip
+            )
             layer_in = _layer_inputs(adapters, name, shape_mod, coeffs, dev)
             result = strat.merge_layer(layer_in, ctx)
             if not isinstance(result, LayerResult):
@@ -406,9 +450,7 @@ def merge(
             if refactored:
                 info["refactored"] = True
             if want_retention:
-                ret = _retention(up, down, layer_in)
-                if ret is not None:
-                    info["retention"] = ret
+                info["retention"] = _retention(up, down, layer_in, name)
             layer_info[name] = info
             merged.modules[name] = _to_module(name, shape_mod, up, down, out_dtype)
             del layer_in, result, up, down
@@ -426,6 +468,7 @@ def merge(
 
         written = save(merged, out_path, to=to, dtype=out_dtype, force=force)
         merged.source = Path(written)
+        _write_mask_sidecar(strat, Path(written), recipe)
     if report_path is not None:
         _write_json(Path(report_path), report)
     return MergeResult(adapter=merged, report=report, output=Path(written) if written is not None else None)
@@ -452,6 +495,28 @@ def _metadata(merged: Adapter, recipe: dict, names: list[str]) -> dict[str, str]
         "ss_network_alpha": dim,  # alpha = rank per module (scale 1): the strength lives in the factors
         "modelspec.merged_from": ", ".join(Path(nm).name for nm in names),
     }
+
+
+def mask_sidecar_path(output: str | os.PathLike) -> Path:
+    """Where a mask strategy's masks go: ``<output>.masks.safetensors`` next to the output (file or folder)."""
+    out = Path(output)
+    return out.with_name(out.name + ".masks.safetensors")
+
+
+def _write_mask_sidecar(strat: MergeStrategy, written: Path, recipe: dict) -> None:
+    """Additive hook: a strategy with ``mask_tensors() -> {key: tensor}`` (ziplora, duolora) gets its masks
+    saved next to the output, so the merge can be inspected or re-applied later."""
+    get = getattr(strat, "mask_tensors", None)
+    tensors = get() if callable(get) else None
+    if not tensors:
+        return
+    from safetensors.torch import save_file
+
+    path = mask_sidecar_path(written)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    md = {"lora_merge.recipe": json.dumps(recipe), "lora_merge.masks_of": written.name}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.fspath(tmp), metadata=md)
+    os.replace(tmp, path)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -67,9 +67,10 @@ class InputModel:
 
     name: str = ""
 
-    def grams(self, module: str, q: torch.Tensor, rc: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Q Σ_c Qᵀ, Q Σ_s Qᵀ)`` in fp64 for ``Q = [Â_c; Â_s]`` (the first ``rc`` rows are the content's)."""
-        lc, ls = self.factors(module, q[:rc], q[rc:])
+    def grams(self, module: str, down_c: torch.Tensor, down_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q Σ_c Qᵀ, Q Σ_s Qᵀ)`` in fp64 for ``Q = [Â_c; Â_s]`` (the content's rows first)."""
+        lc, ls = self.factors(module, down_c, down_s)
+        q = torch.cat([down_c, down_s], 0)
         return gram(q, q, lc).double(), gram(q, q, ls).double()
 
     def factors(
@@ -79,6 +80,12 @@ class InputModel:
 
     def describe(self) -> dict:
         return {"input_model": self.name}
+
+
+def _stacked_gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[x; y][x; y]ᵀ`` in fp64 without concatenating the (wide) factors."""
+    xx, xy, yy = x @ x.T, x @ y.T, y @ y.T
+    return torch.cat([torch.cat([xx, xy], 1), torch.cat([xy.T, yy], 1)], 0).double()
 
 
 def _projected_gram(k: torch.Tensor, idx: slice, rtol: float = 1e-10) -> torch.Tensor:
@@ -105,8 +112,9 @@ def _projected_gram(k: torch.Tensor, idx: slice, rtol: float = 1e-10) -> torch.T
 class SubspaceModel(InputModel):
     name = "subspace"
 
-    def grams(self, module, q, rc):
-        k = (q.float() @ q.float().T).double()
+    def grams(self, module, down_c, down_s):
+        k = _stacked_gram(down_c, down_s)
+        rc = down_c.shape[0]
         return _projected_gram(k, slice(0, rc)), _projected_gram(k, slice(rc, k.shape[0]))
 
     def factors(self, module, content_down, style_down):
@@ -116,8 +124,8 @@ class SubspaceModel(InputModel):
 class IdentityModel(InputModel):
     name = "identity"
 
-    def grams(self, module, q, rc):
-        k = (q.float() @ q.float().T).double()
+    def grams(self, module, down_c, down_s):
+        k = _stacked_gram(down_c, down_s)
         return k, k
 
     def factors(self, module, content_down, style_down):
@@ -214,8 +222,8 @@ def load_stats(path: str | os.PathLike) -> StatsModel:
     try:
         with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
             md = dict(f.metadata() or {})
-            raw = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises several types for a malformed file
+            raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several (private) types for a bad file
         raise FormatError(f"not a safetensors stats file ({exc})", path) from None
     if md.get("format") != STATS_FORMAT:
         raise FormatError(f"metadata 'format' is {md.get('format')!r}, expected {STATS_FORMAT!r}", path)

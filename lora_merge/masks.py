@@ -361,9 +361,8 @@ def build_problem(
     rc, rs = int(down_c.shape[0]), int(down_s.shape[0])
     if rc == 0 or rs == 0:  # one LoRA is absent here: nothing to separate, only reconstruction is left
         weights = {**weights, "lambda_sim": 0.0, "lambda_prior": 0.0}
-    q = torch.cat([down_c, down_s], 0).float()
     ptp = _block_gram(up_c.float(), up_s.float())
-    gc, gs = input_model.grams(module, q, rc)
+    gc, gs = input_model.grams(module, down_c.float(), down_s.float())
     hc_r, hs_r = ptp * gc, ptp * gs
     ec = float(hc_r[:rc, :rc].sum()) if rc else 0.0
     es = float(hs_r[rc:, rc:].sum()) if rs else 0.0
@@ -379,8 +378,8 @@ def build_problem(
     lc, ls = input_model.factors(module, down_c, down_s)
     if lc is None and ls is None:
         blocks = _col_blocks(ac, as_, ptp, rc)
-        return MaskProblem(n=int(q.shape[1]), kind="blocks", hc=blocks, hs=blocks.copy(), **common)
-    d_in = int(q.shape[1])
+        return MaskProblem(n=int(down_c.shape[1]), kind="blocks", hc=blocks, hs=blocks.copy(), **common)
+    d_in = int(down_c.shape[1])
     eye = torch.eye(d_in, dtype=torch.float64)
     lc = eye if lc is None else lc.double()
     ls = eye if ls is None else ls.double()
@@ -490,7 +489,7 @@ def _refine_dense(ps: list[MaskProblem], zs: list[np.ndarray], steps: int, lr: f
     m1, m2 = np.zeros_like(z), np.zeros_like(z)
     best, best_f, best_t = z.copy(), np.full(len(ps), np.inf), np.zeros(len(ps), dtype=int)
     for t in range(1, steps + 2):
-        hz = np.matmul(h, z[..., None])[..., 0]
+        hz = np.einsum("lij,lj->li", h, z)  # the stacked mat-vec dominates; einsum beats matmul/bmm here
         g = 2.0 * (hz - b)
         f = (z * hz).sum(1) - 2.0 * (b * z).sum(1)
         mc, ms = z[:, :rc], z[:, rc:]
@@ -519,35 +518,66 @@ def _refine_dense(ps: list[MaskProblem], zs: list[np.ndarray], steps: int, lr: f
 
 
 def _refine_blocks(ps: list[MaskProblem], zs: list[np.ndarray], steps: int, lr: float):
+    """Adam on concatenated 2×2-block problems; columns kept as separate arrays and updated in place
+    (the arrays are large: one row per output dimension of every layer)."""
     sizes = [p.n for p in ps]
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     seg = np.repeat(np.arange(len(ps)), sizes)
     h = np.concatenate([p.htot() for p in ps])
-    h00, h01, h11 = h[:, 0, 0], 0.5 * (h[:, 0, 1] + h[:, 1, 0]), h[:, 1, 1]
+    h00, h01, h11 = h[:, 0, 0].copy(), 0.5 * (h[:, 0, 1] + h[:, 1, 0]), h[:, 1, 1].copy()
+    del h
     b = np.concatenate([p.rhs() for p in ps])
+    b0, b1_ = b[:, 0].copy(), b[:, 1].copy()
     z = np.concatenate(zs).astype(np.float64)
+    u, v = z[:, 0].copy(), z[:, 1].copy()
     wsim = np.repeat([p.lambda_sim / max(p.n, 1) for p in ps], sizes)
     nonempty = np.array(sizes) > 0
-    m1, m2 = np.zeros_like(z), np.zeros_like(z)
-    best, best_f, best_t = z.copy(), np.full(len(ps), np.inf), np.zeros(len(ps), dtype=int)
+    red_at = np.minimum(starts, max(len(u) - 1, 0))
+    mu, mv, su, sv = (np.zeros_like(u) for _ in range(4))
+    gu, gv, t1, t2 = (np.empty_like(u) for _ in range(4))
+    best_u, best_v = u.copy(), v.copy()
+    best_f, best_t = np.full(len(ps), np.inf), np.zeros(len(ps), dtype=int)
     for t in range(1, steps + 2):
-        hz0 = h00 * z[:, 0] + h01 * z[:, 1]
-        hz1 = h01 * z[:, 0] + h11 * z[:, 1]
-        prod = z[:, 0] * z[:, 1]
-        f_row = z[:, 0] * hz0 + z[:, 1] * hz1 - 2.0 * (b[:, 0] * z[:, 0] + b[:, 1] * z[:, 1]) + wsim * np.abs(prod)
-        sg = wsim * np.sign(prod)
-        g = np.stack([2.0 * (hz0 - b[:, 0]) + sg * z[:, 1], 2.0 * (hz1 - b[:, 1]) + sg * z[:, 0]], 1)
-        f = np.where(nonempty, np.add.reduceat(f_row, np.minimum(starts, max(len(f_row) - 1, 0))), 0.0)
+        np.multiply(h00, u, out=gu)
+        gu += h01 * v  # gu = (H z)_u
+        np.multiply(h11, v, out=gv)
+        gv += h01 * u  # gv = (H z)_v
+        np.multiply(u, v, out=t1)  # t1 = u·v
+        np.sign(t1, out=t2)
+        np.abs(t1, out=t1)
+        # f_row = z·Hz − 2 b·z + wsim·|uv|
+        f_row = u * gu + v * gv - 2.0 * (b0 * u + b1_ * v) + wsim * t1
+        t2 *= wsim
+        gu -= b0
+        gu *= 2.0
+        gu += t2 * v
+        gv -= b1_
+        gv *= 2.0
+        gv += t2 * u
+        f = np.where(nonempty, np.add.reduceat(f_row, red_at), 0.0) if len(u) else np.zeros(len(ps))
         better = f < best_f
-        rows = better[seg]
-        best[rows] = z[rows]
-        best_f[better], best_t[better] = f[better], t - 1
+        if better.any():
+            rows = better[seg]
+            best_u[rows], best_v[rows] = u[rows], v[rows]
+            best_f[better], best_t[better] = f[better], t - 1
         if t > steps:
             break
-        m1 = _B1 * m1 + (1 - _B1) * g
-        m2 = _B2 * m2 + (1 - _B2) * g * g
-        z = z - lr * (m1 / (1 - _B1**t)) / (np.sqrt(m2 / (1 - _B2**t)) + _EPS)
-    return [(best[s:s + n].copy(), int(best_t[i])) for i, (s, n) in enumerate(zip(starts, sizes))]
+        c1, c2 = lr / (1 - _B1**t), 1.0 / (1 - _B2**t)
+        for m, sq, g, x in ((mu, su, gu, u), (mv, sv, gv, v)):
+            m *= _B1
+            m += (1 - _B1) * g
+            sq *= _B2
+            g *= g
+            g *= 1 - _B2
+            sq += g
+            np.multiply(sq, c2, out=t1)
+            np.sqrt(t1, out=t1)
+            t1 += _EPS
+            np.divide(m, t1, out=t1)
+            t1 *= c1
+            x -= t1
+    return [(np.stack([best_u[s:s + n], best_v[s:s + n]], 1), int(best_t[i]))
+            for i, (s, n) in enumerate(zip(starts, sizes))]
 
 
 @dataclass

@@ -7,6 +7,7 @@ sub-block but not ``up_blocks.0.attentions.10``.  Glob characters are allowed in
 ``*`` matches any characters (dots included), ``?`` one character, ``[...]`` a set.  A pattern that
 starts with ``re:`` is a Python regular expression searched anywhere in the name.
 """
+
 from __future__ import annotations
 
 import re

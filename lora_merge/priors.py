@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Callable
 
 from .arch import BLOCK_RESOLUTIONS
 from .errors import FormatError, OutputExistsError, UsageError
@@ -109,7 +109,7 @@ class LayerPriors:
         return path
 
     @classmethod
-    def from_dict(cls, data: dict, where: str | os.PathLike | None = None) -> "LayerPriors":
+    def from_dict(cls, data: dict, where: str | os.PathLike | None = None) -> LayerPriors:
         if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
             raise FormatError("a priors file needs a 'rules' list", where)
         fmt = data.get("format", PRIORS_FORMAT)
@@ -134,7 +134,7 @@ class LayerPriors:
                    name=os.fspath(where) if where else "")  # fmt: skip
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "LayerPriors":
+    def from_file(cls, path: str | os.PathLike) -> LayerPriors:
         path = Path(path)
         if not path.is_file():
             raise UsageError("priors file not found", path)
@@ -146,7 +146,7 @@ class LayerPriors:
                 data = yaml.safe_load(text)
             else:
                 data = json.loads(text)
-        except Exception as exc:  # json/yaml errors
+        except Exception as exc:  # noqa: BLE001 - json and yaml parse errors
             raise FormatError(f"cannot parse priors file ({exc.__class__.__name__}: {exc})", path) from None
         return cls.from_dict(data, path)
 

@@ -612,6 +612,32 @@ def measure_for_model(model: Any, adapters: Sequence[Adapter], content_images: A
     return to_layer_priors(result, source=src), result
 
 
+def bench_variants(strategies: Sequence[str] | None = None) -> list:
+    """``lora-merge bench quality`` rows: DuoLoRA with the paper's resolution rule on the toy world's blocks
+    (the SDXL rule: 4×4 → content, 8×8 → style) next to DuoLoRA with priors measured on the toy world —
+    in weight space, and in model mode when ``duolora`` offers ``--mode model`` (whose own
+    ``duolora (model)`` row uses the rule)."""
+    from .priors import builtin_priors
+    from .strategies import available_strategies
+    from .toyworld.quality import Variant
+
+    avail = available_strategies()
+    if "duolora" not in avail or (strategies and "duolora" not in strategies):
+        return []
+    declared = {p.name for p in avail["duolora"].params}
+    rows = []
+    if "toyworld" in builtin_priors():
+        rows.append(Variant("duolora (SDXL-rule priors)", "duolora", {"priors": "toyworld"}))
+    if "base" in declared:
+        rows.append(Variant("duolora (measured priors)", "duolora", {"priors": "measure", "base": "toyworld"}))
+    if "mode" in declared:
+        from .model_mode.bench import toyworld_common
+
+        # the SDXL-rule model-mode row is model mode's own "duolora (model)" (priors auto = the rule)
+        rows.append(Variant("duolora (model, measured priors)", "duolora", {**toyworld_common(), "priors": "measure"}))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ plot
 _ROLE_COLORS = {"content": (52, 101, 164), "style": (204, 0, 102), "neutral": (120, 120, 120)}
 _BAR_COLORS = ((52, 101, 164), (204, 0, 102))

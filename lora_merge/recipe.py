@@ -21,6 +21,7 @@ Keys (all optional; command-line flags override them)::
 
 The ``lora_merge.recipe`` metadata of a merged file is a valid recipe: the merge can be replayed from it.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,9 +31,23 @@ from typing import Any
 from .errors import MergeError, UsageError
 
 RECIPE_KEYS = (
-    "inputs", "output", "strategy", "weights", "layer_weights", "params", "rank", "to", "dtype", "device",
-    "seed", "force", "keep_heads_from", "arch", "report", "version",
-)  # fmt: skip
+    "inputs",
+    "output",
+    "strategy",
+    "weights",
+    "layer_weights",
+    "params",
+    "rank",
+    "to",
+    "dtype",
+    "device",
+    "seed",
+    "force",
+    "keep_heads_from",
+    "arch",
+    "report",
+    "version",
+)
 
 
 def _parse_text(path: Path) -> Any:
@@ -117,7 +132,7 @@ def _input_entry(item: Any, base: Path, path: Path) -> dict[str, Any]:
     if isinstance(item, dict) and "path" in item:
         extra = set(item) - {"path", "sha256", "dialect"}
         if extra:
-            raise UsageError(f"unknown key {sorted(extra)[0]!r} in an input entry (keys: path, sha256)", path)
+            raise UsageError(f"unknown key {min(extra)!r} in an input entry (keys: path, sha256)", path)
         return {"path": str(_rel(item["path"], base)), "sha256": item.get("sha256")}
     raise UsageError(f"bad input entry {item!r}: expected a path or {{path: ..., sha256: ...}}", path)
 

@@ -11,11 +11,11 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from conftest import PEFT_DIRS, SD15_FILES, shared_fixture
 from safetensors.torch import save_file
 
 from lora_merge.cli import main
 from lora_merge.errors import PartialReadWarning
-from tests.conftest import PEFT_DIRS, SD15_FILES, shared_fixture
 
 FIXTURES = [f"sd15/{n}.safetensors" for n in SD15_FILES] + [f"peft/{n}" for n in PEFT_DIRS]
 WRITERS = ["kohya", "diffusers", "peft"]

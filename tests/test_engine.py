@@ -1,4 +1,5 @@
 """The merge engine on in-memory adapters: strength semantics, plan, weights, rank, metadata, outputs."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ def make(seed, r, alpha=None, names=(Q, K, C), dtype=torch.float32, d_out=24, d_
             up = torch.randn(d_out, r, 1, 1, generator=g)
         else:
             down, up = torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
-        ad.modules[n] = LoraModule.from_tensors(n, down.to(dtype), up.to(dtype), alpha,
-                                                "rslora" if rslora else "standard")  # fmt: skip
+        ad.modules[n] = LoraModule.from_tensors(
+            n, down.to(dtype), up.to(dtype), alpha, "rslora" if rslora else "standard"
+        )
     return ad
 
 
@@ -65,7 +67,12 @@ def test_linear_is_exact_weighted_sum(dtype):
         out = res.adapter[name]
         assert out.dtype == torch.float32 and out.alpha == out.rank == 14  # alpha = rank: scale 1
         assert rel(out.delta(torch.float64), ref) < 1e-6
-    assert tuple(res.adapter[C].down.shape) == (14, 6, 3, 3) and tuple(res.adapter[C].up.shape) == (24, 14, 1, 1)
+    assert tuple(res.adapter[C].down.shape) == (14, 6, 3, 3) and tuple(res.adapter[C].up.shape) == (
+        24,
+        14,
+        1,
+        1,
+    )
 
 
 def test_output_dtype_and_metadata():
@@ -114,9 +121,15 @@ def test_pattern_semantics():
 def test_layer_weights_multiply_matching_layers():
     a, b = make(1, 4), make(2, 4)
     res = lm.merge(
-        [a, b], weights=[1.0, 1.0],
-        layer_weights=[("up_blocks.0.attentions.1", 0.0), ("attn2", [0.5, -1.0]), "conv1=2,3", ("up_blocks.0", 0.5)],
-    )  # fmt: skip
+        [a, b],
+        weights=[1.0, 1.0],
+        layer_weights=[
+            ("up_blocks.0.attentions.1", 0.0),
+            ("attn2", [0.5, -1.0]),
+            "conv1=2,3",
+            ("up_blocks.0", 0.5),
+        ],
+    )
     torch.testing.assert_close(res.adapter[Q].delta(torch.float64), torch.zeros(24, 20, dtype=torch.float64))
     assert rel(res.adapter[K].delta(torch.float64), 0.25 * dense(a[K]) - 0.5 * dense(b[K])) < 1e-6
     assert rel(res.adapter[C].delta(torch.float64), 1.0 * dense(a[C]) + 1.5 * dense(b[C])) < 1e-6
@@ -135,6 +148,11 @@ def test_weights_validation():
         lm.merge([a, b], strategy="nope")
     with pytest.raises(UsageError, match="no parameter 'density'"):
         lm.merge([a, b], strategy="linear", params={"density": 0.5})
+    with pytest.raises(UsageError, match="device"):
+        lm.merge([a, b], device="tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="CUDA"):
+            lm.merge([a, b], device="cuda")
 
 
 def test_rank_k_is_best_rank_k_approximation():
@@ -200,7 +218,9 @@ def test_extra_tensors_identical_kept_conflicting_refused():
     same = lm.merge([_with_head(make(1, 4), head), _with_head(make(2, 4), head.clone())])
     torch.testing.assert_close(same.adapter.extra_tensors["classifier.weight"].load(), head)
     a, b = _with_head(make(1, 4), head), _with_head(make(2, 4), torch.randn(2, 20))
-    with pytest.raises(MergeError, match=r"classifier\.weight \(6×20 in input 1 vs 2×20 in input 2.*--keep-heads-from"):
+    with pytest.raises(
+        MergeError, match=r"classifier\.weight \(6×20 in input 1 vs 2×20 in input 2.*--keep-heads-from"
+    ):
         lm.merge([a, b])
     kept = lm.merge([a, b], keep_extra_from=1)
     assert kept.adapter.extra_tensors["classifier.weight"].shape == (2, 20)
@@ -215,6 +235,10 @@ def test_report_written(tmp_path):
     assert data["recipe"]["strategy"] == "ties" and data["recipe"]["params"]["density"] == 0.5
     assert set(data["layers"]) == {Q, K, C} and data["layers"][Q]["refactored"]
     assert res.report["recipe"] == data["recipe"]
+    ret = data["layers"][Q]["retention"]  # two inputs: content (1) / style (2) retention per layer
+    assert set(ret) == {"content", "style"} and all(0.0 <= v <= 1.5 for v in ret.values())
+    three = lm.merge([make(1, 4), make(2, 4), make(3, 4)], report_path=tmp_path / "r3.json")
+    assert "retention" not in three.report["layers"][Q]
 
 
 def test_context_is_filled():
@@ -228,8 +252,18 @@ def test_context_is_filled():
             seen.append(("prepare", len(inputs), context["arch"]))
 
         def merge_layer(self, inputs, ctx):
-            seen.append((ctx.name, ctx.block, ctx.resolution, ctx.arch, ctx.kind, ctx.weight_shape, ctx.seed,
-                         [x.present for x in inputs]))  # fmt: skip
+            seen.append(
+                (
+                    ctx.name,
+                    ctx.block,
+                    ctx.resolution,
+                    ctx.arch,
+                    ctx.kind,
+                    ctx.weight_shape,
+                    ctx.seed,
+                    [x.present for x in inputs],
+                )
+            )
             return LayerResult(up=inputs[0].up, down=inputs[0].down)
 
     with warnings.catch_warnings():
@@ -237,7 +271,12 @@ def test_context_is_filled():
         lm.merge([make(1, 4), make(2, 4, names=(Q,))], strategy=Spy(), arch="sdxl", seed=3)
     assert seen[0] == ("prepare", 2, "sdxl")
     assert seen[1] == (Q, "up_blocks.0.attentions.1", 32, "sdxl", "linear", (24, 20), 3, [True, True])
-    assert seen[3][0] == C and seen[3][4] == "conv" and seen[3][5] == (24, 6, 3, 3) and seen[3][7] == [True, False]
+    assert (
+        seen[3][0] == C
+        and seen[3][4] == "conv"
+        and seen[3][5] == (24, 6, 3, 3)
+        and seen[3][7] == [True, False]
+    )
 
 
 def test_progress_bar_runs():

@@ -19,7 +19,7 @@ from lora_merge.input_models import (
 
 def _layer(d_out=12, d_in=16, rc=3, rs=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g)
     return r(d_out, rc), r(rc, d_in), r(d_out, rs), r(rs, d_in)
 
 
@@ -203,9 +203,9 @@ def test_prior_init_follows_the_public_rule_and_is_seeded():
 
 
 def test_subspace_grams_equal_the_dense_projector_form():
-    bc, ac, bs, as_ = _layer(d_in=20)
+    _, ac, _, as_ = _layer(d_in=20)
     q = torch.cat([ac, as_])
-    gc, gs = SubspaceModel().grams("", q, 3)
+    gc, gs = SubspaceModel().grams("", ac, as_)
     pc = torch.linalg.pinv(ac.double()) @ ac.double()  # projector onto the row space of A_c
     ps = torch.linalg.pinv(as_.double()) @ as_.double()
     torch.testing.assert_close(gc, q.double() @ pc @ q.double().T, rtol=1e-4, atol=1e-4)

@@ -1,4 +1,5 @@
 """``lora-merge merge`` / ``strategies`` end to end on real files, recipes, and a tiny diffusers UNet."""
+
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import shared_fixture
 from safetensors import safe_open
 
 import lora_merge as lm
@@ -13,11 +15,9 @@ from lora_merge import Adapter, LoraModule
 from lora_merge.cli import main
 from lora_merge.errors import MergeError
 
-from conftest import shared_fixture
-
 
 def run(argv, capsys):
-    """Run the CLI in-process (``merge`` unless the first word is a command); returns (code, stdout, stderr)."""
+    """Run the CLI in-process (``merge`` unless the first word is a command); returns (code, out, err)."""
     argv = list(map(str, argv))
     if argv[0] not in ("merge", "strategies"):
         argv = ["merge", *argv]
@@ -27,38 +27,65 @@ def run(argv, capsys):
     return exc.value.code, out.out, out.err
 
 
-def raw_deltas(path) -> dict[str, torch.Tensor]:
-    """Dense ΔW per module straight from the file's keys (the SD 1.5 fixtures carry no alpha: scale 1)."""
+def raw_factors(path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``(B, A)`` per module straight from the file's keys (the SD 1.5 fixtures carry no alpha: scale 1)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(path), "pt") as f:
-        for k in f.keys():
+        for k in f.keys():  # noqa: SIM118 (safe_open handle, not a dict)
             name = k.removeprefix("unet.")
-            name = name.replace(".processor.", ".").replace("_lora.", ".lora.").replace("to_out.lora", "to_out.0.lora")
+            name = (
+                name.replace(".processor.", ".")
+                .replace("_lora.", ".lora.")
+                .replace("to_out.lora", "to_out.0.lora")
+            )
             mod, _, which = name.rpartition(".lora.")
             parts.setdefault(mod, {})[which.split(".")[0]] = f.get_tensor(k).double()
-    return {m: p["up"] @ p["down"] for m, p in parts.items()}
+    return {m: (p["up"], p["down"]) for m, p in parts.items()}
+
+
+def raw_deltas(path) -> dict[str, torch.Tensor]:
+    return {m: b @ a for m, (b, a) in raw_factors(path).items()}
 
 
 def rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def fro2(terms) -> float:
+    """‖Σ c_j B_j A_j‖²_F in fp64 from the factors (Gram matrices; no dense d_out × d_in product)."""
+    total = 0.0
+    for cj, bj, aj in terms:
+        for cl, bl, al in terms:
+            total += cj * cl * float(((bj.T @ bl) * (aj @ al.T)).sum())
+    return total
+
+
+def rel_factors(module, ref_terms) -> float:
+    """Relative Frobenius error of a merged module against Σ c_j B_j A_j."""
+    b, a = module.factors(torch.float64)
+    return (
+        max(fro2([(module.scale, b, a)] + [(-c, rb, ra) for c, rb, ra in ref_terms]), 0.0) ** 0.5
+        / fro2(ref_terms) ** 0.5
+    )
+
+
 # ---------------------------------------------------------------- real fixtures
 def test_linear_exact_on_real_sd15_fixtures_mixed_dialects(tmp_path, capsys):
-    files = [shared_fixture(f"sd15/{n}.safetensors") for n in ("pokemon_style", "rick_and_morty_style",
-                                                                "course3_unet_prefixed")]  # fmt: skip
+    files = [
+        shared_fixture(f"sd15/{n}.safetensors")
+        for n in ("pokemon_style", "rick_and_morty_style", "course3_unet_prefixed")
+    ]
     w = [0.8, -0.35, 0.5]
     out = tmp_path / "merged.safetensors"
     code, stdout, err = run([*files, "-o", out, "--weights", ",".join(map(str, w)), "--json"], capsys)
     assert code == 0, err
     assert json.loads(stdout)["modules"] == 128
-    refs = [raw_deltas(f) for f in files]
+    refs = [raw_factors(f) for f in files]
     merged = lm.load(out)
     assert len(merged) == 128
     for name, m in merged.modules.items():
         key = name.removeprefix("unet.")
-        ref = sum(wi * r[key] for wi, r in zip(w, refs))
-        assert rel(m.delta(torch.float64), ref) < 1e-6, name
+        assert rel_factors(m, [(wi, *r[key]) for wi, r in zip(w, refs)]) < 1e-6, name
         assert m.rank == 12
     md = merged.metadata
     recipe = json.loads(md["lora_merge.recipe"])
@@ -76,10 +103,15 @@ def test_fp16_kohya_with_alpha_and_conv_merged_with_diffusers_fixture(tmp_path):
     conv = "unet.down_blocks.0.resnets.0.conv1"
     q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     ad = Adapter(dialect="kohya")
-    ad.modules[q] = LoraModule.from_tensors(q, torch.randn(8, 320, generator=g).half(),
-                                            torch.randn(320, 8, generator=g).half() * 0.01, alpha=3.0)  # fmt: skip
-    ad.modules[conv] = LoraModule.from_tensors(conv, torch.randn(8, 320, 3, 3, generator=g).half(),
-                                               torch.randn(320, 8, 1, 1, generator=g).half() * 0.01, alpha=4.0)
+    ad.modules[q] = LoraModule.from_tensors(
+        q, torch.randn(8, 320, generator=g).half(), torch.randn(320, 8, generator=g).half() * 0.01, alpha=3.0
+    )
+    ad.modules[conv] = LoraModule.from_tensors(
+        conv,
+        torch.randn(8, 320, 3, 3, generator=g).half(),
+        torch.randn(320, 8, 1, 1, generator=g).half() * 0.01,
+        alpha=4.0,
+    )
     kfile = lm.save(ad, tmp_path / "k.safetensors", to="kohya")
     w = [1.5, -0.5]
     with pytest.warns(lm.errors.MissingModuleWarning):
@@ -89,15 +121,19 @@ def test_fp16_kohya_with_alpha_and_conv_merged_with_diffusers_fixture(tmp_path):
     out = lm.load(res.output)
     assert out.dialect == "kohya"
     assert rel(out[q].delta(torch.float64), ref_q) < 1e-6
-    ref_c = 1.5 * 0.5 * ad[conv].up.tensor.double().reshape(320, 8) @ ad[conv].down.tensor.double().reshape(8, -1)
+    ref_c = (
+        1.5 * 0.5 * ad[conv].up.tensor.double().reshape(320, 8) @ ad[conv].down.tensor.double().reshape(8, -1)
+    )
     assert rel(out[conv].delta(torch.float64), ref_c) < 1e-6
     assert out[conv].kind == "conv" and out[conv].rank == 8
 
 
 def _sdxl_like(path):
     ad = Adapter(dialect="diffusers")
-    for n, (o, i) in {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": (640, 2048),
-                      "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q": (640, 640)}.items():
+    for n, (o, i) in {
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": (640, 2048),
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q": (640, 640),
+    }.items():
         ad.modules[n] = LoraModule.from_tensors(n, torch.randn(4, i), torch.randn(o, 4))
     return lm.save(ad, path, to="diffusers")
 
@@ -154,7 +190,9 @@ def test_peft_conflicting_heads(tmp_path, capsys):
     merged = lm.load(out)
     assert merged.extra_tensors["classifier.weight"].shape == (2, 768)
     src = lm.load(imdb)
-    assert torch.equal(merged.extra_tensors["classifier.weight"].load(), src.extra_tensors["classifier.weight"].load())
+    assert torch.equal(
+        merged.extra_tensors["classifier.weight"].load(), src.extra_tensors["classifier.weight"].load()
+    )
     name = next(iter(src.modules))
     ref = 0.5 * lm.load(emo)[name].delta() + 0.5 * src[name].delta()
     assert rel(merged[name].delta(), ref) < 1e-6
@@ -186,8 +224,9 @@ def _small_pair(tmp_path):
         ad = Adapter(dialect="diffusers")
         for i in range(3):
             n = f"unet.up_blocks.1.attentions.{i}.transformer_blocks.0.attn2.to_v"
-            ad.modules[n] = LoraModule.from_tensors(n, torch.randn(6, 24, generator=g), torch.randn(40, 6, generator=g),
-                                                    alpha=3.0)  # fmt: skip
+            ad.modules[n] = LoraModule.from_tensors(
+                n, torch.randn(6, 24, generator=g), torch.randn(40, 6, generator=g), alpha=3.0
+            )
         paths.append(lm.save(ad, tmp_path / f"in{seed}.safetensors"))
     return paths
 
@@ -195,8 +234,28 @@ def _small_pair(tmp_path):
 def test_strategy_options_reach_the_strategy(tmp_path, capsys):
     a, b = _small_pair(tmp_path)
     out = tmp_path / "o.safetensors"
-    code, stdout, err = run([a, b, "-o", out, "-s", "dare", "--density", "0.25", "--variant", "ties", "--seed", "3",
-                             "--rank", "4", "--dtype", "fp16", "--json"], capsys)  # fmt: skip
+    code, stdout, err = run(
+        [
+            a,
+            b,
+            "-o",
+            out,
+            "-s",
+            "dare",
+            "--density",
+            "0.25",
+            "--variant",
+            "ties",
+            "--seed",
+            "3",
+            "--rank",
+            "4",
+            "--dtype",
+            "fp16",
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0, err
     info = json.loads(stdout)
     assert info["params"]["density"] == 0.25 and info["params"]["variant"] == "ties" and info["rank_max"] <= 4
@@ -213,16 +272,15 @@ def test_layer_weight_option(tmp_path, capsys):
     code, _, err = run([a, b, "-o", out, "--weight", "up_blocks.3=0", "--weight", "attn2=1,0"], capsys)
     assert code == 0, err
     m = lm.load(out)
-    ra, rb = raw_deltas(a), raw_deltas(b)
+    ra, rb = raw_factors(a), raw_factors(b)
     for name, mod in m.modules.items():
         k = name.removeprefix("unet.")
-        d = mod.delta(torch.float64)
         if k.startswith("up_blocks.3"):
-            assert float(d.abs().max()) == 0.0
+            assert float(mod.up.load().abs().max()) * float(mod.down.load().abs().max()) == 0.0
         elif ".attn2." in k:
-            assert rel(d, ra[k]) < 1e-6
+            assert rel_factors(mod, [(1.0, *ra[k])]) < 1e-6
         else:
-            assert rel(d, ra[k] + rb[k]) < 1e-6
+            assert rel_factors(mod, [(1.0, *ra[k]), (1.0, *rb[k])]) < 1e-6
 
 
 # ---------------------------------------------------------------- recipes
@@ -230,14 +288,18 @@ def test_layer_weight_option(tmp_path, capsys):
 def test_recipe_file_and_cli_override(tmp_path, capsys, fmt):
     a, b = _small_pair(tmp_path)
     if fmt == "yaml":
-        text = (f"inputs: ['{a}', '{b}']\noutput: out.safetensors\nstrategy: ties\nweights: [0.5, 0.5]\n"
-                "density: 0.4\nlayer_weights: ['attn2=2']\nseed: 9\n")  # fmt: skip
+        text = (
+            f"inputs: ['{a}', '{b}']\noutput: out.safetensors\nstrategy: ties\nweights: [0.5, 0.5]\n"
+            "density: 0.4\nlayer_weights: ['attn2=2']\nseed: 9\n"
+        )
     else:
-        text = (f"inputs = ['{a}', '{b}']\noutput = 'out.safetensors'\nstrategy = 'ties'\nweights = [0.5, 0.5]\n"
-                "seed = 9\nlayer_weights = ['attn2=2']\n[params]\ndensity = 0.4\n")  # fmt: skip
+        text = (
+            f"inputs = ['{a}', '{b}']\noutput = 'out.safetensors'\nstrategy = 'ties'\nweights = [0.5, 0.5]\n"
+            "seed = 9\nlayer_weights = ['attn2=2']\n[params]\ndensity = 0.4\n"
+        )
     cfg = tmp_path / f"r.{fmt}"
     cfg.write_text(text)
-    code, stdout, err = run(["--config", cfg, "--weights", "1,0.25", "--json"], capsys)
+    code, _, err = run(["--config", cfg, "--weights", "1,0.25", "--json"], capsys)
     assert code == 0, err
     out = tmp_path / "out.safetensors"  # relative to the recipe's folder
     recipe = json.loads(lm.load(out).metadata["lora_merge.recipe"])
@@ -257,15 +319,23 @@ def test_recipe_unknown_key_and_replay_from_metadata(tmp_path, capsys):
     assert code == 2 and "density" in err
 
     a, b = _small_pair(tmp_path)
-    first = lm.merge([a, b], tmp_path / "one.safetensors", strategy="dare", params={"density": 0.5}, seed=4,
-                     weights=[0.6, 0.7])  # fmt: skip
+    first = lm.merge(
+        [a, b],
+        tmp_path / "one.safetensors",
+        strategy="dare",
+        params={"density": 0.5},
+        seed=4,
+        weights=[0.6, 0.7],
+    )
     replay = tmp_path / "replay.json"
     replay.write_text(lm.load(first.output).metadata["lora_merge.recipe"])
     code, _, err = run(["--config", replay, "-o", tmp_path / "two.safetensors"], capsys)
     assert code == 0, err
     x, y = lm.load(first.output), lm.load(tmp_path / "two.safetensors")
     for name in x.modules:
-        assert torch.equal(x[name].up.load(), y[name].up.load()) and torch.equal(x[name].down.load(), y[name].down.load())
+        assert torch.equal(x[name].up.load(), y[name].up.load()) and torch.equal(
+            x[name].down.load(), y[name].down.load()
+        )
 
 
 def test_recipe_sha_mismatch(tmp_path, capsys):
@@ -284,7 +354,11 @@ def test_strategies_command(capsys):
     assert {"linear", "svd", "ties", "dare", "magnitude-prune", "blocks"} <= names
     code, out, _ = run(["strategies", "ties", "--json"], capsys)
     info = json.loads(out)
-    assert info["name"] == "ties" and {p["option"] for p in info["params"]} == {"--density", "--sign", "--divide"}
+    assert info["name"] == "ties" and {p["option"] for p in info["params"]} == {
+        "--density",
+        "--sign",
+        "--divide",
+    }
     code, out, _ = run(["strategies"], capsys)
     assert code == 0 and "magnitude-prune" in out
     code, out, _ = run(["strategies", "dare"], capsys)
@@ -306,10 +380,17 @@ def _tiny_unet():
 
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
-    ).eval()  # fmt: skip
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
 
 
 def _random_lora(unet, seed, r, alpha):
@@ -344,24 +425,42 @@ def test_diffusers_loads_merge_like_set_adapters(tmp_path):
 
     def outputs(unet):
         layer = {}
-        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: layer.__setitem__(n, o.detach()))
-                 for n, m in unet.named_modules() if n.endswith(("attn2.to_v", "attn1.to_out.0", "resnets.0.conv1"))]
+        hooks = [
+            m.register_forward_hook(lambda mod, i, o, n=n: layer.__setitem__(n, o.detach()))
+            for n, m in unet.named_modules()
+            if n.endswith(("attn2.to_v", "attn1.to_out.0", "resnets.0.conv1"))
+        ]
         with torch.no_grad():
             out = unet(x, t, encoder_hidden_states=ctx).sample
         for h in hooks:
             h.remove()
         return out, layer
 
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+
+    class TinyPipe(StableDiffusionLoraLoaderMixin):
+        """Just enough of a pipeline for diffusers' own ``load_lora_weights`` / ``set_adapters``."""
+
+        hf_device_map = None
+
+        def __init__(self, unet):
+            self.unet, self.text_encoder = unet, None
+
+        @property
+        def components(self):
+            return {"unet": self.unet}
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         one = _tiny_unet()
         one.load_state_dict(state)
-        one.load_lora_adapter(str(merged), prefix="unet", adapter_name="merged")
+        TinyPipe(one).load_lora_weights(str(merged), adapter_name="merged")
         two = _tiny_unet()
         two.load_state_dict(state)
-        two.load_lora_adapter(str(a), prefix="unet", adapter_name="a")
-        two.load_lora_adapter(str(b), prefix="unet", adapter_name="b")
-        two.set_adapters(["a", "b"], weights=w)
+        pipe = TinyPipe(two)
+        pipe.load_lora_weights(str(a), adapter_name="a")
+        pipe.load_lora_weights(str(b), adapter_name="b")
+        pipe.set_adapters(["a", "b"], adapter_weights=w)
         plain = _tiny_unet()
         plain.load_state_dict(state)
     o1, l1 = outputs(one)

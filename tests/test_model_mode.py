@@ -445,13 +445,17 @@ def test_merge_api_model_mode_end_to_end(world, tmp_path, strategy):
         "content_prompt": "a sks thing",
         "style_images": dirs["style"],
         "style_prompt": "zkz style",
-        "cycle_prompt": "a sks thing zkz style",
         "steps": 2,
         "lr": 0.05,
     }
+    if strategy == "duolora":
+        params["cycle_prompt"] = "a sks thing zkz style"
+    else:  # ZipLoRA has no Constyle cycles, hence no cycle options
+        with pytest.raises(UsageError, match="cycle_prompt"):
+            get_strategy(strategy)(**params, cycle_prompt="x")
     strat = get_strategy(strategy)(**params)
     out = tmp_path / "merged.safetensors"
-    res = lora_merge.merge(world.adapters, out, strategy=strat, seed=1)
+    res = lora_merge.merge(world.adapters, out, strategy=strat, seed=1, weights=[0.7, 1.3])
     rep = res.report["strategy"]
     mm = rep["model_mode"]
     assert rep["mode"] == "model" and mm["steps"] == 2 and len(mm["loss_curve"]) == 2
@@ -470,8 +474,8 @@ def test_merge_api_model_mode_end_to_end(world, tmp_path, strategy):
     axis = "rank" if strategy == "duolora" else "out"
     for name in list(back.modules)[::7]:
         ins = [
-            LayerInput(*ad.modules[name].factors(), scale=ad.modules[name].scale, weight=1.0)
-            for ad in world.adapters
+            LayerInput(*ad.modules[name].factors(), scale=ad.modules[name].scale, weight=w)
+            for ad, w in zip(world.adapters, (0.7, 1.3))
         ]
         masks = [sidecar[f"{name}.mask_content"], sidecar[f"{name}.mask_style"]]
         assert not torch.allclose(masks[0], torch.ones_like(masks[0]))
@@ -652,6 +656,58 @@ def test_x0_recovery_inverts_add_noise(world):
     assert torch.allclose(base.predict_x0(noisy, eps, t), x, atol=1e-3)
     assert float(base.predict_x0(noisy, torch.zeros_like(eps), t).abs().max()) <= 1.0  # clip_sample
     v_base = copy.copy(base)
-    v_base.scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", clip_sample=False)
+    v_base.scheduler = DDPMScheduler(
+        num_train_timesteps=1000, prediction_type="v_prediction", clip_sample=False
+    )
     v = v_base.scheduler.get_velocity(x, eps, t)
     assert torch.allclose(v_base.predict_x0(noisy, v, t), x, atol=1e-4)
+
+
+def test_weights_apply_once_per_layer(world):
+    """Per-input and per-layer weights multiply each LoRA's own alpha/r once, as the engine does."""
+    name = "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    fn = glue.layer_weight_fn({"weights": [0.5, 2.0], "layer_weights": [("up_blocks.1", [3.0, 1.0])]}, 2)
+    assert fn(name) == [1.5, 2.0] and fn("unet.down_blocks.0.x") == [0.5, 2.0]
+    loras = attach_loras(world.base.unet, world.adapters, weights=fn)
+    try:
+        c, s = (ad.modules[name] for ad in world.adapters)
+        assert [sl.scale for sl in loras.layers[name].slots] == [
+            pytest.approx(c.scale * 1.5),
+            pytest.approx(s.scale * 2),
+        ]
+        want = 1.5 * c.delta() + 2.0 * s.delta()
+        assert torch.allclose(loras.layers[name].merged_delta(), want, atol=1e-6)
+    finally:
+        loras.detach()
+
+
+def test_cli_merge_model_mode(world, tmp_path, capsys):
+    """``lora-merge merge C S --strategy duolora --mode model …`` writes a LoRA; missing or stray model-mode
+    options are one-line usage errors."""
+    import lora_merge
+    from lora_merge.cli import main
+    from lora_merge.model_mode.runtime import register_base_model
+
+    register_base_model("tiny-test-cli", lambda device, dtype: world.base)
+    dirs = _image_dirs(tmp_path, world)
+    paths = []
+    for i, ad in enumerate(world.adapters):
+        paths.append(tmp_path / f"in{i}.safetensors")
+        lora_merge.save(ad, paths[-1])
+    out = tmp_path / "out.safetensors"
+    common = [*map(str, paths), "-o", str(out), "--strategy", "duolora"]
+    model = ["--base", "tiny-test-cli", "--content-images", dirs["content"], "--content-prompt", "a sks thing",
+             "--style-images", dirs["style"], "--style-prompt", "zkz style"]  # fmt: skip
+
+    def run(argv):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        return exc.value.code, capsys.readouterr().err
+
+    code, err = run(["merge", *common, "--mode", "model", *model, "--steps", "1", "--lambda-cycle", "0"])
+    assert code == 0, err
+    assert lora_merge.load(out).modules.keys() == world.adapters[0].modules.keys()
+    code, err = run(["merge", *common, "--mode", "model", *model[2:], "--force"])
+    assert code == 2 and "--mode model needs --base" in err and "Traceback" not in err
+    code, err = run(["merge", *common, *model, "--force"])
+    assert code == 2 and "only apply with --mode model" in err

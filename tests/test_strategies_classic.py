@@ -1,4 +1,5 @@
 """Classic strategies against straightforward dense references written here."""
+
 from __future__ import annotations
 
 import warnings
@@ -21,8 +22,9 @@ def make(seed, r=4, alpha=None, names=NAMES, d_out=16, d_in=12):
     g = torch.Generator().manual_seed(seed)
     ad = Adapter(dialect="diffusers")
     for n in names:
-        ad.modules[n] = LoraModule.from_tensors(n, torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g),
-                                                alpha)  # fmt: skip
+        ad.modules[n] = LoraModule.from_tensors(
+            n, torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g), alpha
+        )
     return ad
 
 
@@ -216,8 +218,11 @@ def test_blocks_sd1_preset():
     n = "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MissingModuleWarning)
-        res = lm.merge([make(1, names=(N1, "unet.up_blocks.1.attentions.0.proj_in")), make(2, names=(n,))],
-                       strategy="blocks", params={"preset": "b-lora-sd1"})  # fmt: skip
+        res = lm.merge(
+            [make(1, names=(N1, "unet.up_blocks.1.attentions.0.proj_in")), make(2, names=(n,))],
+            strategy="blocks",
+            params={"preset": "b-lora-sd1"},
+        )
     assert res.report["layers"][n]["from_inputs"] == [2]
     assert res.report["layers"]["unet.up_blocks.1.attentions.0.proj_in"]["from_inputs"] == [1]
 

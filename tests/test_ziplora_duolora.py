@@ -4,17 +4,16 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, shared_fixture
 
 import lora_merge as lm
 from lora_merge.adapter import Adapter, LoraModule
+from lora_merge.errors import OutputExistsError
 from lora_merge.fidelity import evaluate, retention
 from lora_merge.strategies import LayerContext, LayerInput, get_strategy
-
-from conftest import REPO, shared_fixture
 
 BLOCKS = ["unet.down_blocks.1.attentions.0", "unet.down_blocks.2.attentions.0", "unet.mid_block.attentions.0",
           "unet.up_blocks.0.attentions.1", "unet.up_blocks.1.attentions.2"]  # fmt: skip
@@ -24,7 +23,7 @@ def _pair(overlap: float, layers: int = 10, d_out: int = 48, d_in: int = 64, r: 
     """Two adapters whose input directions share ``overlap`` of the style LoRA's rank."""
     g = torch.Generator().manual_seed(seed)
     c, s = Adapter(dialect="diffusers"), Adapter(dialect="diffusers")
-    k = int(round(r * overlap))
+    k = round(r * overlap)
     for i in range(layers):
         name = f"{BLOCKS[i % len(BLOCKS)]}.transformer_blocks.{i}.attn1.to_q"
         basis = torch.linalg.qr(torch.randn(d_in, 2 * r, generator=g))[0].T
@@ -47,7 +46,7 @@ def test_registered_with_two_inputs_and_their_parameters():
     zp = {p["name"]: p for p in z.describe()["params"]}
     dp = {p["name"]: p for p in d.describe()["params"]}
     assert zp["axis"]["default"] == "out" and zp["lambda_sim"]["default"] == 0.01
-    assert dp["lambda_prior"]["default"] == 0.1 and dp["lambda_cycle"]["default"] == 0.01 and dp["lr"]["default"] == 0.01
+    assert dp["lambda_prior"]["default"] == 0.01 and dp["lambda_cycle"]["default"] == 0.01 and dp["lr"]["default"] == 0.01
     assert zp["input_model"]["choices"] == ["subspace", "identity", "stats"]
     with pytest.raises(lm.UsageError, match="takes 2"):
         lm.merge([_pair(0)[0]], None, strategy="ziplora")
@@ -82,7 +81,7 @@ def _tensor_bytes(path):
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
+        return f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}  # noqa: SIM118
 
 
 @pytest.mark.parametrize("strategy,params", [("ziplora", {}), ("ziplora", {"axis": "in", "steps": 20}),
@@ -201,6 +200,7 @@ def test_strategy_runs_without_the_engine_on_hand_made_inputs():
 # ---------------------------------------------------------------- the SDXL attention layout
 
 
+@pytest.mark.slow  # builds the SDXL UNet on the meta device and merges 560 layers twice (~10–40 s)
 def test_trainable_value_counts_on_the_sdxl_attention_layout(tmp_path):
     pytest.importorskip("diffusers")
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -256,6 +256,14 @@ def test_diffusers_loads_the_output(strategy, tmp_path):
     b = lm.save(_unet_lora(base, 2, 4), tmp_path / "b.safetensors", to="diffusers")
     res = lm.merge([a, b], tmp_path / "m.safetensors", strategy=strategy, to="diffusers", arch="sdxl")
     merged = lm.load(res.output)
+    from safetensors.torch import load_file
+
+    from lora_merge.engine import mask_sidecar_path
+
+    masks = load_file(str(mask_sidecar_path(res.output)))  # the masks are kept next to the output
+    assert set(masks) == {f"{n}.mask_{r}" for n in merged.modules for r in ("content", "style")}
+    with pytest.raises(OutputExistsError):
+        lm.merge([a, b], tmp_path / "m.safetensors", strategy=strategy, to="diffusers", arch="sdxl")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         unet = _tiny_unet()
@@ -292,10 +300,33 @@ def test_peft_loads_the_output_when_the_inputs_were_peft(strategy, tmp_path):
         torch.manual_seed(10 + i)
         cfg = peft.LoraConfig(target_modules=["q", "v"], init_lora_weights=False, r=r, lora_alpha=2 * r)
         peft.get_peft_model(_Tiny(), cfg).save_pretrained(tmp_path / f"in{i}")
-    res = lm.merge([tmp_path / "in0", tmp_path / "in1"], tmp_path / "out", strategy=strategy)
+    res = lm.merge([tmp_path / "in0", tmp_path / "in1"], tmp_path / "out", strategy=strategy,
+                   params={"priors": "none"} if strategy == "duolora" else None)
     merged = lm.load(res.output)
     pm = peft.PeftModel.from_pretrained(_Tiny(), str(res.output))
     layers = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if isinstance(m, LoraLayer)}
     assert set(layers) == set(merged.modules)
     for name, layer in layers.items():
         torch.testing.assert_close(layer.get_delta_weight("default"), merged[name].delta(), rtol=1e-5, atol=1e-6)
+
+
+def test_cli_ablation_report_and_sidecar(tmp_path):
+    from click.testing import CliRunner
+
+    from lora_merge.cli import cli
+
+    c, s = _pair(0.5, layers=3)
+    a = lm.save(c, tmp_path / "c.safetensors", to="diffusers")
+    b = lm.save(s, tmp_path / "s.safetensors", to="diffusers")
+    out, rep = tmp_path / "m.safetensors", tmp_path / "r.json"
+    args = ["merge", str(a), str(b), "-s", "duolora", "-o", str(out), "--report", str(rep), "--arch", "sdxl",
+            "--lambda-prior", "0", "--lambda-cycle", "0", "--no-prior-init", "--steps", "5"]  # fmt: skip
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert ".masks.safetensors" in r.output  # the strategy's own table (its caption)
+    data = json.loads(rep.read_text())
+    assert data["recipe"]["params"]["lambda_prior"] == 0.0 and data["recipe"]["params"]["prior_init"] is False
+    assert data["strategy"]["trainable_values"] == 3 * 16
+    assert (tmp_path / "m.safetensors.masks.safetensors").exists()
+    r = CliRunner().invoke(cli, ["merge", str(a), str(b), "-s", "ziplora", "--axis", "sideways", "-o", str(tmp_path / "x.safetensors")])
+    assert r.exit_code != 0

@@ -3,6 +3,7 @@
 Strategy options are generated from the registry: every registered strategy's parameters become
 options (``Param.option``), and each given option is checked against the chosen strategy.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,25 @@ from ..strategies import available_strategies
 #: destination names of the fixed options; a strategy parameter with one of these names is reachable
 #: only through --param NAME=VALUE or the recipe's params
 _CORE = {
-    "inputs", "output", "strategy", "weights", "weight", "rank", "to", "dtype", "device", "seed", "force",
-    "config", "keep_heads_from", "report", "arch", "as_json", "progress", "param",
-}  # fmt: skip
+    "inputs",
+    "output",
+    "strategy",
+    "weights",
+    "weight",
+    "rank",
+    "to",
+    "dtype",
+    "device",
+    "seed",
+    "force",
+    "config",
+    "keep_heads_from",
+    "report",
+    "arch",
+    "as_json",
+    "progress",
+    "param",
+}
 
 
 def _strategy_params() -> dict[str, list[tuple[str, Any]]]:
@@ -44,7 +61,11 @@ def _strategy_options() -> list[click.Option]:
             flag = p.option[2:]
             opts.append(click.Option([f"--{flag}/--no-{flag}", name], default=None, help=help_))
         else:
-            metavar = {"str": "TEXT"}.get(p.type.__name__, p.type.__name__.upper()) if len({q.type for _, q in owners}) == 1 else "VALUE"
+            metavar = (
+                {"str": "TEXT"}.get(p.type.__name__, p.type.__name__.upper())
+                if len({q.type for _, q in owners}) == 1
+                else "VALUE"
+            )
             opts.append(click.Option([p.option, name], default=None, type=str, metavar=metavar, help=help_))
     return opts
 
@@ -68,29 +89,51 @@ def _parse_param(spec: str) -> tuple[str, str]:
 @click.command("merge", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, type=click.Path())
 @click.option("-o", "--output", type=click.Path(), help="Output file (PEFT: a folder).")
-@click.option("-s", "--strategy", default=None, help="Merge strategy (default linear); see `lora-merge strategies`.")
+@click.option(
+    "-s", "--strategy", default=None, help="Merge strategy (default linear); see `lora-merge strategies`."
+)
 @click.option("--weights", default=None, metavar="W1,W2,...", help="Per-input weights (inference strength).")
 @click.option(
-    "--weight", "weight", multiple=True, metavar="PATTERN=W[,W2,...]",
+    "--weight",
+    "weight",
+    multiple=True,
+    metavar="PATTERN=W[,W2,...]",
     help="Multiply the weights of layers whose name contains PATTERN (whole dot-separated components, glob "
-    "* ? [..] allowed, 're:' for a regex); one W for all inputs or one per input. Repeatable; matches multiply.",
-)  # fmt: skip
-@click.option("--rank", type=int, default=None, help="Re-factor every layer to at most rank K (QR + core SVD).")
-@click.option("--to", default=None, help="Output dialect: kohya, diffusers or peft (default: the first input's).")
-@click.option("--dtype", default=None, help="Output dtype: fp32 (default), fp16 or bf16; math is always fp32.")
+    "* ? [..] allowed, 're:' for a regex); one W for all inputs or one per input. "
+    "Repeatable; matches multiply.",
+)
+@click.option(
+    "--rank", type=int, default=None, help="Re-factor every layer to at most rank K (QR + core SVD)."
+)
+@click.option(
+    "--to", default=None, help="Output dialect: kohya, diffusers or peft (default: the first input's)."
+)
+@click.option(
+    "--dtype", default=None, help="Output dtype: fp32 (default), fp16 or bf16; math is always fp32."
+)
 @click.option("--device", default=None, help="cpu or cuda (default cpu).")
 @click.option("--seed", type=int, default=None, help="Seed for every random choice (default 0).")
 @click.option("--force", is_flag=True, default=False, help="Overwrite an existing output (never an input).")
-@click.option("--config", type=click.Path(), default=None, help="Recipe file (YAML, JSON or TOML); flags override it.")
-@click.option("--keep-heads-from", type=int, default=None, metavar="N",
-              help="Keep input N's (1-based) PEFT modules_to_save tensors when the inputs' differ.")
+@click.option(
+    "--config", type=click.Path(), default=None, help="Recipe file (YAML, JSON or TOML); flags override it."
+)
+@click.option(
+    "--keep-heads-from",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Keep input N's (1-based) PEFT modules_to_save tensors when the inputs' differ.",
+)
 @click.option("--report", type=click.Path(), default=None, help="Write a per-layer JSON report here.")
 @click.option("--arch", default=None, help="Override the guessed architecture (sdxl, sd1, ...).")
 @click.option("--param", "param", multiple=True, metavar="NAME=VALUE", help="Any strategy parameter by name.")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option(
+    "--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def merge(**kw: Any) -> None:
-    """Merge LoRA adapters INPUTS (2 or more; input 1 = content, 2 = style for strategies that care)."""
+    """Merge the LoRA adapters INPUTS (files or PEFT folders; input 1 = content, input 2 = style for the
+    strategies that care).  Strategy options apply only to the strategy that declares them."""
     from ..engine import merge as do_merge
     from ..recipe import load_recipe, verify_inputs
     from ..strategies import get_strategy
@@ -117,8 +160,11 @@ def merge(**kw: Any) -> None:
             opt = "--" + name.replace("_", "-")
             raise UsageError(
                 f"option {opt} does not apply to strategy {strategy!r}"
-                + (f" (it takes: {', '.join('--' + t.replace('_', '-') for t in sorted(takes))})" if takes else
-                   " (it takes no options)")
+                + (
+                    f" (it takes: {', '.join('--' + t.replace('_', '-') for t in sorted(takes))})"
+                    if takes
+                    else " (it takes no options)"
+                )
             )
     params.update(given)
 
@@ -171,6 +217,14 @@ def _print(result, as_json: bool) -> None:
             continue
         t.add_row(k, json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v))
     Console().print(t)
+    # additive hook: a strategy may render its own table from the report (ziplora/duolora: masks, retention)
+    from ..strategies import get_strategy
+
+    render = getattr(get_strategy(result.report["recipe"]["strategy"]), "render_report", None)
+    if callable(render):
+        extra = render(result.report)
+        if extra is not None:
+            Console().print(extra)
 
 
 merge.params.extend(_strategy_options())

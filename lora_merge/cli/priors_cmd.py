@@ -41,7 +41,7 @@ class PriorsGroup(click.Group):
             tok = args[i]
             if tok == "--":
                 break
-            if tok in ("--arch", "--file"):
+            if tok in ("--arch", "--save"):
                 i += 2
                 continue
             if tok.startswith("-"):

@@ -1,4 +1,5 @@
 """``lora-merge strategies [NAME]``: the registered merge strategies and their options."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,12 @@ def strategies(name: str | None, as_json: bool) -> None:
     for col in ("name", "exact", "description", "options"):
         t.add_column(col, overflow="fold")
     for i in infos:
-        t.add_row(i["name"], "yes" if i["exact"] else "no", i["description"],
-                  " ".join(p["option"] for p in i["params"]) or "-")  # fmt: skip
+        t.add_row(
+            i["name"],
+            "yes" if i["exact"] else "no",
+            i["description"],
+            " ".join(p["option"] for p in i["params"]) or "-",
+        )
     Console().print(t)
 
 
@@ -52,7 +57,10 @@ def _show_one(info: dict) -> None:
     for col in ("option", "type", "default", "range / choices", "help"):
         t.add_column(col, overflow="fold")
     for p in info["params"]:
-        rng = "|".join(p["choices"]) if p["choices"] else (
-            f"[{p['range'][0]}, {p['range'][1]}]" if p["range"] else "")  # fmt: skip
+        rng = (
+            "|".join(p["choices"])
+            if p["choices"]
+            else (f"[{p['range'][0]}, {p['range'][1]}]" if p["range"] else "")
+        )
         t.add_row(p["option"], p["type"], str(p["default"]), rng, p["help"])
     c.print(t)

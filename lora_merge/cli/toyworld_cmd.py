@@ -57,7 +57,7 @@ def train_loras_cmd(out, steps, seed, only, log_path) -> None:
 
 @toyworld.command("train-judge")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default: package data).")
-@click.option("--steps", default=1500, show_default=True)
+@click.option("--steps", default=1000, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--log", "log_path", type=click.Path(path_type=Path), default=None, help="Also append the log here.")
 def train_judge_cmd(out, steps, seed, log_path) -> None:

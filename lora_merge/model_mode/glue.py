@@ -178,7 +178,12 @@ class ModelModeMixin:
     """
 
     def prepare(self, inputs, context) -> None:
-        super().prepare(inputs, context)
+        if self.config.get("mode") == "model":
+            # no up-front weight-space solve of every layer: only layers outside the UNet need one, and
+            # the strategy solves those on demand in merge_layer
+            super().prepare(inputs, {**context, "plan": None})
+        else:
+            super().prepare(inputs, context)
         self._trained = prepare(self, inputs, context)
 
     def merge_layer(self, inputs, ctx):

@@ -63,3 +63,9 @@ MODEL_MODE_PARAMS: tuple[Param, ...] = (
 
 #: parameters that must be set in model mode
 REQUIRED_IN_MODEL_MODE = ("base", "content_images", "content_prompt", "style_images", "style_prompt")
+
+#: what each strategy adds: ZipLoRA has no Constyle cycles, so no cycle prompt or reverse-cycle weight
+DUOLORA_MODEL_PARAMS: tuple[Param, ...] = MODEL_MODE_PARAMS
+ZIPLORA_MODEL_PARAMS: tuple[Param, ...] = tuple(
+    p for p in MODEL_MODE_PARAMS if p.name not in ("cycle_prompt", "lambda_rev")
+)

@@ -1,7 +1,9 @@
 """``blocks``: B-LoRA-style block selection — each layer comes from the input(s) whose pattern matches it."""
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..errors import MergeError, UsageError
 from ..patterns import compile_pattern
@@ -44,13 +46,26 @@ class Blocks(MergeStrategy):
     reference = "Frenkel et al., Implicit Style-Content Separation using B-LoRA, ECCV 2024 (arXiv 2403.14572)"
     exact = True
     params = (
-        Param("preset", str, "b-lora-sdxl", "named rule set: " + "; ".join(f"{k} = {v}" for k, v in PRESETS.items()),
-              choices=tuple(PRESETS)),
-        Param("take", str, None, "rules 'INPUT:PATTERN,...' (1-based inputs; patterns as for --weight); "
-              "overrides --preset"),
-        Param("rest", str, "drop", "layers no rule matches: drop (zero update), sum (weighted sum of all "
-              "inputs) or an input number", ),
-    )  # fmt: skip
+        Param(
+            "preset",
+            str,
+            "b-lora-sdxl",
+            "named rule set: " + "; ".join(f"{k} = {v}" for k, v in PRESETS.items()),
+            choices=tuple(PRESETS),
+        ),
+        Param(
+            "take",
+            str,
+            None,
+            "rules 'INPUT:PATTERN,...' (1-based inputs; patterns as for --weight); overrides --preset",
+        ),
+        Param(
+            "rest",
+            str,
+            "drop",
+            "layers no rule matches: drop (zero update), sum (weighted sum of all inputs) or an input number",
+        ),
+    )
 
     def prepare(self, inputs: Sequence[Any], context: dict[str, Any]) -> None:
         n = len(inputs)
@@ -80,11 +95,15 @@ class Blocks(MergeStrategy):
                 chosen = [int(self.rest) - 1]
         for i in chosen:
             self._taken[i] += int(inputs[i].present)
-        sel = [x if i in chosen else LayerInput(x.up[:, :0], x.down[:0], 0.0, 0.0, False)
-               for i, x in enumerate(inputs)]  # fmt: skip
+        sel = [
+            x if i in chosen else LayerInput(x.up[:, :0], x.down[:0], 0.0, 0.0, False)
+            for i, x in enumerate(inputs)
+        ]
         up, down = concat(sel)
         return LayerResult(up=up, down=down, info={"from_inputs": [i + 1 for i in chosen], "by": source})
 
     def report(self) -> dict[str, Any]:
-        return {"layers_taken_per_input": {str(i + 1): k for i, k in self._taken.items()},
-                "rules": [[i + 1, p] for i, p in self.rules]}  # fmt: skip
+        return {
+            "layers_taken_per_input": {str(i + 1): k for i, k in self._taken.items()},
+            "rules": [[i + 1, p] for i, p in self.rules],
+        }

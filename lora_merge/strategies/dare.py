@@ -1,7 +1,8 @@
 """``dare``: drop-and-rescale each layer's ΔW, then a linear or TIES combination."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -28,11 +29,17 @@ class Dare(MergeStrategy):
     exact = False
     params = (
         Param("density", float, 0.5, "probability of keeping each ΔW entry", range=(0.0, 1.0)),
-        Param("variant", str, "linear", "combine the dropped deltas by weighted sum (linear) or TIES "
-              "sign election + disjoint mean (ties)", choices=("linear", "ties")),
+        Param(
+            "variant",
+            str,
+            "linear",
+            "combine the dropped deltas by weighted sum (linear) or TIES "
+            "sign election + disjoint mean (ties)",
+            choices=("linear", "ties"),
+        ),
         SIGN,
         DIVIDE,
-    )  # fmt: skip
+    )
 
     def merge_layer(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> LayerResult:
         taus, weights = unweighted_taus(inputs)

@@ -26,7 +26,8 @@ class DuoLoRA(PairMaskStrategy):
     exact = False
     params = (
         Param("lambda_sim", float, 0.01, "weight of the similarity term mean|m_c·m_s|", range=(0.0, None)),
-        Param("lambda_prior", float, 0.1, "weight of the layer-prior rank term (0: off)", range=(0.0, None)),
+        Param("lambda_prior", float, 0.01, "weight of the layer-prior rank term (0: off; the paper's 0.1 is "
+              "relative to its noise-space MSE, see docs)", range=(0.0, None)),
         Param("lambda_hinge", float, 1.0, "weight of the hinge inside the prior term", range=(0.0, None)),
         Param("lambda_cycle", float, 0.01, "weight of the weight-space Constyle (additivity) term (0: off)",
               range=(0.0, None)),

@@ -1,7 +1,8 @@
 """``linear``: the exact weighted sum by rank concatenation (algorithms.md §2)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .. import linalg
 from . import register

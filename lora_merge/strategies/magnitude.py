@@ -1,7 +1,8 @@
 """``magnitude-prune``: keep the largest-magnitude entries of the weighted sum."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

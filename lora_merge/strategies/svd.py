@@ -1,7 +1,8 @@
 """``svd``: the weighted sum, re-factored through QR of the factors and an SVD of the small core."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -18,11 +19,22 @@ class Svd(MergeStrategy):
     reference = "algorithms.md §3 (kohya svd_merge_lora.py / PEFT 'svd' do a dense SVD instead)"
     exact = False
     params = (
-        Param("energy", float, 1.0, "keep the fewest singular directions holding this fraction of "
-              "‖ΔW‖²_F (1 = all non-negligible ones; exact)", range=(0.0, 1.0)),
-        Param("split", str, "sqrt", "how Σ is split between the factors: sqrt (B=U√Σ, A=√ΣVᵀ) or up "
-              "(B=UΣ, A=Vᵀ, kohya's convention)", choices=("sqrt", "up")),
-    )  # fmt: skip
+        Param(
+            "energy",
+            float,
+            1.0,
+            "keep the fewest singular directions holding this fraction of "
+            "‖ΔW‖²_F (1 = all non-negligible ones; exact)",
+            range=(0.0, 1.0),
+        ),
+        Param(
+            "split",
+            str,
+            "sqrt",
+            "how Σ is split between the factors: sqrt (B=U√Σ, A=√ΣVᵀ) or up (B=UΣ, A=Vᵀ, kohya's convention)",
+            choices=("sqrt", "up"),
+        ),
+    )
 
     def merge_layer(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> LayerResult:
         up, down = concat(inputs)
@@ -42,5 +54,6 @@ class Svd(MergeStrategy):
         else:
             rs = s.sqrt()
             b, a = u * rs[None, :], rs[:, None] * vh
-        return LayerResult(up=b, down=a, info={"svd_rank": k, "sigma_max": float(s[0]) if k else 0.0,
-                                               "energy_kept": kept})
+        return LayerResult(
+            up=b, down=a, info={"svd_rank": k, "sigma_max": float(s[0]) if k else 0.0, "energy_kept": kept}
+        )

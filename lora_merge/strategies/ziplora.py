@@ -7,7 +7,8 @@ Input 1 is the content LoRA, input 2 the style LoRA.  See docs/ziplora-duolora.m
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -64,9 +65,9 @@ class PairMaskStrategy(MergeStrategy):
         plan = context.get("plan")
         if not plan or "weights" not in context:
             return
+        from ..arch import resolution_of, sub_block_of
         from ..engine import _layer_inputs  # the engine's own construction of LayerInputs
         from ..patterns import compile_pattern
-        from ..arch import resolution_of, sub_block_of
 
         arch, dev = context.get("arch"), context.get("device") or torch.device("cpu")
         setups = []
@@ -171,6 +172,43 @@ class PairMaskStrategy(MergeStrategy):
             "blocks": blocks,
             "mask_sidecar_keys": "<module>.mask_content / <module>.mask_style",
         }
+
+    @classmethod
+    def render_report(cls, report: dict[str, Any]):
+        """A rich table for the merge CLI: per-block mean masks and retention, trainable values, losses."""
+        from rich.table import Table
+
+        strat = report.get("strategy") or {}
+        layers = report.get("layers") or {}
+        t = Table(title=f"{strat.get('strategy', cls.name)}: {strat.get('trainable_values', 0):,} trainable values, "
+                        f"input model {strat.get('input_model', '?')}")  # fmt: skip
+        for col in ("block", "layers", "role", "mask content", "mask style", "retention content", "retention style"):
+            t.add_column(col, justify="left" if col in ("block", "role") else "right", no_wrap=col == "block")
+        acc: dict[str, dict[str, list]] = {}
+        for name, info in layers.items():
+            from ..arch import sub_block_of
+
+            blk = sub_block_of(name) or "other"
+            a = acc.setdefault(blk, {"role": set(), "rc": [], "rs": []})
+            a["role"].add(info.get("role", "-"))
+            ret = info.get("retention") or {}
+            if ret.get("content") is not None:
+                a["rc"].append(ret["content"])
+            if ret.get("style") is not None:
+                a["rs"].append(ret["style"])
+
+        def mean(x):
+            return f"{sum(x) / len(x):.4f}" if x else "-"
+
+        for blk, b in (strat.get("blocks") or {}).items():
+            a = acc.get(blk, {"role": {"-"}, "rc": [], "rs": []})
+            t.add_row(blk, str(b["layers"]), ",".join(sorted(a["role"])), f"{b['mask_content']:.3f}",
+                      f"{b['mask_style']:.3f}", mean(a["rc"]), mean(a["rs"]))  # fmt: skip
+        loss = strat.get("loss_mean") or {}
+        if "init" in loss and "final" in loss:
+            t.caption = (f"mean loss per layer: {loss['init']['total']:.4g} (init) → {loss['final']['total']:.4g} "
+                         f"(final); masks in <output>.masks.safetensors")  # fmt: skip
+        return t
 
     def mask_tensors(self) -> dict[str, torch.Tensor]:
         """Every layer's masks, for the ``<output>.masks.safetensors`` sidecar (see docs)."""

@@ -131,7 +131,7 @@ def per_class_accuracy(judge: Judge, n_per_class: int = 100, seed: int = 12345, 
     return out
 
 
-def train_judge(out: Path = DATA_DIR, steps: int = 1500, batch: int = 128, lr: float = 2e-3, seed: int = 0,
+def train_judge(out: Path = DATA_DIR, steps: int = 1000, batch: int = 128, lr: float = 2e-3, seed: int = 0,
                 log: Callable[[str], None] = print) -> Path:
     from safetensors.torch import save_file
 
@@ -160,9 +160,14 @@ def train_judge(out: Path = DATA_DIR, steps: int = 1500, batch: int = 128, lr: f
     info = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "heldout_clean": clean, "heldout_augmented": aug}
     log(json.dumps(info, indent=1))
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.float16).contiguous() for k, v in net.state_dict().items()}, str(out / "judge.safetensors"))
+    tmp = out / "judge.safetensors.tmp"
+    save_file({k: v.to(torch.float16).contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    tmp.chmod(0o644)
     cfg = {"shapes": list(world.SHAPES), "styles": list(world.STYLES), "width": 32, "training": info}
-    (out / "judge.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    tmp_json = out / "judge.json.tmp"
+    tmp_json.write_text(json.dumps(cfg, indent=2) + "\n")
+    tmp.replace(out / "judge.safetensors")
+    tmp_json.replace(out / "judge.json")
     return out / "judge.safetensors"
 
 

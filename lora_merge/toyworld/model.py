@@ -42,6 +42,10 @@ UNET_CONFIG: dict[str, Any] = {
     "cross_attention_dim": 64,
     "attention_head_dim": 4,
     "norm_num_groups": 8,
+    # SDXL adds pooled text to the time embedding ("text_time"); "text" is the same idea without SDXL's
+    # size conditioning: attention-pooled encoder states → time embedding → every resnet.
+    "addition_embed_type": "text",
+    "addition_embed_type_num_heads": 4,
 }
 TEXT_CONFIG: dict[str, Any] = {"vocab": list(VOCAB), "dim": 64, "heads": 4, "ff": 128, "max_tokens": MAX_TOKENS}
 SCHEDULER_CONFIG: dict[str, Any] = {
@@ -165,8 +169,14 @@ def save_base(unet, text_encoder: TextEncoder, out: Path, extra: dict[str, Any] 
         "scheduler": SCHEDULER_CONFIG,
         **(extra or {}),
     }
+    def atomic(path: Path, write) -> None:  # readers (other processes) never see a half-written file
+        tmp = path.with_name(path.name + ".tmp")
+        write(tmp)
+        tmp.chmod(0o644)
+        tmp.replace(path)
+
     half = {k: v.detach().to(torch.float16).contiguous() for k, v in unet.state_dict().items()}
-    save_file(half, str(out / "unet.safetensors"), metadata={"format": "pt"})
+    atomic(out / "unet.safetensors", lambda p: save_file(half, str(p), metadata={"format": "pt"}))
     te = {k: v.detach().to(torch.float16).contiguous() for k, v in text_encoder.state_dict().items()}
-    save_file(te, str(out / "text_encoder.safetensors"), metadata={"format": "pt"})
-    (out / "model.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    atomic(out / "text_encoder.safetensors", lambda p: save_file(te, str(p), metadata={"format": "pt"}))
+    atomic(out / "model.json", lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))

@@ -53,12 +53,20 @@ def _cosine_lr(step: int, steps: int, warmup: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
 
 
-def diffusion_loss(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def diffusion_loss(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, g: torch.Generator,
+                   min_snr_gamma: float | None = None) -> torch.Tensor:
+    """ε-prediction MSE; with ``min_snr_gamma`` weighted by ``min(SNR, γ)/SNR`` (Min-SNR, Hang et al. 2023),
+    which shifts weight to the noisy steps where the coarse layout (the shape) is decided."""
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g)
     xt = scheduler.add_noise(x0, noise, t)
     pred = unet(xt, t, encoder_hidden_states=cond).sample
-    return F.mse_loss(pred, noise)
+    if min_snr_gamma is None:
+        return F.mse_loss(pred, noise)
+    ab = scheduler.alphas_cumprod[t].float()
+    snr = ab / (1 - ab)
+    w = torch.clamp(snr, max=min_snr_gamma) / snr
+    return (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
 def train_base(out: Path = DATA_DIR / "base", steps: int = 1200, batch: int = 48, lr: float = 2e-3, seed: int = 0,
@@ -94,7 +102,7 @@ def train_base(out: Path = DATA_DIR / "base", steps: int = 1200, batch: int = 48
         x0 = images[idx]
         prompts = [base_caption(*labels[i], u) for i, u in zip(idx.tolist(), us)]
         cond = te(te.tokenize(prompts))
-        loss = diffusion_loss(unet, sched, x0, cond, g)
+        loss = diffusion_loss(unet, sched, x0, cond, g, min_snr_gamma=5.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -177,7 +185,7 @@ def train_lora(concept: str, out: Path = DATA_DIR, steps: int = 400, batch: int 
     t0 = time.time()
     for step in range(steps):
         idx = torch.randint(0, images.shape[0], (batch,), generator=g)
-        loss = diffusion_loss(unet, sched, images[idx], cond_all[idx], g)
+        loss = diffusion_loss(unet, sched, images[idx], cond_all[idx], g, min_snr_gamma=5.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
