@@ -214,15 +214,23 @@ def test_lazy_tensors_from_another_file_and_no_temp_left(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    import safetensors.torch
+    from lora_merge.formats import safetensors_io
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(safetensors_io, "_serialize", boom)
     with pytest.raises(KeyboardInterrupt):
         lora_merge.save(_synthetic(), tmp_path / "x.safetensors", to="kohya")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_is_byte_deterministic(tmp_path):
+    """Same adapter + metadata → same bytes, whatever the metadata's insertion order."""
+    ad = _synthetic()
+    a = lora_merge.save(ad, tmp_path / "a.safetensors", to="kohya", metadata={"x": "1", "y": "2"})
+    b = lora_merge.save(ad, tmp_path / "b.safetensors", to="kohya", metadata={"y": "2", "x": "1"})
+    assert a.read_bytes() == b.read_bytes()
 
 
 def test_save_usage_errors(tmp_path):

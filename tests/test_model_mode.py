@@ -711,3 +711,24 @@ def test_cli_merge_model_mode(world, tmp_path, capsys):
     assert code == 2 and "--mode model needs --base" in err and "Traceback" not in err
     code, err = run(["merge", *common, *model, "--force"])
     assert code == 2 and "only apply with --mode model" in err
+
+
+def test_bench_rows():
+    """The toy-world bench rows: model-mode ZipLoRA/DuoLoRA and DuoLoRA's ablation, with the toy world's
+    references and prompts."""
+    from lora_merge.model_mode.bench import extra_variants
+
+    rows = {v.label: v for v in extra_variants(None, ablations=True, calibrated=False)}
+    assert set(rows) == {"ziplora (model)", "duolora (model)", "duolora (model, ZipRank only)",
+                         "duolora (model, ZipRank + priors)"}  # fmt: skip
+    only = rows["duolora (model, ZipRank only)"].params
+    assert (
+        only["mode"] == "model"
+        and only["base"] == "toyworld"
+        and only["content_images"] == "toyworld:content"
+    )
+    assert (only["lambda_prior"], only["prior_init"], only["lambda_cycle"]) == (0.0, False, 0.0)
+    assert "lambda_cycle" not in rows["duolora (model)"].params  # the full row: paper defaults
+    assert [v.label for v in extra_variants(["ziplora"], ablations=False, calibrated=False)] == [
+        "ziplora (model)"
+    ]

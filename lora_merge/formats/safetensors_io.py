@@ -168,24 +168,46 @@ def lazy_refs(header: Header) -> dict[str, TensorRef]:
     return {k: TensorRef.in_file(handle, k, t.shape, t.dtype) for k, t in header.tensors.items()}
 
 
+_TAG_OF = {dt: tag for tag, (dt, _size) in DTYPES.items()}
+
+
+def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str], fh) -> None:
+    """Write the safetensors format deterministically: same tensors + metadata → same bytes.
+
+    ``safetensors.torch.save_file`` stores ``__metadata__`` from a hash map, so identical merges
+    could differ byte for byte.  Layout as the reference writer: tensors ordered by (alignment
+    descending, name), header JSON padded with spaces to 8 bytes.
+    """
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        if t.dtype not in _TAG_OF:
+            raise FormatError(f"cannot store dtype {t.dtype} in safetensors (tensor {k})")
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _TAG_OF[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    fh.write(struct.pack("<Q", len(blob)))
+    fh.write(blob)
+    for k in order:
+        t = tensors[k]
+        if t.numel():
+            fh.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def write_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Write a safetensors file to a temp file in the same folder, then ``os.replace`` it into place."""
-    from safetensors.torch import save_file
-
     path = Path(path)
-    seen: set[int] = set()
-    ready: dict[str, torch.Tensor] = {}
-    for k, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if t.numel() and ptr in seen:  # safetensors refuses tensors that share memory
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        ready[k] = t
+    ready = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        save_file(ready, tmp, metadata=dict(metadata))
+        with os.fdopen(fd, "wb") as fh:
+            _serialize(ready, dict(metadata), fh)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

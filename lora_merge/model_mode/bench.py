@@ -53,35 +53,40 @@ def calibrate_toyworld(path: str | os.PathLike, force: bool = True, seed: int = 
 
 
 def extra_variants(
-    strategies: Sequence[str] | None, stats_path: str | os.PathLike | None, ablations: bool = True
+    strategies: Sequence[str] | None,
+    ablations: bool = True,
+    calibrated: bool = True,
+    stats_path: str | os.PathLike | None = None,
 ) -> list:
-    """Rows for ``bench quality``: model mode (+ ablations) and weight space with calibrated statistics.
-    Only for strategies that are selected and declare the needed parameters."""
+    """Rows for ``bench quality``: model mode (+ DuoLoRA's ablation) and weight space with statistics from
+    ``calibrate`` (written to ``stats_path``, default a temporary folder).  Only for selected strategies
+    that declare the needed parameters."""
+    import tempfile
+
     from ..strategies import available_strategies
     from ..toyworld.quality import Variant
 
     avail = available_strategies()
     wanted = set(strategies) if strategies else {"ziplora", "duolora"}
+
+    def declares(strat: str, param: str) -> bool:
+        return strat in wanted and strat in avail and param in {p.name for p in avail[strat].params}
+
     rows = []
     common = toyworld_common()
     for label, strat, extra in MODEL_ROWS:
-        if strat not in wanted or strat not in avail or "mode" not in {p.name for p in avail[strat].params}:
-            continue
-        if extra and not ablations:
-            continue
-        rows.append(Variant(label, strat, {**common, **extra}))
-    if stats_path is not None:
-        made = False
-        for strat in ("ziplora", "duolora"):
-            if strat in wanted and strat in avail and "stats" in {p.name for p in avail[strat].params}:
-                if not made:
-                    calibrate_toyworld(stats_path)
-                    made = True
-                rows.append(
-                    Variant(
-                        f"{strat} (calibrated stats)",
-                        strat,
-                        {"input_model": "stats", "stats": os.fspath(stats_path)},
-                    )
-                )
+        if declares(strat, "mode") and (ablations or not extra):
+            rows.append(Variant(label, strat, {**common, **extra}))
+    stat_rows = [s for s in ("ziplora", "duolora") if declares(s, "stats")] if calibrated else []
+    if stat_rows:
+        path = (
+            Path(stats_path)
+            if stats_path
+            else Path(tempfile.mkdtemp(prefix="lm-stats-")) / "toyworld.safetensors"
+        )
+        calibrate_toyworld(path)
+        for strat in stat_rows:
+            rows.append(
+                Variant(f"{strat} (calibrated stats)", strat, {"input_model": "stats", "stats": str(path)})
+            )
     return rows
