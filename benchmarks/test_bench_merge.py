@@ -29,6 +29,17 @@ import lora_merge as lm
 from lora_merge import linalg
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Both sides of every ratio run with one torch thread: on a shared, oversubscribed machine two
+    OpenMP threads make small LAPACK calls (QR, SVD) up to ~100x slower, which would measure the
+    machine's load rather than the algorithm."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _floor(a, b, out):
     """The least any merge tool must do: load both, concatenate the factors (scale folded in), save."""
     ta, tb = load_file(str(a)), load_file(str(b))
@@ -149,6 +160,7 @@ _MEM_SCRIPT = textwrap.dedent(
     """
     import json, os, resource, sys
     import lora_merge as lm, torch
+    torch.set_num_threads(1)
     torch.zeros(1)
     def rss():
         with open("/proc/self/status") as f:

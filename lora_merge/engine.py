@@ -15,6 +15,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,6 +379,55 @@ def merge(
                 "mask sidecar exists (use --force to overwrite)", mask_sidecar_path(out_path)
             )
     names = [os.fspath(p) if p is not None else ad.display_name for p, ad in zip(paths, adapters)]
+    # hash the input files on a second thread while the layers merge (hashlib releases the GIL)
+    hasher = ThreadPoolExecutor(max_workers=1)
+    hashes = [hasher.submit(input_sha256, p) if p is not None else None for p in paths]
+    try:
+        return _merge_planned(
+            strat,
+            adapters,
+            paths,
+            names,
+            hashes,
+            w,
+            lw,
+            rank,
+            to,
+            out_dtype,
+            dev,
+            seed,
+            force,
+            keep_extra_from,
+            progress,
+            report_path,
+            arch,
+            out_path,
+        )
+    finally:
+        hasher.shutdown(wait=True, cancel_futures=True)
+
+
+def _merge_planned(
+    strat,
+    adapters,
+    paths,
+    names,
+    hashes,
+    w,
+    lw,
+    rank,
+    to,
+    out_dtype,
+    dev,
+    seed,
+    force,
+    keep_extra_from,
+    progress,
+    report_path,
+    arch,
+    out_path,
+) -> MergeResult:
+    n = len(adapters)
     plan = _plan(adapters, names)
     if not plan:
         raise MergeError("the inputs contain no LoRA modules to merge")
@@ -385,10 +435,7 @@ def merge(
     the_arch = arch or arch_mod.guess_arch(adapters[0])
 
     recipe = {
-        "inputs": [
-            {"path": nm, "sha256": input_sha256(p) if p is not None else None, "dialect": ad.dialect}
-            for nm, p, ad in zip(names, paths, adapters)
-        ],
+        "inputs": [{"path": nm, "sha256": None, "dialect": ad.dialect} for nm, ad in zip(names, adapters)],
         "strategy": strat.name,
         "params": dict(strat.config),
         "weights": w,
@@ -460,6 +507,8 @@ def merge(
         if prog:
             prog.stop()
     merged.extra_tensors = extras
+    for entry, fut in zip(recipe["inputs"], hashes):
+        entry["sha256"] = fut.result() if fut is not None else None
     merged.metadata = _metadata(merged, recipe, names)
     report = {"recipe": recipe, "layers": layer_info, "strategy": strat.report()}
     written = None

@@ -732,3 +732,16 @@ def test_bench_rows():
     assert [v.label for v in extra_variants(["ziplora"], ablations=False, calibrated=False)] == [
         "ziplora (model)"
     ]
+
+
+def test_modules_outside_the_unet_are_listed_not_trained(world):
+    from lora_merge.adapter import Adapter, LoraModule
+
+    extra = Adapter(modules=dict(world.adapters[0].modules))
+    te = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    extra.modules[te] = LoraModule.from_tensors(te, torch.randn(2, 8), torch.randn(8, 2))
+    x = world.images["content"]
+    res = train_masks(world.base, [extra, world.adapters[1]], content_images=x, content_prompt="a", style_images=x,
+                      style_prompt="b", config=TrainConfig(strategy="ziplora", steps=0, eval_batches=0))  # fmt: skip
+    assert res.skipped == [te] and te not in res.masks and len(res.masks) == 32
+    assert res.report()["not_trained"] == [te]

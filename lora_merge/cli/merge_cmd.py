@@ -53,10 +53,12 @@ def _strategy_options() -> list[click.Option]:
         if name in _CORE:
             continue
         p = owners[0][1]
-        who = ", ".join(sorted({c for c, _ in owners}))
-        extra = f" (default {p.default})" if len(owners) == 1 and p.default is not None else ""
-        choices = f" [{'|'.join(p.choices)}]" if p.choices and len(owners) == 1 else ""
-        help_ = f"[{who}] {p.help}{choices}{extra}"
+        helps: dict[str, list[str]] = {}  # strategies that share a parameter may describe it differently
+        for cls_name, q in owners:
+            choices = f" [{'|'.join(q.choices)}]" if q.choices else ""
+            default = f" (default {q.default})" if q.default is not None else ""
+            helps.setdefault(f"{q.help}{choices}{default}", []).append(cls_name)
+        help_ = "; ".join(f"[{', '.join(sorted(who))}] {text}" for text, who in helps.items())
         if all(q.type is bool for _, q in owners):
             flag = p.option[2:]
             opts.append(click.Option([f"--{flag}/--no-{flag}", name], default=None, help=help_))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .. import linalg
+import torch
+
 from . import register
 from .base import LayerContext, LayerInput, LayerResult, MergeStrategy
 
@@ -15,12 +16,22 @@ def present(inputs: Sequence[LayerInput]) -> list[LayerInput]:
 
 
 def concat(inputs: Sequence[LayerInput]) -> tuple:
-    """``(B, A)`` with ``B A = Σ w_i s_i B_i A_i`` exactly; rank Σ r_i of the contributing inputs."""
+    """``(B, A)`` with ``B A = Σ w_i s_i B_i A_i`` exactly; rank Σ r_i of the contributing inputs.
+
+    Same result as :func:`lora_merge.linalg.concat_factors`, written into preallocated outputs (one copy
+    per factor instead of two; this is the hot loop of a linear merge)."""
     xs = present(inputs)
-    if not xs:
-        x = inputs[0]
-        return x.up.new_zeros(x.up.shape[0], 0), x.down.new_zeros(0, x.down.shape[1])
-    return linalg.concat_factors([x.up for x in xs], [x.down for x in xs], [x.coeff for x in xs])
+    x0 = inputs[0]
+    d_out, d_in = x0.up.shape[0], x0.down.shape[1]
+    total = sum(x.rank for x in xs)
+    up = x0.up.new_empty(d_out, total, dtype=torch.float32)
+    down = x0.down.new_empty(total, d_in, dtype=torch.float32)
+    o = 0
+    for x in xs:
+        up[:, o : o + x.rank] = x.up
+        torch.mul(x.down, x.coeff, out=down[o : o + x.rank])
+        o += x.rank
+    return up, down
 
 
 @register

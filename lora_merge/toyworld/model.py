@@ -51,7 +51,9 @@ TEXT_CONFIG: dict[str, Any] = {"vocab": list(VOCAB), "dim": 64, "heads": 4, "ff"
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_schedule": "squaredcos_cap_v2",
-    "prediction_type": "epsilon",
+    # v-prediction: at high noise the target is ≈ -x0, so the coarse layout decided there (the shape)
+    # counts in the loss; with ε-prediction two runs learned styles but ignored the shape word
+    "prediction_type": "v_prediction",
     "clip_sample": True,
 }
 

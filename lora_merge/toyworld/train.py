@@ -55,18 +55,21 @@ def _cosine_lr(step: int, steps: int, warmup: int) -> float:
 
 def diffusion_loss(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, g: torch.Generator,
                    min_snr_gamma: float | None = None) -> torch.Tensor:
-    """ε-prediction MSE; with ``min_snr_gamma`` weighted by ``min(SNR, γ)/SNR`` (Min-SNR, Hang et al. 2023),
-    which shifts weight to the noisy steps where the coarse layout (the shape) is decided."""
+    """MSE against the scheduler's target (ε or v); with ``min_snr_gamma`` weighted by Min-SNR-γ (Hang et
+    al. 2023: ``min(SNR, γ)/SNR`` for ε, ``min(SNR, γ)/(SNR + 1)`` for v), which moves weight to the noisy
+    steps where the coarse layout (the shape) is decided."""
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g)
     xt = scheduler.add_noise(x0, noise, t)
+    v_pred = scheduler.config.prediction_type == "v_prediction"
+    target = scheduler.get_velocity(x0, noise, t) if v_pred else noise
     pred = unet(xt, t, encoder_hidden_states=cond).sample
     if min_snr_gamma is None:
-        return F.mse_loss(pred, noise)
+        return F.mse_loss(pred, target)
     ab = scheduler.alphas_cumprod[t].float()
     snr = ab / (1 - ab)
-    w = torch.clamp(snr, max=min_snr_gamma) / snr
-    return (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+    w = torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if v_pred else snr)
+    return (w * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
 def train_base(out: Path = DATA_DIR / "base", steps: int = 1200, batch: int = 48, lr: float = 2e-3, seed: int = 0,
