@@ -39,7 +39,7 @@ from .errors import FormatError, OutputExistsError, UsageError
 
 ROLES = ("content", "style", "neutral")
 PRIORS_FORMAT = "lora-merge.priors/1"
-NATIVE_LATENT = {"sdxl": 128, "sd1": 64}
+NATIVE_LATENT = {"sdxl": 128, "sd1": 64, "toyworld": 16}
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,8 @@ _BUILTIN: dict[str, Callable[[], LayerPriors]] = {
     "sd1": lambda: priors_from_resolutions("sd1", BLOCK_RESOLUTIONS["sd1"], NATIVE_LATENT["sd1"]),
     "sd2": lambda: priors_from_resolutions("sd2", BLOCK_RESOLUTIONS["sd2"], NATIVE_LATENT["sd1"]),
     "b-lora": _b_lora,
+    # the paper's rule on the toy world's blocks (4×4 → content, 8×8 → style); measured: docs/priors.md
+    "toyworld": lambda: priors_from_resolutions("toyworld", BLOCK_RESOLUTIONS["toyworld"], NATIVE_LATENT["toyworld"]),
 }
 
 

@@ -612,6 +612,22 @@ def measure_for_model(model: Any, adapters: Sequence[Adapter], content_images: A
     return to_layer_priors(result, source=src), result
 
 
+def toyworld_priors_file(seed: int = 0) -> Path:
+    """Measure the bundled toy-world LoRAs with the default settings and write the priors to a file in the
+    temp folder (rewritten on each call)."""
+    import tempfile
+
+    from . import load
+    from . import toyworld as tw
+    from .model_mode.runtime import load_base_model
+
+    paths = tw.bundled_loras()
+    model = load_base_model("toyworld")
+    _, result = measure_for_model(model, [load(paths["content"]), load(paths["style"])], None, None, None, None,
+                                  seed)
+    return write_priors(result, Path(tempfile.gettempdir()) / f"lora-merge-toyworld-priors-{seed}.json", force=True)
+
+
 def bench_variants(strategies: Sequence[str] | None = None) -> list:
     """``lora-merge bench quality`` rows: DuoLoRA with the paper's resolution rule on the toy world's blocks
     (the SDXL rule: 4×4 → content, 8×8 → style) next to DuoLoRA with priors measured on the toy world —
@@ -630,6 +646,8 @@ def bench_variants(strategies: Sequence[str] | None = None) -> list:
         rows.append(Variant("duolora (SDXL-rule priors)", "duolora", {"priors": "toyworld"}))
     if "base" in declared:
         rows.append(Variant("duolora (measured priors)", "duolora", {"priors": "measure", "base": "toyworld"}))
+    else:  # the same measurement (toy-world defaults, seed 0), handed over as a priors file
+        rows.append(Variant("duolora (measured priors)", "duolora", {"priors": str(toyworld_priors_file())}))
     if "mode" in declared:
         from .model_mode.bench import toyworld_common
 

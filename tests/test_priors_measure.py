@@ -344,3 +344,32 @@ def test_toyworld_noise_measure_and_judged_experiment_agree():
     rows = pm.compare(noise, judged)
     assert [r["group"] for r in rows] == ["4x4", "8x8"]
     assert all(r["agree"] for r in rows), rows
+
+
+def test_duolora_priors_measure_needs_the_base_model(base):
+    from lora_merge.engine import merge
+
+    content, style = lora_in(base.unet, LOW, 1), lora_in(base.unet, HIGH, 2)
+    with pytest.raises(UsageError, match="--priors measure needs --base"):
+        merge([content, style], strategy="duolora", params={"priors": "measure", "steps": 1})
+
+
+def test_duolora_priors_measure_runs_the_measurement(cli_setup):
+    """``--priors measure`` inside the merge: same roles as the measure command, recorded in the report."""
+    import lora_merge
+    from lora_merge.engine import merge
+    from lora_merge.strategies import get_strategy
+
+    if "base" not in {p.name for p in get_strategy("duolora").params}:
+        pytest.skip("duolora does not declare the model-mode parameters (base, images, prompts) yet")
+    root = cli_setup
+    content, style = lora_merge.load(root / "content.safetensors"), lora_merge.load(root / "style.safetensors")
+    params = {"priors": "measure", "base": str(root / "pipe"), "content_images": str(root / "content_images"),
+              "content_prompt": "a sks", "style_images": str(root / "style_images"), "style_prompt": "zkz style",
+              "steps": 2}  # fmt: skip
+    res = merge([content, style], strategy="duolora", params=params)
+    rep = res.report["strategy"]["priors"]
+    assert {g["group"]: g["role"] for g in rep["measured"]["groups"]} == {"2x2": "content", "4x4": "style"}
+    assert rep["layers_by_role"] == {"content": len(content), "style": len(style)}
+    with pytest.raises(UsageError, match="--style-images"):
+        merge([content, style], strategy="duolora", params={**params, "style_images": None})

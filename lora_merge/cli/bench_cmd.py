@@ -74,6 +74,7 @@ def quality(n: int, out: Path, strategies: str | None, no_ablations: bool, seed:
     strategy offers), sample "a sks object in zkz style" N times with fixed seeds, and judge content,
     style and both.  Rows for the LoRAs alone come first; the judge's accuracy and the base model's
     sanity numbers are printed too."""
+    from ..priors_measure import bench_variants
     from ..toyworld import CONTENT_PROMPT, JOINT_PROMPT, STYLE_PROMPT, bundled_loras
     from ..toyworld.judge import per_class_accuracy
     from ..toyworld.quality import (
@@ -93,6 +94,7 @@ def quality(n: int, out: Path, strategies: str | None, no_ablations: bool, seed:
         raise OutputExistsError("output exists (pass --force to overwrite)", existing[0])
     names = [s.strip() for s in strategies.split(",")] if strategies else None
     variants = default_variants(names, ablations=not no_ablations)
+    variants += bench_variants(names)  # DuoLoRA: SDXL-rule table next to measured priors (issue 7)
     loras = bundled_loras()
     err = stderr_console()
     t_all = time.perf_counter()

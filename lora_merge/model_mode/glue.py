@@ -34,6 +34,8 @@ def check_weights_mode(config: dict[str, Any]) -> None:
     """Model-mode options given without ``--mode model`` are a usage error (they would be ignored)."""
     defaults = {p.name: p.default for p in MODEL_MODE_PARAMS if p.name != "mode"}
     given = [k for k, d in defaults.items() if config.get(k) is not None and config.get(k) != d]
+    if config.get("priors") == "measure":  # --priors measure runs the base model on the references (docs/priors.md)
+        given = [k for k in given if k not in REQUIRED_IN_MODEL_MODE]
     if given:
         raise UsageError(
             ", ".join("--" + k.replace("_", "-") for k in given) + " only apply with --mode model"
@@ -100,6 +102,10 @@ def train_for_strategy(strategy: Any, adapters: Sequence[Any], context: dict[str
     if len(adapters) != 2:
         raise UsageError(f"--mode model merges exactly 2 inputs (content, style), got {len(adapters)}")
     tcfg = train_config(strategy.name, cfg, context.get("seed", 0))
+    if tcfg.priors == "measure":  # measured by the strategy's prepare() (lora_merge.priors_measure)
+        tcfg.priors = getattr(strategy, "measured_priors", None)
+        if tcfg.priors is None:
+            raise UsageError("--priors measure: the strategy did not measure the priors before training")
     tcfg.validate()
     check_precision(tcfg.mixed_precision, context.get("device", "cpu"))
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[tcfg.mixed_precision]

@@ -311,8 +311,8 @@ def layer_roles(
     if priors == "auto":
         res, native = unet_block_resolutions(base.unet)
         table = priors_from_resolutions(str(base.arch or "unet"), res, native)
-    else:
-        table = load_priors(priors, base.arch)
+    else:  # a spec, or a LayerPriors object (``--priors measure``, measured by the strategy)
+        table = load_priors(priors, base.arch) if isinstance(priors, str) else priors
     out = {}
     for n in names:
         role = str(table.role_of(n))

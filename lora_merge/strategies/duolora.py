@@ -11,6 +11,7 @@ import warnings
 from typing import Any
 
 from .. import masks as M
+from ..errors import UsageError
 from ..priors import LayerPriors, load_priors
 from . import register
 from .base import LayerContext, Param
@@ -32,7 +33,7 @@ class DuoLoRA(PairMaskStrategy):
         Param("lambda_cycle", float, 0.01, "weight of the weight-space Constyle (additivity) term (0: off)",
               range=(0.0, None)),
         Param("priors", str, "auto", "layer priors: auto (from the architecture), sdxl, sd1, b-lora, none, "
-              "or a priors file"),
+              "measure (measured on --base with the reference images, see docs/priors.md), or a priors file"),
         Param("prior_init", bool, True, "initialize the masks from the priors (seeded draw); off: all ones"),
         Param("closed_form", bool, True, "solve the quadratic part in closed form (nearest to the "
               "initialization) before refining; off: Adam from the initialization, as the paper"),
@@ -47,10 +48,24 @@ class DuoLoRA(PairMaskStrategy):
         self._priors: LayerPriors | None = None
         self._priors_arch: object = ()
         self._roles: dict[str, int] = {}
+        # --priors measure (priors_measure.py): measured before the base class's prepare() solves the layers
+        self.measured_priors, self._measurement = self.__dict__.get("_pending_measure") or (None, None)
+
+    def prepare(self, inputs, context) -> None:
+        self._pending_measure = None
+        if self.priors == "measure":  # needs the base model and reference images; no fallback to a table
+            from ..priors_measure import measured_priors_for
+
+            self._pending_measure = measured_priors_for(self.config, inputs, context)
+        super().prepare(inputs, context)
 
     def _load(self, arch: str | None) -> LayerPriors:
         spec = self.priors
         self._priors_arch = arch
+        if spec == "measure":
+            if self.measured_priors is None:
+                raise UsageError("duolora --priors measure: the priors are measured in prepare(), which has not run")
+            return self.measured_priors
         if spec == "none":
             return LayerPriors(source="none")
         if spec == "auto" and arch is None:
@@ -78,4 +93,6 @@ class DuoLoRA(PairMaskStrategy):
         rep = super().report()
         rep["priors"] = {"spec": self.priors, "source": self._priors.source if self._priors else None,
                          "layers_by_role": dict(sorted(self._roles.items()))}  # fmt: skip
+        if self._measurement is not None:
+            rep["priors"]["measured"] = self._measurement.to_dict()
         return rep

@@ -18,7 +18,9 @@ from ..errors import UsageError
 from .model import ToyWorld, ddim_scheduler
 
 DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 3.0
+#: classifier-free guidance scale; 1 = plain conditional sampling (measured on the shipped base: guidance 1
+#: draws the asked shape 20/20, 1.5 15/20, 2 9/20 — guidance pushes this small model's shapes to blobs)
+DEFAULT_GUIDANCE = 1.0
 
 
 def as_adapter(adapter: Adapter | str | os.PathLike) -> Adapter:
@@ -78,7 +80,7 @@ def sample(world: ToyWorld, prompts: Sequence[str] | str, seeds: Sequence[int],
            adapter: Adapter | str | os.PathLike | None = None, scale: float = 1.0, steps: int = DEFAULT_STEPS,
            lora_group_scales: Mapping[str, float] | None = None, guidance: float = DEFAULT_GUIDANCE,
            batch_size: int = 256) -> torch.Tensor:
-    """Images ``(N, 3, H, W)`` in ``[-1, 1]``: DDIM (η = 0) with classifier-free guidance.
+    """Images ``(N, 3, H, W)`` in ``[-1, 1]``: DDIM (η = 0), classifier-free guidance when ``guidance != 1``.
 
     ``prompts`` is one prompt or one per seed.  Deterministic given the arguments.
     """
@@ -95,13 +97,14 @@ def sample(world: ToyWorld, prompts: Sequence[str] | str, seeds: Sequence[int],
     for i in range(0, len(seeds), batch_size):
         ps, ss = list(prompts[i : i + batch_size]), seeds[i : i + batch_size]
         cond = world.encode_prompt(ps)
-        uncond = world.encode_prompt([""] * len(ps))
-        ctx = torch.cat([uncond, cond])
+        guided = guidance != 1.0
+        ctx = torch.cat([world.encode_prompt([""] * len(ps)), cond]) if guided else cond
         x = initial_noise(ss, world.image_size).to(dev)
         for t in sched.timesteps:
-            eps = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx).sample
-            e_u, e_c = eps.chunk(2)
-            eps = e_u + guidance * (e_c - e_u)
-            x = sched.step(eps, t, x).prev_sample
+            out = unet(torch.cat([x, x]) if guided else x, t, encoder_hidden_states=ctx).sample
+            if guided:
+                o_u, o_c = out.chunk(2)
+                out = o_u + guidance * (o_c - o_u)
+            x = sched.step(out, t, x).prev_sample
         outs.append(x.clamp(-1, 1).cpu())
     return torch.cat(outs) if outs else torch.empty(0, 3, world.image_size, world.image_size)
