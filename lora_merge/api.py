@@ -15,7 +15,7 @@ from .formats import WRITERS, check_supported, detect_dialect
 from .formats import diffusers as _diffusers
 from .formats import kohya as _kohya
 from .formats import peft as _peft
-from .formats.safetensors_io import lazy_refs, read_header, write_atomic
+from .formats.safetensors_io import _umask, lazy_refs, read_header, write_atomic
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _MAX_LISTED = 8
@@ -188,6 +188,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -222,6 +222,12 @@ def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str], fh) -
             fh.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Write a safetensors file to a temp file in the same folder, then ``os.replace`` it into place."""
     path = Path(path)
@@ -230,6 +236,7 @@ def write_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     try:
         with os.fdopen(fd, "wb") as fh:
             _serialize(ready, dict(metadata), fh)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

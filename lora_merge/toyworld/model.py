@@ -52,7 +52,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_schedule": "squaredcos_cap_v2",
     # v-prediction: at high noise the target is ≈ -x0, so the coarse layout decided there (the shape)
-    # counts in the loss; with ε-prediction two runs learned styles but ignored the shape word
+    # counts in the loss
     "prediction_type": "v_prediction",
     "clip_sample": True,
 }

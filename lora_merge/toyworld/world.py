@@ -2,8 +2,7 @@
 
 Images are 16×16 RGB in ``[-1, 1]``.  A shape is a coarse, centred layout (about 13 px across, size
 jittered by ±4 %); a style is a palette plus a texture with a 4-pixel period and a random phase, so shape
-identity lives at coarse resolution and style at fine resolution.  (A first base model trained on shapes
-whose centre was also jittered by a pixel did not learn to bind shape words in the CPU budget.)  Everything is a pure
+identity lives at coarse resolution and style at fine resolution.  Everything is a pure
 function of ``(shape, style, seed)``.
 
 ``sks`` (a ring) and ``zkz`` (purple/lime diagonal stripes) are held out of base training: they are the
