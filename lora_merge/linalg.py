@@ -20,22 +20,72 @@ def concat_factors(
     return b, a
 
 
-def core_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of ``up @ down`` without forming it: returns ``U (d_out×R), S (R), Vh (R×d_in)``.
+#: the Gram route is used only when every kept direction is well resolved in fp64: cond(B)² ≤ 1e8 and
+#: σ_k² ≥ 1e-10·σ_1² (otherwise Householder QR, which never squares the condition number)
+_GRAM_COND2 = 1e-8
+_GRAM_SPREAD = 1e-10
 
-    QR of both factors, then an SVD of the small ``R×R`` core (algorithms.md §3).  Cost
-    ``O((d_out + d_in)·R² + R³)``.
-    """
-    up, down = _f32(up), _f32(down)
-    r = up.shape[1]
-    if r == 0:
-        z = up.new_zeros
-        return z((up.shape[0], 0)), z((0,)), z((0, down.shape[1]))
+
+def _core_svd_qr(up: torch.Tensor, down: torch.Tensor):
     qp, rp = torch.linalg.qr(up)  # d_out × k1, k1 × R
     qq, rq = torch.linalg.qr(down.T)  # d_in × k2, k2 × R
     core = rp @ rq.T  # k1 × k2
     uc, s, vch = torch.linalg.svd(core, full_matrices=False)
     return qp @ uc, s, vch @ qq.T
+
+
+def _core_svd_gram(up: torch.Tensor, down: torch.Tensor, k: int):
+    """Top-``k`` SVD of ``up @ down`` from the two ``R×R`` Gram matrices (fp64), or None when ill-conditioned.
+
+    With ``BᵀB = L Lᵀ`` (Cholesky), ``B = Q_B Lᵀ`` for an orthonormal ``Q_B``, so
+    ``(BA)(BA)ᵀ = Q_B (Lᵀ A Aᵀ L) Q_Bᵀ``: the eigenpairs ``(σ², W)`` of the small ``H = Lᵀ (A Aᵀ) L`` give
+    ``U = B L⁻ᵀ W`` and ``Vᵀ = Σ⁻¹ Wᵀ Lᵀ A``.  Two tall GEMMs instead of two Householder QRs.
+    """
+    p64, q64 = up.double(), down.double()
+    g1 = p64.T @ p64
+    g2 = q64 @ q64.T
+    l1, info = torch.linalg.cholesky_ex(g1)
+    if int(info) != 0:
+        return None
+    d = l1.diagonal()
+    if float(d.min()) ** 2 < _GRAM_COND2 * float(d.max()) ** 2:
+        return None
+    lam, w = torch.linalg.eigh(l1.T @ g2 @ l1)
+    lam, w = lam.flip(0)[:k], w.flip(1)[:, :k]
+    if not float(lam[-1]) > _GRAM_SPREAD * float(lam[0]):
+        return None
+    s = lam.sqrt()
+    x = torch.linalg.solve_triangular(l1.T, w, upper=True)  # L⁻ᵀ W
+    y = (w.T @ l1.T) / s[:, None]  # Σ⁻¹ Wᵀ Lᵀ
+    dt = up.dtype
+    return up @ x.to(dt), s.to(dt), y.to(dt) @ down
+
+
+def _core_svd_top(up: torch.Tensor, down: torch.Tensor, k: int | None):
+    """``core_svd`` truncated to ``k`` directions (all when None), via the Gram route when it is safe."""
+    up, down = _f32(up), _f32(down)
+    r = up.shape[1]
+    if r == 0:
+        z = up.new_zeros
+        return z((up.shape[0], 0)), z((0,)), z((0, down.shape[1]))
+    if r <= min(up.shape[0], down.shape[1]) and (k is None or k > 0):
+        res = _core_svd_gram(up, down, r if k is None else min(int(k), r))
+        if res is not None:
+            return res
+    u, s, vh = _core_svd_qr(up, down)
+    if k is not None:
+        u, s, vh = u[:, :k], s[:k], vh[:k]
+    return u, s, vh
+
+
+def core_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``up @ down`` without forming it: returns ``U (d_out×R), S (R), Vh (R×d_in)``.
+
+    From the ``R×R`` Gram matrices ``BᵀB``, ``AAᵀ`` in fp64 (Cholesky + a symmetric eigenproblem) when
+    that is well conditioned; otherwise QR of both factors, then an SVD of the small ``R×R`` core
+    (algorithms.md §3).  Cost ``O((d_out + d_in)·R² + R³)`` either way.
+    """
+    return _core_svd_top(up, down, None)
 
 
 def refactor(
@@ -47,13 +97,11 @@ def refactor(
     (kohya's convention).  ``rank=None`` keeps every non-negligible singular value's direction, i.e.
     the exact product at rank ``min(R, d_out, d_in)``.
     """
-    u, s, vh = core_svd(up, down)
-    k = s.shape[0] if rank is None else min(int(rank), s.shape[0])
-    u, s, vh = u[:, :k], s[:k], vh[:k]
+    if split not in ("up", "sqrt"):
+        raise ValueError(f"unknown split {split!r}")
+    u, s, vh = _core_svd_top(up, down, None if rank is None else int(rank))
     if split == "up":
         return u * s[None, :], vh
-    if split != "sqrt":
-        raise ValueError(f"unknown split {split!r}")
     rs = s.sqrt()
     return u * rs[None, :], rs[:, None] * vh
 

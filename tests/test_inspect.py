@@ -208,8 +208,15 @@ def test_modules_stats_never_svd_a_dense_delta(monkeypatch):
         seen.append(tuple(x.shape))
         return real_svdvals(x, *a, **k)
 
+    real_eigh = torch.linalg.eigh
+
+    def eigh(x, *a, **k):  # linalg.core_svd's Gram route decomposes the r×r Gram core instead
+        seen.append(tuple(x.shape))
+        return real_eigh(x, *a, **k)
+
     monkeypatch.setattr(torch.linalg, "svd", svd)
     monkeypatch.setattr(torch.linalg, "svdvals", svdvals)
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
     g = torch.Generator().manual_seed(1)
     m = LoraModule.from_tensors(Q, torch.randn(4, 320, generator=g), torch.randn(640, 4, generator=g))
     row = summarize(Adapter(modules={Q: m}), modules=True)["modules"][0]

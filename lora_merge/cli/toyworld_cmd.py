@@ -19,10 +19,10 @@ def _log_to(path: Path | None):
 
 @click.group("toyworld")
 def toyworld() -> None:
-    """The toy SDXL-shaped text-to-image world: retrain its bundled weights, render samples.
+    """The toy SDXL-shaped text-to-image world: retrain its bundled weights (base, LoRAs, judge).
 
-    The package ships trained weights; these commands reproduce them (seeded, CPU, about 20 minutes for
-    the base model, a minute per LoRA, a few minutes for the judge)."""
+    The package ships trained weights; these commands reproduce them (seeded, CPU, 10-20 minutes for
+    the base model, about two minutes per LoRA, a few minutes for the judge)."""
 
 
 @toyworld.command("train-base")

@@ -167,7 +167,9 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_len: int) -> 
 
 def lazy_refs(header: Header) -> dict[str, TensorRef]:
     """One :class:`TensorRef` per tensor, sharing one lazy handle for the file; scalars in memory."""
-    handle = CheckedHandle(header.path)
+    start = header.data_start
+    layout = {k: (t.dtype, t.shape, start + t.begin, start + t.end) for k, t in header.tensors.items()}
+    handle = CheckedHandle(header.path, layout)
     refs: dict[str, TensorRef] = {}
     small = {k: t for k, t in header.tensors.items() if math.prod(t.shape) == 1 and t.end > t.begin}
     if small:
