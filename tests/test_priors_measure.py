@@ -340,7 +340,7 @@ def test_toyworld_noise_measure_and_judged_experiment_agree():
     imgs_c, prm_c, imgs_s, prm_s = pm.load_references(model, None, None, None, None, n_images=8)
     noise = pm.measure_priors(model, content, style, content_images=imgs_c, content_prompt=prm_c,
                               style_images=imgs_s, style_prompt=prm_s, n_noise=2, batch_size=16)  # fmt: skip
-    judged = pm.judge_priors(content, style, n=16)
+    judged = pm.judge_priors(content, style, n=12, steps=12)
     rows = pm.compare(noise, judged)
     assert [r["group"] for r in rows] == ["4x4", "8x8"]
     assert all(r["agree"] for r in rows), rows

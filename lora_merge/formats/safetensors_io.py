@@ -221,7 +221,7 @@ def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str], fh) -
     for k in order:
         t = tensors[k]
         if t.numel():
-            fh.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            fh.write(t.reshape(-1).view(torch.uint8).numpy().data)  # the buffer itself, no copy
 
 
 def _umask() -> int:
