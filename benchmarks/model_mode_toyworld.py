@@ -49,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     stats = calibrate_toyworld(tmp / "stats.safetensors", seed=args.seed)
     calib_s = time.perf_counter() - t0
-    common = toyworld_common()
     steps = {} if args.steps is None else {"steps": args.steps}
     variants = [
         Variant("linear (1, 1)", "linear"),
@@ -61,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         Variant(
             "duolora (weights, calibrated stats)", "duolora", {"input_model": "stats", "stats": str(stats)}
         ),
-        *[Variant(label, strat, {**common, **extra, **steps}) for label, strat, extra in MODEL_ROWS],
+        *[
+            Variant(label, strat, {**toyworld_common(strat), **extra, **steps})
+            for label, strat, extra in MODEL_ROWS
+        ],
     ]
     if args.only:
         keep = {s.strip() for s in args.only.split(",")}

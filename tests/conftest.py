@@ -13,6 +13,10 @@ SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
 SD15_FILES = ["pokemon_style", "rick_and_morty_style", "course3_unet_prefixed", "sd_lora_2100"]
 PEFT_DIRS = ["distilbert_emotion", "distilbert_imdb", "gpt2_tigrinya"]
 
+# Every tensor in the suite is tiny: one torch thread is faster than two (no spin-waiting, and on a busy
+# 2-core machine two threads made small QRs and UNet forwards 20-100x slower) and keeps results stable.
+torch.set_num_threads(1)
+
 
 def shared_fixture(rel: str) -> Path:
     """Path of a file under ../shared/fixtures, or skip the test when it is not there."""

@@ -720,7 +720,9 @@ def test_bench_rows():
 
     rows = {v.label: v for v in extra_variants(None, ablations=True, calibrated=False)}
     assert set(rows) == {"ziplora (model)", "duolora (model)", "duolora (model, ZipRank only)",
-                         "duolora (model, ZipRank + priors)"}  # fmt: skip
+                         "duolora (model, ZipRank + priors)", "duolora (model, ZipRank + Constyle)",
+                         "duolora (model, prior term, ones init)"}  # fmt: skip
+    assert "cycle_prompt" not in rows["ziplora (model)"].params
     only = rows["duolora (model, ZipRank only)"].params
     assert (
         only["mode"] == "model"

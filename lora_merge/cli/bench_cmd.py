@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..errors import LoraMergeError, OutputExistsError
-from .common import json_option, print_json, stderr_console, stdout_console
+from .common import json_option, print_json, stderr_console, stdout_console, threads_option
 
 RESULT_MD = "quality-results.md"
 RESULT_JSON = "quality-results.json"
@@ -68,6 +68,7 @@ def _markdown(res: dict) -> str:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite existing result files.")
 @json_option
+@threads_option
 def quality(n: int, out: Path, strategies: str | None, no_ablations: bool, seed: int, force: bool,
             as_json: bool) -> None:
     """Merge the bundled toy-world content and style LoRAs with every strategy (and the ablations a

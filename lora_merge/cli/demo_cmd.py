@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import OutputExistsError, UsageError
-from .common import json_option, print_json, stderr_console, stdout_console
+from .common import json_option, print_json, stderr_console, stdout_console, threads_option
 
 DEFAULT_STRATEGIES = ("linear", "ziplora", "duolora")
 
@@ -43,6 +43,7 @@ def demo_variants(strategies: str | None):
                    "duolora when available).")
 @click.option("--seed", default=0, show_default=True, help="Sampling and merge seed.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@threads_option
 @json_option
 def demo(n: int, out: Path, strategies: str | None, seed: int, force: bool, as_json: bool) -> None:
     """Merge the bundled toy-world content LoRA ("a sks object": a ring) and style LoRA ("in zkz style":

@@ -13,13 +13,17 @@ from pathlib import Path
 from typing import Any
 
 
-def toyworld_common() -> dict[str, Any]:
-    """Model-mode parameters for the bundled toy world and its reference images."""
+def toyworld_common(strategy: str = "duolora") -> dict[str, Any]:
+    """Model-mode parameters for the bundled toy world and its reference images (ZipLoRA has no cycles,
+    hence no cycle prompt)."""
     from ..toyworld import CONTENT_PROMPT, JOINT_PROMPT, STYLE_PROMPT
 
-    return {"mode": "model", "base": "toyworld", "content_images": "toyworld:content",
-            "content_prompt": CONTENT_PROMPT, "style_images": "toyworld:style", "style_prompt": STYLE_PROMPT,
-            "cycle_prompt": JOINT_PROMPT}  # fmt: skip
+    common = {"mode": "model", "base": "toyworld", "content_images": "toyworld:content",
+              "content_prompt": CONTENT_PROMPT, "style_images": "toyworld:style",
+              "style_prompt": STYLE_PROMPT}  # fmt: skip
+    if strategy == "duolora":
+        common["cycle_prompt"] = JOINT_PROMPT
+    return common
 
 
 #: (label, strategy, extra params).  DuoLoRA's paper ablation: ZipRank alone → + priors → + Constyle
@@ -33,6 +37,8 @@ MODEL_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         {"lambda_prior": 0.0, "prior_init": False, "lambda_cycle": 0.0},
     ),
     ("duolora (model, ZipRank + priors)", "duolora", {"lambda_cycle": 0.0}),
+    ("duolora (model, ZipRank + Constyle)", "duolora", {"lambda_prior": 0.0, "prior_init": False}),
+    ("duolora (model, prior term, ones init)", "duolora", {"prior_init": False, "lambda_cycle": 0.0}),
 )
 
 
@@ -73,10 +79,9 @@ def extra_variants(
         return strat in wanted and strat in avail and param in {p.name for p in avail[strat].params}
 
     rows = []
-    common = toyworld_common()
     for label, strat, extra in MODEL_ROWS:
         if declares(strat, "mode") and (ablations or not extra):
-            rows.append(Variant(label, strat, {**common, **extra}))
+            rows.append(Variant(label, strat, {**toyworld_common(strat), **extra}))
     stat_rows = [s for s in ("ziplora", "duolora") if declares(s, "stats")] if calibrated else []
     if stat_rows:
         path = (
