@@ -332,7 +332,7 @@ def test_toyworld_noise_measure_and_judged_experiment_agree():
     experiment assign every resolution group the same role."""
     import lora_merge
 
-    tw, paths = _toy_or_skip()
+    _, paths = _toy_or_skip()
     from lora_merge.model_mode.runtime import load_base_model
 
     content, style = lora_merge.load(paths["content"]), lora_merge.load(paths["style"])
