@@ -96,6 +96,9 @@ def quality(n: int, out: Path, strategies: str | None, no_ablations: bool, seed:
     names = [s.strip() for s in strategies.split(",")] if strategies else None
     variants = default_variants(names, ablations=not no_ablations)
     variants += bench_variants(names)  # DuoLoRA: SDXL-rule table next to measured priors (issue 7)
+    from ..model_mode.bench import extra_variants
+
+    variants += extra_variants(names, ablations=not no_ablations)  # model mode + calibrated stats (issue 6)
     loras = bundled_loras()
     err = stderr_console()
     t_all = time.perf_counter()

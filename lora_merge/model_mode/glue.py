@@ -34,7 +34,9 @@ def check_weights_mode(config: dict[str, Any]) -> None:
     """Model-mode options given without ``--mode model`` are a usage error (they would be ignored)."""
     defaults = {p.name: p.default for p in MODEL_MODE_PARAMS if p.name != "mode"}
     given = [k for k, d in defaults.items() if config.get(k) is not None and config.get(k) != d]
-    if config.get("priors") == "measure":  # --priors measure runs the base model on the references (docs/priors.md)
+    if (
+        config.get("priors") == "measure"
+    ):  # --priors measure runs the base model on the references (docs/priors.md)
         given = [k for k in given if k not in REQUIRED_IN_MODEL_MODE]
     if given:
         raise UsageError(
@@ -174,6 +176,12 @@ def report(trained: TrainResult | None) -> dict[str, Any]:
     return {"mode": "model", "model_mode": rep}
 
 
+def sub_block_of(name: str) -> str | None:
+    from ..arch import sub_block_of as f
+
+    return f(name)
+
+
 class ModelModeMixin:
     """Adds ``--mode model`` to a two-input mask strategy (``ziplora``, ``duolora``): list it before the
     strategy's base class and add :data:`~lora_merge.model_mode.params.MODEL_MODE_PARAMS` to its params.
@@ -212,4 +220,13 @@ class ModelModeMixin:
             rep.update(report(trained))
             rep["trainable_values"] = trained.num_trainable + int(weight_space)
             rep["layers"] = len(trained.masks) + len(trained.skipped)
+            rep["input_model"] = "model (masks trained through the UNet)"
+            blocks = rep.setdefault("blocks", {})
+            for blk, means in rep["model_mode"]["block_mean_masks"].items():
+                n = sum(1 for name in trained.masks if (sub_block_of(name) or name) == blk)
+                blocks["unet." + blk] = {
+                    "layers": n,
+                    "mask_content": means["content"],
+                    "mask_style": means["style"],
+                }
         return rep

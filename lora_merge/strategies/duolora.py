@@ -12,6 +12,8 @@ from typing import Any
 
 from .. import masks as M
 from ..errors import UsageError
+from ..model_mode.glue import ModelModeMixin  # --mode model (docs/model-mode.md)
+from ..model_mode.params import DUOLORA_MODEL_PARAMS
 from ..priors import LayerPriors, load_priors
 from . import register
 from .base import LayerContext, Param
@@ -19,7 +21,7 @@ from .ziplora import INPUT_PARAMS, PairMaskStrategy
 
 
 @register
-class DuoLoRA(PairMaskStrategy):
+class DuoLoRA(ModelModeMixin, PairMaskStrategy):
     name = "duolora"
     description = ("DuoLoRA from the two files alone: rank-dimension masks (ZipRank) with layer priors and a "
                    "weight-space cycle-consistency term; closed form + Adam.")  # fmt: skip
@@ -41,6 +43,7 @@ class DuoLoRA(PairMaskStrategy):
               range=(0, None)),
         Param("lr", float, 0.01, "Adam learning rate", range=(0.0, None)),
         *INPUT_PARAMS,
+        *DUOLORA_MODEL_PARAMS,
     )  # fmt: skip
 
     def _reset(self) -> None:

@@ -14,6 +14,8 @@ import torch
 
 from .. import masks as M
 from ..input_models import INPUT_MODELS, InputModel, resolve_input_model
+from ..model_mode.glue import ModelModeMixin  # --mode model (docs/model-mode.md)
+from ..model_mode.params import ZIPLORA_MODEL_PARAMS
 from . import register
 from .base import LayerContext, LayerInput, LayerResult, MergeStrategy, Param
 
@@ -216,7 +218,7 @@ class PairMaskStrategy(MergeStrategy):
 
 
 @register
-class ZipLoRA(PairMaskStrategy):
+class ZipLoRA(ModelModeMixin, PairMaskStrategy):
     name = "ziplora"
     description = ("ZipLoRA from the two files alone: a content and a style coefficient per output dimension, "
                    "closed form + Adam on the per-layer weight-space objective.")  # fmt: skip
@@ -232,6 +234,7 @@ class ZipLoRA(PairMaskStrategy):
               range=(0, None)),
         Param("lr", float, 0.01, "Adam learning rate", range=(0.0, None)),
         *INPUT_PARAMS,
+        *ZIPLORA_MODEL_PARAMS,
     )  # fmt: skip
 
     def axis_for(self, ctx: LayerContext) -> str:
