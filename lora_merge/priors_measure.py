@@ -682,6 +682,9 @@ def _atomic_save(save: Callable[[str], Any], path: Path) -> None:
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent or ".")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the PNG normal file permissions
     try:
         save(tmp)
         os.replace(tmp, path)

@@ -373,3 +373,8 @@ def test_duolora_priors_measure_runs_the_measurement(cli_setup):
     assert rep["layers_by_role"] == {"content": len(content), "style": len(style)}
     with pytest.raises(UsageError, match="--style-images"):
         merge([content, style], strategy="duolora", params={**params, "style_images": None})
+    if "mode" in {p.name for p in get_strategy("duolora").params}:  # model mode: measured once, then trained
+        res = merge([content, style], strategy="duolora", params={**params, "mode": "model"})
+        assert res.report["strategy"]["priors"]["measured"]["groups"][0]["role"] == "content"
+        assert res.report["strategy"]["model_mode"]["priors"].startswith("measured on")  # training used it
+        assert len(res.adapter) == len(content) + len(style)
