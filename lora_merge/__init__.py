@@ -2,26 +2,26 @@
 from __future__ import annotations
 
 from .adapter import Adapter, LoraModule, TensorRef
-from .errors import FormatError, LoraMergeError, MergeError, UnsupportedAdapterError, UsageError
 from .api import convert, load, save
+from .errors import FormatError, LoraMergeError, MergeError, UnsupportedAdapterError, UsageError
 
 __version__ = "0.1.0"
 
-from .engine import MergeResult, merge  # noqa: E402
+from .engine import MergeResult, merge
 
 __all__ = [
     "Adapter",
-    "LoraModule",
-    "TensorRef",
-    "LoraMergeError",
     "FormatError",
-    "UnsupportedAdapterError",
+    "LoraMergeError",
+    "LoraModule",
     "MergeError",
+    "MergeResult",
+    "TensorRef",
+    "UnsupportedAdapterError",
     "UsageError",
     "__version__",
-    "load",
-    "save",
     "convert",
+    "load",
     "merge",
-    "MergeResult",
+    "save",
 ]

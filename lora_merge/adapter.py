@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 
@@ -82,11 +83,11 @@ class TensorRef:
     tensor: torch.Tensor | None = None
 
     @classmethod
-    def from_tensor(cls, t: torch.Tensor, key: str | None = None) -> "TensorRef":
+    def from_tensor(cls, t: torch.Tensor, key: str | None = None) -> TensorRef:
         return cls(shape=tuple(t.shape), dtype=t.dtype, key=key, tensor=t)
 
     @classmethod
-    def in_file(cls, handle: _SafetensorsHandle, key: str, shape, dtype: torch.dtype) -> "TensorRef":
+    def in_file(cls, handle: _SafetensorsHandle, key: str, shape, dtype: torch.dtype) -> TensorRef:
         return cls(shape=tuple(int(s) for s in shape), dtype=dtype, key=key, handle=handle)
 
     def load(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> torch.Tensor:
@@ -185,7 +186,7 @@ class LoraModule:
         up: torch.Tensor,
         alpha: float | None = None,
         scale_rule: ScaleRule = "standard",
-    ) -> "LoraModule":
+    ) -> LoraModule:
         return cls(name, TensorRef.from_tensor(down), TensorRef.from_tensor(up), alpha, scale_rule)
 
 
@@ -233,7 +234,7 @@ class Adapter:
     def display_name(self) -> str:
         return os.fspath(self.source) if self.source is not None else "<in-memory adapter>"
 
-    def materialize(self) -> "Adapter":
+    def materialize(self) -> Adapter:
         """Load every tensor into memory (e.g. before the source file is overwritten)."""
         for m in self:
             m.down = TensorRef.from_tensor(m.down.load(), m.down.key)

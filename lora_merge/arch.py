@@ -99,7 +99,7 @@ def resolution_of(name: str, arch: str | None) -> int | None:
     return BLOCK_RESOLUTIONS[arch].get(block)
 
 
-def guess_arch(adapter: "Adapter") -> str | None:
+def guess_arch(adapter: Adapter) -> str | None:
     """Best guess of the base model from module names and shapes; None when nothing fits.
 
     PEFT adapters for non-diffusion models return their ``base_model_name_or_path``.

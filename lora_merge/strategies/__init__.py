@@ -14,9 +14,9 @@ __all__ = [
     "LayerResult",
     "MergeStrategy",
     "Param",
-    "register",
-    "get_strategy",
     "available_strategies",
+    "get_strategy",
+    "register",
 ]
 
 _REGISTRY: dict[str, type[MergeStrategy]] = {}
@@ -52,7 +52,7 @@ def _load_all() -> None:
     for ep in entry_points(group="lora_merge.strategies"):
         try:
             obj = ep.load()
-        except Exception as exc:  # a broken plug-in must not take the CLI down
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in must not take the CLI down
             import warnings
 
             warnings.warn(f"could not load strategy plug-in {ep.name!r} ({ep.value}): {exc}", stacklevel=2)

@@ -11,8 +11,9 @@ Strength semantics are the engine's job: each :class:`LayerInput` carries its Lo
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 
