@@ -19,15 +19,6 @@ ATTN2_K = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
 ATTN1_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two on a shared 2-core machine (no OpenMP spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def base():
     return tiny_base_model(seed=0)

@@ -21,15 +21,6 @@ FIXTURES = [f"sd15/{n}.safetensors" for n in SD15_FILES] + [f"peft/{n}" for n in
 WRITERS = ["kohya", "diffusers", "peft"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP spin-wait stalls on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run(capsys, *args) -> tuple[int, str, str]:
     """Run ``lora_merge.cli.main`` in-process exactly as the console script does; (exit code, out, err)."""
     with pytest.raises(SystemExit) as exc:

@@ -9,16 +9,6 @@ import torch
 from lora_merge.adapter import Adapter, LoraModule
 from lora_merge.diff import diff_adapters, exceeds, extra_tensors_differ
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP spin-wait stalls on a busy machine (100× slower otherwise)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 NAMES = [
     "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
     "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",

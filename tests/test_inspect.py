@@ -10,16 +10,6 @@ import torch
 from lora_merge.adapter import Adapter, LoraModule, TensorRef
 from lora_merge.inspect import parse_kohya_value, split_metadata, summarize
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP spin-wait stalls on a busy machine (100× slower otherwise)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 Q = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 K2 = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
 MID = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_v"

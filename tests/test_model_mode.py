@@ -28,15 +28,6 @@ from lora_merge.model_mode.train import (
 from lora_merge.strategies.base import LayerInput
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two on a shared 2-core machine (no OpenMP spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def world():
     base = tiny_base_model(seed=0)

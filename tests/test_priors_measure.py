@@ -53,15 +53,6 @@ def base():
                      encode_prompt_fn=_encoder(8))  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny UNets run fastest single-threaded (and do not fight other processes for the 2 cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def lora_in(unet, blocks, seed, rank=2, std=0.5, text_encoder=False) -> Adapter:
     """A random LoRA on the attention projections of ``blocks`` only."""
     g = torch.Generator().manual_seed(seed)

@@ -8,7 +8,7 @@ import torch
 
 from . import register
 from .base import LayerContext, LayerInput, LayerResult, MergeStrategy, Param
-from .ties import DIVIDE, SIGN, disjoint_merge, unweighted_taus
+from .ties import DIVIDE, SIGN, disjoint_merge, unweighted_taus, zero_layer
 
 
 def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -44,8 +44,7 @@ class Dare(MergeStrategy):
     def merge_layer(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> LayerResult:
         taus, weights = unweighted_taus(inputs)
         if not taus:
-            x = inputs[0]
-            return LayerResult(dense=x.up.new_zeros(x.up.shape[0], x.down.shape[1]))
+            return zero_layer(inputs)
         # one stream per input position, seeded from (seed, layer): reproducible and order-independent
         idx = [i for i, x in enumerate(inputs) if x.present and x.coeff != 0.0 and x.rank > 0]
         taus = [dare_drop(t, self.density, ctx.generator(f"input{i}")) for t, i in zip(taus, idx)]

@@ -17,7 +17,7 @@ from ..model_mode.params import DUOLORA_MODEL_PARAMS
 from ..priors import LayerPriors, load_priors
 from . import register
 from .base import LayerContext, Param
-from .ziplora import INPUT_PARAMS, PairMaskStrategy
+from .ziplora import INPUT_PARAMS, REFINE_PARAMS, PairMaskStrategy
 
 
 @register
@@ -39,9 +39,7 @@ class DuoLoRA(ModelModeMixin, PairMaskStrategy):
         Param("prior_init", bool, True, "initialize the masks from the priors (seeded draw); off: all ones"),
         Param("closed_form", bool, True, "solve the quadratic part in closed form (nearest to the "
               "initialization) before refining; off: Adam from the initialization, as the paper"),
-        Param("steps", int, 100, "Adam refinement steps on the full objective (0: closed form only)",
-              range=(0, None)),
-        Param("lr", float, 0.01, "Adam learning rate", range=(0.0, None)),
+        *REFINE_PARAMS,
         *INPUT_PARAMS,
         *DUOLORA_MODEL_PARAMS,
     )  # fmt: skip

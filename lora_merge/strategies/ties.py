@@ -45,6 +45,12 @@ def disjoint_merge(taus: list[torch.Tensor], weights: list[float], sign: str, di
     return total
 
 
+def zero_layer(inputs: Sequence[LayerInput]) -> LayerResult:
+    """The result for a layer where no input contributes (all weights 0 or modules absent)."""
+    x = inputs[0]
+    return LayerResult(dense=x.up.new_zeros(x.up.shape[0], x.down.shape[1]))
+
+
 def unweighted_taus(inputs: Sequence[LayerInput]) -> tuple[list[torch.Tensor], list[float]]:
     xs = present(inputs)
     return [x.unweighted_delta() for x in xs], [x.weight for x in xs]
@@ -67,7 +73,6 @@ class Ties(MergeStrategy):
     def merge_layer(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> LayerResult:
         taus, weights = unweighted_taus(inputs)
         if not taus:
-            x = inputs[0]
-            return LayerResult(dense=x.up.new_zeros(x.up.shape[0], x.down.shape[1]))
+            return zero_layer(inputs)
         taus = [t * topk_mask(t, self.density) for t in taus]
         return LayerResult(dense=disjoint_merge(taus, weights, self.sign, self.divide))

@@ -22,6 +22,12 @@ from .base import LayerContext, LayerInput, LayerResult, MergeStrategy, Param
 #: per-layer mask lists longer than this go to the sidecar only (the JSON report gets summaries)
 MAX_MASK_IN_INFO = 512
 
+#: the Adam refinement shared by ziplora and duolora (paper: 100 steps at lr 0.01)
+REFINE_PARAMS = (
+    Param("steps", int, 100, "Adam refinement steps on the full objective (0: closed form only)",
+          range=(0, None)),
+    Param("lr", float, 0.01, "Adam learning rate", range=(0.0, None)),
+)
 INPUT_PARAMS = (
     Param("input_model", str, "subspace", "model of each LoRA's inputs: subspace (each LoRA's own input "
           "subspace), identity, or stats (second moments from --stats FILE)", choices=INPUT_MODELS),
@@ -230,9 +236,7 @@ class ZipLoRA(ModelModeMixin, PairMaskStrategy):
         Param("lambda_sim", float, 0.01, "weight of the similarity term mean|m_c·m_s|", range=(0.0, None)),
         Param("closed_form", bool, True, "start from the closed-form minimizer of the quadratic part "
               "(off: start from all-ones masks, as the paper)"),
-        Param("steps", int, 100, "Adam refinement steps on the full objective (0: closed form only)",
-              range=(0, None)),
-        Param("lr", float, 0.01, "Adam learning rate", range=(0.0, None)),
+        *REFINE_PARAMS,
         *INPUT_PARAMS,
         *ZIPLORA_MODEL_PARAMS,
     )  # fmt: skip
