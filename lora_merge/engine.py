@@ -13,7 +13,9 @@ import hashlib
 import json
 import math
 import os
+import threading
 import warnings
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -259,16 +261,32 @@ def _layer_inputs(adapters, name, shape_mod: LoraModule, coeffs: list[float], de
     return res
 
 
-def _finish_layer(result: LayerResult, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _finish_layer(result: LayerResult, rank: int | None, tol: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Factors of the strategy's answer at the requested rank; returns (up, down, refactored)."""
     if result.dense is not None:
         up, down = linalg.refactor_dense(result.dense.float(), rank)
         return up, down, True
     up, down = result.up.float(), result.down.float()
     if rank is not None and up.shape[1] > rank:
-        up, down = linalg.refactor(up, down, rank)
+        up, down = linalg.refactor(up, down, rank, tol=tol)
         return up, down, True
     return up, down, False
+
+
+#: relative accuracy a re-factorization needs for an output dtype: a quarter of its unit roundoff (the
+#: rounding of the stored factors is then the larger error); fp32 and fp64 outputs get fp64 Gram matrices
+_REFACTOR_TOL = {torch.float16: 2.0**-11 / 4, torch.bfloat16: 2.0**-8 / 4}
+
+
+def _worker_count(threads: int | None, dev: torch.device) -> int:
+    if dev.type != "cpu":
+        return 1
+    if threads is None:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            threads = os.cpu_count() or 1
+    return max(1, int(threads))
 
 
 def _to_module(name: str, shape_mod: LoraModule, up, down, dtype: torch.dtype) -> LoraModule:
@@ -305,17 +323,16 @@ class _ExactConcat:
     def __init__(self, adapters: list[Adapter], out_dtype: torch.dtype):
         self.adapters = adapters
         self.out_dtype = out_dtype
-        self._scratch = torch.empty(0, dtype=torch.float32)
+        self._local = threading.local()  # one scratch buffer per worker thread
 
     def _buffer(self, n: int) -> torch.Tensor:
-        if self._scratch.numel() < n:
-            self._scratch = torch.empty(n, dtype=torch.float32)
-        return self._scratch[:n]
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None or scratch.numel() < n:
+            scratch = self._local.scratch = torch.empty(n, dtype=torch.float32)
+        return scratch[:n]
 
-    def layer(self, name: str, shape_mod: LoraModule, coeffs: list[float]) -> LoraModule | None:
-        """The merged module, or None when this layer needs the general path (nothing to write, odd dtype)."""
-        if self.out_dtype not in _FLOATS:
-            return None
+    def parts(self, name: str, coeffs: list[float]) -> list[tuple[LoraModule, float]] | None:
+        """The contributing ``(module, coefficient)`` pairs of a layer, or None when one has an odd dtype."""
         parts = []
         for ad, w in zip(self.adapters, coeffs):
             m = ad.modules.get(name)
@@ -327,6 +344,13 @@ class _ExactConcat:
             if m.down.dtype not in _FLOATS or m.up.dtype not in _FLOATS:
                 return None
             parts.append((m, coeff))
+        return parts
+
+    def layer(self, name: str, shape_mod: LoraModule, coeffs: list[float]) -> LoraModule | None:
+        """The merged module, or None when this layer needs the general path (nothing to write, odd dtype)."""
+        if self.out_dtype not in _FLOATS:
+            return None
+        parts = self.parts(name, coeffs)
         if not parts:
             return None
         d_out, d_in = shape_mod.out_features, shape_mod.in_features
@@ -357,6 +381,36 @@ class _ExactConcat:
             down = down.reshape(total, *ws[1:])
             up = up.reshape(ws[0], total, 1, 1)
         return LoraModule.from_tensors(name, down, up, alpha=float(total))
+
+
+class _LinearRefactor(_ExactConcat):
+    """The built-in ``linear`` strategy with ``--rank K``: ``linalg.refactor_sum`` straight from each input's
+    factors (no concatenated or scaled fp32 copies); layers whose exact rank is at most K are
+    concatenated exactly, as the general path does."""
+
+    def __init__(self, adapters: list[Adapter], out_dtype: torch.dtype, rank: int, tol: float):
+        super().__init__(adapters, out_dtype)
+        self.rank, self.tol = int(rank), tol
+
+    def applies(self, name: str, coeffs: list[float]) -> bool:
+        return self.out_dtype in _FLOATS and bool(self.parts(name, coeffs))
+
+    def layer(self, name: str, shape_mod: LoraModule, coeffs: list[float]) -> tuple[LoraModule, bool]:
+        """``(module, refactored)`` of a layer for which :meth:`applies` is true."""
+        parts = self.parts(name, coeffs)
+        if sum(m.rank for m, _ in parts) <= self.rank:
+            return super().layer(name, shape_mod, coeffs), False
+        d_out, d_in = shape_mod.out_features, shape_mod.in_features
+        ups = [m.up.load().reshape(d_out, m.rank) for m, _ in parts]
+        downs = [m.down.load().reshape(m.rank, d_in) for m, _ in parts]
+        up, down = linalg.refactor_sum(ups, downs, [c for _, c in parts], self.rank, tol=self.tol)
+        return _to_module(name, shape_mod, up, down, self.out_dtype), True
+
+
+def _linear_refactor_applies(strat: MergeStrategy, rank, dev: torch.device, want_retention: bool) -> bool:
+    from .strategies.linear import Linear
+
+    return type(strat) is Linear and rank is not None and dev.type == "cpu" and not want_retention
 
 
 def _retention(up, down, inputs: list[LayerInput], name: str) -> dict:
@@ -403,6 +457,7 @@ def merge(
     progress: bool = False,
     report_path: str | os.PathLike | None = None,
     arch: str | None = None,
+    threads: int | None = None,
 ) -> MergeResult:
     """Merge LoRA adapters (paths or in-memory :class:`Adapter`) with a strategy.
 
@@ -411,11 +466,15 @@ def merge(
     layers the pattern matches (see :mod:`lora_merge.patterns`).  ``rank=None`` keeps the result's exact
     rank; ``rank=K`` re-factors every layer to at most ``K`` from its factors.  Tensors are merged in
     fp32 on ``device`` and stored as ``dtype`` (fp32 when None).  ``keep_extra_from`` is a 0-based input
-    index.  Nothing is written when ``output`` is None.
+    index.  Nothing is written when ``output`` is None.  ``threads`` layers are finished (re-factored,
+    cast) side by side on the CPU, each with one torch thread (default: every CPU this process may
+    use); the result is the same for any value.
     """
     if not inputs:
         raise UsageError("no inputs to merge")
     out_dtype = parse_dtype(dtype) or torch.float32
+    if threads is not None and (int(threads) != threads or threads < 1):
+        raise UsageError(f"--threads must be a positive integer, got {threads!r}")
     if rank is not None and (int(rank) != rank or rank < 1):
         raise UsageError(f"--rank must be a positive integer, got {rank!r}")
     try:
@@ -478,6 +537,7 @@ def merge(
             report_path,
             arch,
             out_path,
+            threads,
         )
     finally:
         hasher.shutdown(wait=True, cancel_futures=True)
@@ -502,6 +562,7 @@ def _merge_planned(
     report_path,
     arch,
     out_path,
+    threads=None,
 ) -> MergeResult:
     n = len(adapters)
     plan = _plan(adapters, names)
@@ -540,9 +601,48 @@ def _merge_planned(
     want_retention = report_path is not None and n == 2
     merged = Adapter(dialect=adapters[0].dialect, dialect_variant=None, config=_out_config(adapters[0]))
     layer_info: dict[str, dict] = {}
+    tol = _REFACTOR_TOL.get(out_dtype, 0.0)
     fast = _ExactConcat(adapters, out_dtype) if _exact_concat_applies(strat, rank, dev, want_retention) else None
+    fast_rank = (
+        _LinearRefactor(adapters, out_dtype, rank, tol)
+        if _linear_refactor_applies(strat, rank, dev, want_retention)
+        else None
+    )
+    workers = _worker_count(threads, dev)
+
+    def finish(name, shape_mod, layer_in, result, coeffs):
+        """Re-factor and cast one layer (pure tensor work: runs on a worker thread)."""
+        up, down, refactored = _finish_layer(result, rank, tol)
+        info = {"rank": int(up.shape[1]), "weights": coeffs, **result.info}
+        if refactored:
+            info["refactored"] = True
+        if want_retention:
+            info["retention"] = _retention(up, down, layer_in, name)
+        return info, _to_module(name, shape_mod, up, down, out_dtype)
+
+    def finish_fast(name, shape_mod, coeffs):
+        if fast_rank is not None:
+            mod, refactored = fast_rank.layer(name, shape_mod, coeffs)
+            return {"rank": mod.rank, "weights": coeffs, **({"refactored": True} if refactored else {})}, mod
+        mod = fast.layer(name, shape_mod, coeffs)
+        return {"rank": mod.rank, "weights": coeffs}, mod
+
     prog = _progress(progress, len(plan))
     task = prog.add_task("", total=len(plan)) if prog else None
+    pending: deque = deque()  # (name, future) in plan order; at most 2 per worker in flight
+
+    def collect(name, fut):
+        info, mod = fut.result()
+        layer_info[name] = info
+        merged.modules[name] = mod
+        if prog:
+            prog.update(task, advance=1, description=name)
+
+    # every layer's tensor work runs with one torch thread, so the result does not depend on `workers`
+    # (BLAS reductions can round differently with more threads); the layers run side by side instead
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     if prog:
         prog.start()
     try:
@@ -565,30 +665,37 @@ def _merge_planned(
                 dtype=torch.float32,
                 extra={"rank": rank, "input_names": names},
             )
-            if fast is not None:
-                mod = fast.layer(name, shape_mod, coeffs)
-                if mod is not None:
-                    layer_info[name] = {"rank": mod.rank, "weights": coeffs}
-                    merged.modules[name] = mod
-                    if prog:
-                        prog.update(task, advance=1, description=name)
-                    continue
-            layer_in = _layer_inputs(adapters, name, shape_mod, coeffs, dev)
-            result = strat.merge_layer(layer_in, ctx)
-            if not isinstance(result, LayerResult):
-                raise TypeError(f"strategy {strat.name!r} returned {type(result).__name__}, not LayerResult")
-            up, down, refactored = _finish_layer(result, rank)
-            info = {"rank": int(up.shape[1]), "weights": coeffs, **result.info}
-            if refactored:
-                info["refactored"] = True
-            if want_retention:
-                info["retention"] = _retention(up, down, layer_in, name)
-            layer_info[name] = info
-            merged.modules[name] = _to_module(name, shape_mod, up, down, out_dtype)
-            del layer_in, result, up, down
-            if prog:
-                prog.update(task, advance=1, description=name)
+            if (fast_rank is not None and fast_rank.applies(name, coeffs)) or (
+                fast is not None and fast.out_dtype in _FLOATS and fast.parts(name, coeffs)
+            ):
+                job = (finish_fast, name, shape_mod, coeffs)
+            else:
+                layer_in = _layer_inputs(adapters, name, shape_mod, coeffs, dev)
+                result = strat.merge_layer(layer_in, ctx)
+                if not isinstance(result, LayerResult):
+                    raise TypeError(f"strategy {strat.name!r} returned {type(result).__name__}, not LayerResult")
+                job = (finish, name, shape_mod, layer_in, result, coeffs)
+                del layer_in, result
+            if pool is None:
+                info, mod = job[0](*job[1:])
+                layer_info[name] = info
+                merged.modules[name] = mod
+                if prog:
+                    prog.update(task, advance=1, description=name)
+            else:
+                pending.append((name, pool.submit(*job)))
+                # insert in plan order; bound the layers in flight so memory stays near a few layers
+                while pending and (len(pending) > 2 * workers or pending[0][1].done()):
+                    collect(*pending.popleft())
+            del job
+        while pending:
+            collect(*pending.popleft())
     finally:
+        if pool is not None:
+            for _, fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True)
+        torch.set_num_threads(torch_threads)
         if prog:
             prog.stop()
     merged.extra_tensors = extras

@@ -46,6 +46,7 @@ RECIPE_KEYS = (
     "keep_heads_from",
     "arch",
     "report",
+    "threads",
     "version",
 )
 

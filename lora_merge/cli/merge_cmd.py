@@ -36,6 +36,7 @@ _CORE = {
     "as_json",
     "progress",
     "param",
+    "threads",
 }
 
 
@@ -105,7 +106,11 @@ def _parse_param(spec: str) -> tuple[str, str]:
     "Repeatable; matches multiply.",
 )
 @click.option(
-    "--rank", type=int, default=None, help="Re-factor every layer to at most rank K (QR + core SVD)."
+    "--rank",
+    type=int,
+    default=None,
+    help="Re-factor every layer to at most rank K from its factors (Gram matrices + a small eigenproblem; "
+    "never a dense SVD).",
 )
 @click.option(
     "--to", default=None, help="Output dialect: kohya, diffusers or peft (default: the first input's)."
@@ -115,6 +120,13 @@ def _parse_param(spec: str) -> tuple[str, str]:
 )
 @click.option("--device", default=None, help="cpu or cuda (default cpu).")
 @click.option("--seed", type=int, default=None, help="Seed for every random choice (default 0).")
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 1024),
+    default=None,
+    help="Layers finished side by side on the CPU (default: every CPU available); the output is the same "
+    "for any value.",
+)
 @click.option("--force", is_flag=True, default=False, help="Overwrite an existing output (never an input).")
 @click.option(
     "--config", type=click.Path(), default=None, help="Recipe file (YAML, JSON or TOML); flags override it."
@@ -190,6 +202,7 @@ def merge(**kw: Any) -> None:
         progress=progress,
         report_path=kw["report"] or recipe.get("report"),
         arch=kw["arch"] or recipe.get("arch"),
+        threads=kw["threads"] if kw["threads"] is not None else recipe.get("threads"),
     )
     _print(result, kw["as_json"])
 
