@@ -282,15 +282,90 @@ def _breakdown(a, b, d, kw: dict, rounds: int) -> None:
         print(f"{k:<30} {m * 1e3:8.0f} ms  {m / base:5.2f}x floor  (range {min(v) / base:.2f}-{max(v) / base:.2f}x)")
 
 
+def _bound(a, b, d, rounds: int) -> None:
+    """What ``--rank 64`` cannot go below on this machine: the floor, then only the arithmetic of the 560
+    re-factorizations (inputs already in fp32 memory; no reading, hashing or writing), serial and on
+    every CPU, and its two irreducible parts: the GEMMs (Gram blocks and new factors, numpy BLAS) and
+    the 560 R×R eigensolvers."""
+    import statistics
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    threadpool_limits(limits=1, user_api="blas")
+    ta, tb = lm.load(a), lm.load(b)
+    layers = []
+    for name, ma in ta.modules.items():
+        mb = tb.modules[name]
+        layers.append(([ma.up.load().float(), mb.up.load().float()], [ma.down.load().float(), mb.down.load().float()],
+                       [ma.scale, mb.scale]))
+    tol = _REFACTOR_TOL[torch.float16]
+
+    def one(x):
+        return linalg.refactor_sum(*x, 64, tol=tol)
+
+    def serial():
+        for x in layers:
+            one(x)
+
+    def parallel():
+        with ThreadPoolExecutor(os.cpu_count()) as ex:
+            list(ex.map(one, layers))
+
+    def gemms():
+        for ups, downs, _ in layers:
+            p = torch.randn(64, 64)
+            for i in range(2):
+                for j in range(i, 2):
+                    linalg._mm(ups[i].T, ups[j]), linalg._mm(downs[i], downs[j].T)
+                linalg._mm(ups[i], p), linalg._mm(p, downs[i])
+
+    h = torch.randn(128, 128)
+    h = h @ h.T
+
+    def eighs():
+        for _ in layers:
+            torch.linalg.eigh(h)
+
+    fl = os.path.join(d, "bound_floor.safetensors")
+
+    def floor():
+        _rm(fl)
+        _floor(a, b, fl)
+
+    runs = {"floor": floor, "arithmetic only, 1 thread": serial, f"arithmetic only, {os.cpu_count()} threads": parallel,
+            "... its GEMMs (numpy BLAS, 1 thread)": gemms, "... its 560 eigensolvers (1 thread)": eighs}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, f in runs.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    base = statistics.median(times["floor"])
+    print(f"{os.cpu_count()} CPUs; medians of {rounds} rounds")
+    for k, v in times.items():
+        m = statistics.median(v)
+        print(f"{k:<40} {m * 1e3:8.0f} ms  {m / base:5.2f}x floor  (range {min(v) / base:.2f}-{max(v) / base:.2f}x)")
+
+
 if __name__ == "__main__":
     # python benchmarks/test_bench_merge.py [JSON-KWARGS]            peak memory, outside pytest
     # python benchmarks/test_bench_merge.py breakdown [JSON-KWARGS] [ROUNDS]   time breakdown, one process
+    # python benchmarks/test_bench_merge.py bound [ROUNDS]    --rank 64's arithmetic alone against the floor
     import tempfile
     from pathlib import Path
 
     from conftest import sdxl_attention_projections, write_kohya_lora
 
     with tempfile.TemporaryDirectory() as d:
+        if len(sys.argv) > 1 and sys.argv[1] == "bound":
+            layers = sdxl_attention_projections()
+            a = write_kohya_lora(Path(d) / "a.safetensors", layers, 64, 32.0, seed=1)
+            b = write_kohya_lora(Path(d) / "b.safetensors", layers, 64, 64.0, seed=2)
+            _bound(a, b, d, int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+            sys.exit(0)
         if len(sys.argv) > 1 and sys.argv[1] == "breakdown":
             layers = sdxl_attention_projections()
             a = write_kohya_lora(Path(d) / "a.safetensors", layers, 64, 32.0, seed=1)

@@ -677,14 +677,16 @@ def _merge_planned(
                 fast is not None and fast.out_dtype in _FLOATS and fast.parts(name, coeffs)
             ):
                 job = (finish_fast, name, shape_mod, coeffs)
+                heavy = fast_rank is not None  # a re-factorization; an exact concat is a plain copy
             else:
                 layer_in = _layer_inputs(adapters, name, shape_mod, coeffs, dev)
                 result = strat.merge_layer(layer_in, ctx)
                 if not isinstance(result, LayerResult):
                     raise TypeError(f"strategy {strat.name!r} returned {type(result).__name__}, not LayerResult")
                 job = (finish, name, shape_mod, layer_in, result, coeffs)
+                heavy = rank is not None or result.dense is not None or want_retention
                 del layer_in, result
-            if pool is None or (job[0] is finish_fast and fast is not None):  # a plain copy: no pool
+            if pool is None or not heavy:  # a cast or a copy is not worth a hand-off
                 while pending:  # keep plan order
                     collect(*pending.popleft())
                 info, mod = job[0](*job[1:])
