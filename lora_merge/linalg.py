@@ -84,7 +84,7 @@ _GRAM32_C = 8.0
 def _lambda_min_estimate(chol: torch.Tensor) -> float:
     """An estimate (from above) of the smallest eigenvalue of ``L Lᵀ``: three steps of block inverse iteration."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(chol.shape[0], 4, generator=g, dtype=chol.dtype)
+    x = torch.randn(chol.shape[0], 4, generator=g, dtype=chol.dtype).to(chol.device)
     x = x / x.norm(dim=0)
     grow = x.new_ones(4)
     for _ in range(3):

@@ -158,3 +158,25 @@ def test_worker_errors_reach_the_caller_and_write_nothing(tmp_path, monkeypatch)
     finally:
         torch.set_num_threads(before)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_threads_option(tmp_path, capsys):
+    import json
+
+    from lora_merge.cli import main
+
+    a, b = sdxl_like_pair(4)
+    pa, pb = lm.save(a, tmp_path / "a.safetensors"), lm.save(b, tmp_path / "b.safetensors")
+    outs = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"m{threads}.safetensors"
+        with pytest.raises(SystemExit) as exc:
+            main(["merge", str(pa), str(pb), "-o", str(out), "--rank", "8", "--dtype", "fp16", "--threads", threads, "--json"])
+        assert exc.value.code == 0
+        assert json.loads(capsys.readouterr().out)["output"] == str(out)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]  # the same bytes whatever the thread count
+    with pytest.raises(SystemExit) as exc:
+        main(["merge", str(pa), str(pb), "-o", str(tmp_path / "x.safetensors"), "--threads", "0"])
+    assert exc.value.code == 2 and "--threads" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
