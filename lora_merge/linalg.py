@@ -12,14 +12,15 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b``; for CPU fp32 through numpy's BLAS.
+    """``a @ b``; for CPU fp32/fp64 through numpy's BLAS.
 
-    The fp32 Gram route's GEMMs are thin (R = 64–128 wide, thousands long).  For these shapes numpy's
-    OpenBLAS ran 1.6–1.9× faster than torch's MKL on the AMD EPYC CPUs we measured (Gram blocks
-    ``BᵢᵀBⱼ``: 0.14 vs 0.25 ms at 2048×64, one thread each; benchmarks/test_bench_merge.py).  Both are
-    fp32 GEMMs; the engine pins numpy's BLAS to one thread while layers run side by side.
+    The Gram routes' GEMMs are thin (R = 64–128 wide, thousands long).  For these shapes numpy's
+    OpenBLAS ran 1.6–2.2× faster than torch's MKL on the AMD EPYC CPUs we measured (Gram blocks
+    ``BᵢᵀBⱼ``: 0.14 vs 0.25 ms at 2048×64 in fp32, ``BᵀB`` 1.04 vs 2.29 ms at 2048×128 in fp64, one
+    thread each).  Same precision either way; the engine pins numpy's BLAS to one thread while layers
+    run side by side.
     """
-    if a.device.type == "cpu" and a.dtype == b.dtype == torch.float32:
+    if a.device.type == "cpu" and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
         return torch.from_numpy(a.detach().numpy() @ b.detach().numpy())
     return a @ b
 
@@ -55,8 +56,8 @@ def _core_svd_gram(up: torch.Tensor, down: torch.Tensor, k: int):
     ``U = B L⁻ᵀ W`` and ``Vᵀ = Σ⁻¹ Wᵀ Lᵀ A``.  Two tall GEMMs instead of two Householder QRs.
     """
     p64, q64 = up.double(), down.double()
-    g1 = p64.T @ p64
-    g2 = q64 @ q64.T
+    g1 = _mm(p64.T, p64)
+    g2 = _mm(q64, q64.T)
     l1, info = torch.linalg.cholesky_ex(g1)
     if int(info) != 0:
         return None
@@ -71,7 +72,7 @@ def _core_svd_gram(up: torch.Tensor, down: torch.Tensor, k: int):
     x = torch.linalg.solve_triangular(l1.T, w, upper=True)  # L⁻ᵀ W
     y = (w.T @ l1.T) / s[:, None]  # Σ⁻¹ Wᵀ Lᵀ
     dt = up.dtype
-    return up @ x.to(dt), s.to(dt), y.to(dt) @ down
+    return _mm(up, x.to(dt)), s.to(dt), _mm(y.to(dt), down)
 
 
 #: fp32 Gram route: first-order relative error of the kept directions ≈ ``_GRAM32_C · u32 · κ``, with κ the
