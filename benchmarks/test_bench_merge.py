@@ -238,8 +238,9 @@ def test_merge_peak_memory(benchmark, sdxl_merge_pair, tmp_path, kw):
 
 def _breakdown(a, b, d, kw: dict, rounds: int) -> None:
     """Where a merge's time goes, in one run: the floor; the merge as shipped (layers on every CPU); on one
-    thread; without the sha256 of the inputs; and, for ``--rank``, the previous round's route (fp64 Gram
-    matrices of the concatenated factors, one thread) and the one before it (QR + core SVD)."""
+    thread; without the sha256 of the inputs; and, for ``--rank``, the fp64 Gram route of the concatenated
+    factors (what fp32 outputs take; the previous round's route, now with numpy's BLAS) and QR + core SVD,
+    both on one thread."""
     import statistics
     import time
 
@@ -266,7 +267,7 @@ def _breakdown(a, b, d, kw: dict, rounds: int) -> None:
             "merge --threads 1": lambda: merge(threads=1),
             "merge, no input sha256": lambda: merge(nohash=True)}
     if kw.get("rank"):
-        runs["fp64 Gram, 1 thread (before)"] = lambda: merge(threads=1, fp64=True)
+        runs["fp64 Gram route, 1 thread"] = lambda: merge(threads=1, fp64=True)
         runs["QR + core SVD, 1 thread"] = lambda: merge(threads=1, qr=True)
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
