@@ -472,7 +472,8 @@ def merge(
     fp32 on ``device`` and stored as ``dtype`` (fp32 when None).  ``keep_extra_from`` is a 0-based input
     index.  Nothing is written when ``output`` is None.  ``threads`` layers are finished (re-factored,
     cast) side by side on the CPU, each with one torch thread (default: every CPU this process may
-    use); the result is the same for any value.
+    use); the result is the same for any value.  While the layers run, torch's intra-op thread count
+    and numpy's BLAS threads are set to 1 process-wide (restored afterwards).
     """
     if not inputs:
         raise UsageError("no inputs to merge")
