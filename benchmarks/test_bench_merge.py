@@ -236,24 +236,43 @@ def test_merge_peak_memory(benchmark, sdxl_merge_pair, tmp_path, kw):
     )
 
 
+def _interleaved(runs: dict, rounds: int, before_each=lambda: None) -> None:
+    """Time every variant once per round, interleaved (so they share the machine's load), and print each
+    median against the "floor" entry's median."""
+    import statistics
+    import time
+
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, f in runs.items():
+            before_each()
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    base = statistics.median(times["floor"])
+    width = max(map(len, runs)) + 2
+    print(f"{os.cpu_count()} CPUs; medians of {rounds} rounds")
+    for k, v in times.items():
+        m = statistics.median(v)
+        print(f"{k:<{width}} {m * 1e3:8.0f} ms  {m / base:5.2f}x floor  (range {min(v) / base:.2f}-{max(v) / base:.2f}x)")
+
+
 def _breakdown(a, b, d, kw: dict, rounds: int) -> None:
     """Where a merge's time goes, in one run: the floor; the merge as shipped (layers on every CPU); on one
     thread; without the sha256 of the inputs; and, for ``--rank``, the fp64 Gram route of the concatenated
     factors (what fp32 outputs take; the previous round's route, now with numpy's BLAS) and QR + core SVD,
     both on one thread."""
-    import statistics
-    import time
 
     import lora_merge.engine as eng
 
     torch.set_num_threads(1)
-    plan32, gram64, lin, sha = linalg._gram32_plan, linalg._core_svd_gram, eng._linear_refactor_applies, eng.input_sha256
+    plan32, gram64, lin, sha = linalg._gram32_plan, linalg._core_svd_gram, eng._linear_fast_path, eng.input_sha256
     out, fl = os.path.join(d, "bd.safetensors"), os.path.join(d, "bd_floor.safetensors")
 
     def merge(threads=None, nohash=False, fp64=False, qr=False):
         if fp64 or qr:
             linalg._gram32_plan = lambda *x: None
-            eng._linear_refactor_applies = lambda *x: False
+            eng._linear_fast_path = lambda *x: None
         if qr:
             linalg._core_svd_gram = lambda *x: None
         eng.input_sha256 = (lambda p: None) if nohash else sha
@@ -261,7 +280,7 @@ def _breakdown(a, b, d, kw: dict, rounds: int) -> None:
             lm.merge([a, b], out, dtype="fp16", to="kohya", threads=threads, **kw)
         finally:
             linalg._gram32_plan, linalg._core_svd_gram = plan32, gram64
-            eng._linear_refactor_applies, eng.input_sha256 = lin, sha
+            eng._linear_fast_path, eng.input_sha256 = lin, sha
 
     runs = {"floor": lambda: _floor(a, b, fl), "merge (as shipped)": merge,
             "merge --threads 1": lambda: merge(threads=1),
@@ -269,18 +288,7 @@ def _breakdown(a, b, d, kw: dict, rounds: int) -> None:
     if kw.get("rank"):
         runs["fp64 Gram route, 1 thread"] = lambda: merge(threads=1, fp64=True)
         runs["QR + core SVD, 1 thread"] = lambda: merge(threads=1, qr=True)
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for k, f in runs.items():
-            _rm(out), _rm(fl)
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    base = statistics.median(times["floor"])
-    print(f"{os.cpu_count()} CPUs; medians of {rounds} rounds")
-    for k, v in times.items():
-        m = statistics.median(v)
-        print(f"{k:<30} {m * 1e3:8.0f} ms  {m / base:5.2f}x floor  (range {min(v) / base:.2f}-{max(v) / base:.2f}x)")
+    _interleaved(runs, rounds, before_each=lambda: (_rm(out), _rm(fl)))
 
 
 def _bound(a, b, d, rounds: int) -> None:
@@ -288,8 +296,6 @@ def _bound(a, b, d, rounds: int) -> None:
     re-factorizations (inputs already in fp32 memory; no reading, hashing or writing), serial and on
     every CPU, and its two irreducible parts: the GEMMs (Gram blocks and new factors, numpy BLAS) and
     the 560 R×R eigensolvers."""
-    import statistics
-    import time
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
@@ -338,17 +344,7 @@ def _bound(a, b, d, rounds: int) -> None:
 
     runs = {"floor": floor, "arithmetic only, 1 thread": serial, f"arithmetic only, {os.cpu_count()} threads": parallel,
             "... its GEMMs (numpy BLAS, 1 thread)": gemms, "... its 560 eigensolvers (1 thread)": eighs}
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for k, f in runs.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    base = statistics.median(times["floor"])
-    print(f"{os.cpu_count()} CPUs; medians of {rounds} rounds")
-    for k, v in times.items():
-        m = statistics.median(v)
-        print(f"{k:<40} {m * 1e3:8.0f} ms  {m / base:5.2f}x floor  (range {min(v) / base:.2f}-{max(v) / base:.2f}x)")
+    _interleaved(runs, rounds)
 
 
 if __name__ == "__main__":

@@ -309,12 +309,6 @@ def _to_module(name: str, shape_mod: LoraModule, up, down, dtype: torch.dtype) -
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _exact_concat_applies(strat: MergeStrategy, rank, dev: torch.device, want_retention: bool) -> bool:
-    from .strategies.linear import Linear
-
-    return type(strat) is Linear and rank is None and dev.type == "cpu" and not want_retention
-
-
 class _ExactConcat:
     """The built-in ``linear`` strategy without re-factorization, written straight into the output dtype.
 
@@ -350,13 +344,13 @@ class _ExactConcat:
             parts.append((m, coeff))
         return parts
 
-    def layer(self, name: str, shape_mod: LoraModule, coeffs: list[float]) -> LoraModule | None:
-        """The merged module, or None when this layer needs the general path (nothing to write, odd dtype)."""
-        if self.out_dtype not in _FLOATS:
-            return None
+    def applies(self, name: str, coeffs: list[float]) -> bool:
+        """False when this layer needs the general path (nothing to write, an odd dtype)."""
+        return self.out_dtype in _FLOATS and bool(self.parts(name, coeffs))
+
+    def layer(self, name: str, shape_mod: LoraModule, coeffs: list[float]) -> tuple[LoraModule, bool]:
+        """``(module, refactored)`` of a layer for which :meth:`applies` is true."""
         parts = self.parts(name, coeffs)
-        if not parts:
-            return None
         d_out, d_in = shape_mod.out_features, shape_mod.in_features
         total = sum(m.rank for m, _ in parts)
         up = torch.empty(d_out, total, dtype=self.out_dtype)
@@ -384,7 +378,7 @@ class _ExactConcat:
         if len(ws) == 4:
             down = down.reshape(total, *ws[1:])
             up = up.reshape(ws[0], total, 1, 1)
-        return LoraModule.from_tensors(name, down, up, alpha=float(total))
+        return LoraModule.from_tensors(name, down, up, alpha=float(total)), False
 
 
 class _LinearRefactor(_ExactConcat):
@@ -396,14 +390,10 @@ class _LinearRefactor(_ExactConcat):
         super().__init__(adapters, out_dtype)
         self.rank, self.tol = int(rank), tol
 
-    def applies(self, name: str, coeffs: list[float]) -> bool:
-        return self.out_dtype in _FLOATS and bool(self.parts(name, coeffs))
-
     def layer(self, name: str, shape_mod: LoraModule, coeffs: list[float]) -> tuple[LoraModule, bool]:
-        """``(module, refactored)`` of a layer for which :meth:`applies` is true."""
         parts = self.parts(name, coeffs)
         if sum(m.rank for m, _ in parts) <= self.rank:
-            return super().layer(name, shape_mod, coeffs), False
+            return super().layer(name, shape_mod, coeffs)
         d_out, d_in = shape_mod.out_features, shape_mod.in_features
         ups = [m.up.load().reshape(d_out, m.rank) for m, _ in parts]
         downs = [m.down.load().reshape(m.rank, d_in) for m, _ in parts]
@@ -411,10 +401,14 @@ class _LinearRefactor(_ExactConcat):
         return _to_module(name, shape_mod, up, down, self.out_dtype), True
 
 
-def _linear_refactor_applies(strat: MergeStrategy, rank, dev: torch.device, want_retention: bool) -> bool:
+def _linear_fast_path(strat: MergeStrategy, adapters: list[Adapter], rank, dev: torch.device,
+                      want_retention: bool, out_dtype: torch.dtype, tol: float) -> _ExactConcat | None:
+    """The built-in ``linear`` strategy's direct path (CPU, no retention report), or None."""
     from .strategies.linear import Linear
 
-    return type(strat) is Linear and rank is not None and dev.type == "cpu" and not want_retention
+    if type(strat) is not Linear or dev.type != "cpu" or want_retention:
+        return None
+    return _ExactConcat(adapters, out_dtype) if rank is None else _LinearRefactor(adapters, out_dtype, rank, tol)
 
 
 def _retention(up, down, inputs: list[LayerInput], name: str) -> dict:
@@ -607,12 +601,7 @@ def _merge_planned(
     merged = Adapter(dialect=adapters[0].dialect, dialect_variant=None, config=_out_config(adapters[0]))
     layer_info: dict[str, dict] = {}
     tol = _REFACTOR_TOL.get(out_dtype, 0.0)
-    fast = _ExactConcat(adapters, out_dtype) if _exact_concat_applies(strat, rank, dev, want_retention) else None
-    fast_rank = (
-        _LinearRefactor(adapters, out_dtype, rank, tol)
-        if _linear_refactor_applies(strat, rank, dev, want_retention)
-        else None
-    )
+    fast = _linear_fast_path(strat, adapters, rank, dev, want_retention, out_dtype, tol)
     workers = _worker_count(threads, dev)
 
     def finish(name, shape_mod, layer_in, result, coeffs):
@@ -626,11 +615,8 @@ def _merge_planned(
         return info, _to_module(name, shape_mod, up, down, out_dtype)
 
     def finish_fast(name, shape_mod, coeffs):
-        if fast_rank is not None:
-            mod, refactored = fast_rank.layer(name, shape_mod, coeffs)
-            return {"rank": mod.rank, "weights": coeffs, **({"refactored": True} if refactored else {})}, mod
-        mod = fast.layer(name, shape_mod, coeffs)
-        return {"rank": mod.rank, "weights": coeffs}, mod
+        mod, refactored = fast.layer(name, shape_mod, coeffs)
+        return {"rank": mod.rank, "weights": coeffs, **({"refactored": True} if refactored else {})}, mod
 
     prog = _progress(progress, len(plan))
     task = prog.add_task("", total=len(plan)) if prog else None
@@ -674,11 +660,9 @@ def _merge_planned(
                 dtype=torch.float32,
                 extra={"rank": rank, "input_names": names},
             )
-            if (fast_rank is not None and fast_rank.applies(name, coeffs)) or (
-                fast is not None and fast.out_dtype in _FLOATS and fast.parts(name, coeffs)
-            ):
+            if fast is not None and fast.applies(name, coeffs):
                 job = (finish_fast, name, shape_mod, coeffs)
-                heavy = fast_rank is not None  # a re-factorization; an exact concat is a plain copy
+                heavy = isinstance(fast, _LinearRefactor)  # a re-factorization; an exact concat is a plain copy
             else:
                 layer_in = _layer_inputs(adapters, name, shape_mod, coeffs, dev)
                 result = strat.merge_layer(layer_in, ctx)

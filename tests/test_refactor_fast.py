@@ -62,6 +62,20 @@ def test_refactor_sum_fp32_gram_is_best_rank_k(split):
     assert rel(got, cu.double() @ cd.double()) < 1e-5
 
 
+@pytest.mark.parametrize("cond", [3, 10, 30, 100])
+def test_fp32_gram_error_stays_under_its_bound(cond):
+    """The acceptance rule's error model: relative error ≤ _GRAM32_C · u32 · κ (κ of the whitened side)."""
+    ups, downs = factors(5, 200, 240, [12, 12], dtype=torch.float32, up_cond=cond, down_cond=cond)
+    up, down = torch.cat(ups, 1), torch.cat(downs, 0)
+    g = down.double() @ down.double().T  # with tol=1 the first side tried, A, is whitened
+    d = g.diagonal().rsqrt()
+    eig = torch.linalg.eigvalsh(g * d[:, None] * d[None, :])
+    kappa = float(eig[-1] / eig[0])
+    u, s, vh = linalg._core_svd_gram32(up, down, 16, 1.0)
+    _, best = best_rank_k([up], [down], [1.0], 16)
+    assert rel((u.double() * s.double()) @ vh.double(), best) <= linalg._GRAM32_C * linalg._U32 * kappa
+
+
 def test_fp32_gram_whitens_the_better_conditioned_side():
     """B badly conditioned (trained LoRAs), A random: the route still runs, by whitening A."""
     ups, downs = factors(2, 80, 120, [8, 8], up_cond=1e4)

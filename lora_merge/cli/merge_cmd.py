@@ -13,31 +13,12 @@ from typing import Any
 import click
 
 from ..errors import UsageError
+from ..recipe import RECIPE_KEYS
 from ..strategies import available_strategies
 
-#: destination names of the fixed options; a strategy parameter with one of these names is reachable
-#: only through --param NAME=VALUE or the recipe's params
-_CORE = {
-    "inputs",
-    "output",
-    "strategy",
-    "weights",
-    "weight",
-    "rank",
-    "to",
-    "dtype",
-    "device",
-    "seed",
-    "force",
-    "config",
-    "keep_heads_from",
-    "report",
-    "arch",
-    "as_json",
-    "progress",
-    "param",
-    "threads",
-}
+#: destination names of the fixed options (the recipe keys and the CLI-only ones); a strategy parameter
+#: with one of these names is reachable only through --param NAME=VALUE or the recipe's params
+_CORE = {*RECIPE_KEYS, "weight", "config", "as_json", "progress", "param"}
 
 
 def _strategy_params() -> dict[str, list[tuple[str, Any]]]:
