@@ -15,9 +15,8 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b``; for CPU fp32/fp64 through numpy's BLAS.
 
     The Gram routes' GEMMs are thin (R = 64–128 wide, thousands long).  For these shapes numpy's
-    OpenBLAS ran 1.6–2.2× faster than torch's MKL on the AMD EPYC CPUs we measured (Gram blocks
-    ``BᵢᵀBⱼ``: 0.14 vs 0.25 ms at 2048×64 in fp32, ``BᵀB`` 1.04 vs 2.29 ms at 2048×128 in fp64, one
-    thread each).  Same precision either way; the engine pins numpy's BLAS to one thread while layers
+    OpenBLAS ran the Gram products 1.35–2.15× faster than torch's MKL on the AMD EPYC CPU we measured
+    (one thread each; ``python benchmarks/refactor_facts.py gemms``).  Same precision either way; the engine pins numpy's BLAS to one thread while layers
     run side by side.
     """
     if a.device.type == "cpu" and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
@@ -104,7 +103,7 @@ def _gram32_plan(g_up: torch.Tensor, g_down: torch.Tensor, k: int, tol: float):
     Forming a Gram squares the condition number of the side that is whitened by its Cholesky factor,
     so that side is the one whose equilibrated Gram ``D⁻¹GD⁻¹`` (unit diagonal; the scales ``D`` are
     folded back exactly) is well conditioned: trained LoRAs' ``A`` usually stays close to its random
-    initialization (κ ≈ 1.4 on the SD 1.5 fixtures) while ``B`` often does not; the other side's Gram
+    initialization (κ ≈ 1.4 on two of the three SD 1.5 fixture pairs) while ``B`` often does not; the other side's Gram
     only needs absolute accuracy.  Accepted when ``_GRAM32_C · u32 · κ ≤ tol``.
     """
     for whiten_down in (True, False):
