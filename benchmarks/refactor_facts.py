@@ -40,14 +40,14 @@ def gemms() -> None:
             b = torch.randn(d, w, dtype=dtype)
             bn = b.numpy()
             flops = 2 * d * w * w
-            t_torch = _median_ms(lambda: b.T @ b)
-            t_np = _median_ms(lambda: bn.T @ bn)
+            t_torch = _median_ms(lambda b=b: b.T @ b)
+            t_np = _median_ms(lambda bn=bn: bn.T @ bn)
             print(f"   {str(dtype)[6:]:<8} BᵀB {d}×{w}: torch {t_torch:.3f} ms ({flops / t_torch / 1e6:.0f} GFLOP/s), "
                   f"numpy {t_np:.3f} ms ({flops / t_np / 1e6:.0f} GFLOP/s)  → {t_torch / t_np:.2f}×")
         d, w = (2048, 64)
         b, p = torch.randn(d, w, dtype=dtype), torch.randn(w, w, dtype=dtype)
         bn, pn = b.numpy(), p.numpy()
-        t_torch, t_np = _median_ms(lambda: b @ p), _median_ms(lambda: bn @ pn)
+        t_torch, t_np = _median_ms(lambda b=b, p=p: b @ p), _median_ms(lambda bn=bn, pn=pn: bn @ pn)
         print(f"   {str(dtype)[6:]:<8} B·P {d}×{w}·{w}×{w}: torch {t_torch:.3f} ms, numpy {t_np:.3f} ms  → {t_torch / t_np:.2f}×")
 
 
