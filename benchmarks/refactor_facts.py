@@ -71,7 +71,7 @@ def kappas() -> None:
     for i, j in ((0, 1), (2, 3), (0, 2)):
         a, b = ads[names[i]], ads[names[j]]
         ks = {"B": [], "A": []}
-        for name, m in a.modules.items():
+        for name in a.modules:
             if name not in b.modules:
                 continue
             ups, downs = [], []
