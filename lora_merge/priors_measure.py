@@ -313,7 +313,7 @@ def concept_cond(base: Any, prompts: str | Sequence[str], n_images: int, n_noise
 def lost_fractions(base: Any, loras: Any, which: int, fixed: FixedSet, cond: dict[str, Any],
                    groups: Sequence[BlockGroup], scale: float, batch_size: int,
                    progress: Progress | None = None) -> tuple[list[float], float]:
-    """``lost(g)`` of input ``which`` of ``loras`` (a :class:`~lora_merge.model_mode.runtime.LoraSet`)
+    """``lost(g)`` of input ``which`` of ``loras`` (a :class:`~lora_merge.model_mode.lora_layers.LoraSet`)
     for every group, and ``Σ‖ε_full − ε_base‖²`` (the LoRA's effect on its own images)."""
     off = [0.0] * loras.num_inputs
     alone = [1.0 if i == which else 0.0 for i in range(loras.num_inputs)]
@@ -358,13 +358,13 @@ def measure_priors(
     """The noise-prediction measure (module docstring) on a loaded base model.
 
     ``base`` has ``unet``, ``scheduler``, ``encode_prompt(list[str]) -> dict of UNet kwargs`` and
-    ``encode_images(images in [-1, 1]) -> latents`` (``lora_merge.model_mode.runtime.BaseModel``).
+    ``encode_images(images in [-1, 1]) -> latents`` (``lora_merge.model_mode.base_model.BaseModel``).
     Images are ``N × 3 × H × W`` tensors in [-1, 1]; a prompt is one string or one per image."""
     if not 0.0 <= scale < 1.0:
         raise UsageError(f"--scale must be in [0, 1) (the strength a group is scaled down to), got {scale}")
     if n_noise < 1:
         raise UsageError("--samples must be at least 1")
-    from .model_mode.runtime import attach_loras
+    from .model_mode.lora_layers import attach_loras
 
     with torch.no_grad():
         lat_c = base.encode_images(content_images).float().cpu()
@@ -406,7 +406,7 @@ def load_references(model: Any, content_images: str | None, content_prompt: str 
     / ``toyworld:style`` (the bundled LoRAs' training renders, ``n_images`` of them, with their training
     captions as the default prompts).  On the toy world a concept given nothing defaults to its own
     ``toyworld:<concept>``; on any other model the four are required."""
-    from .model_mode.runtime import resolve_images
+    from .model_mode.images import resolve_images
 
     toy = getattr(model, "arch", None) == "toyworld"
     out: list[Any] = []
@@ -582,7 +582,7 @@ def measured_priors_for(config: dict[str, Any], adapters: Sequence[Adapter], con
         raise UsageError("--priors measure needs --base MODEL (a diffusers pipeline folder or 'toyworld') and, "
                          "for a pipeline folder, --content-images/--content-prompt/--style-images/--style-prompt: "
                          "the roles are measured by running the base model on the reference images")
-    from .model_mode.runtime import load_base_model
+    from .model_mode.base_model import load_base_model
 
     model = load_base_model(str(base), device=context.get("device", "cpu"))
     return measure_for_model(model, adapters, config.get("content_images"), config.get("content_prompt"),
@@ -597,7 +597,7 @@ def measure_for_model(model: Any, adapters: Sequence[Adapter], content_images: A
     if len(adapters) != 2:
         raise UsageError(f"--priors measure needs exactly 2 inputs (content, style), got {len(adapters)}")
     if isinstance(content_images, torch.Tensor) or isinstance(style_images, torch.Tensor):
-        from .model_mode.runtime import resolve_images
+        from .model_mode.images import resolve_images
 
         if not (content_prompt and style_prompt):
             raise UsageError("measured priors need --content-prompt and --style-prompt")
@@ -619,7 +619,7 @@ def toyworld_priors_file(seed: int = 0) -> Path:
 
     from . import load
     from . import toyworld as tw
-    from .model_mode.runtime import load_base_model
+    from .model_mode.base_model import load_base_model
 
     paths = tw.bundled_loras()
     model = load_base_model("toyworld")

@@ -12,9 +12,11 @@ import torch
 from lora_merge import masks as M
 from lora_merge.errors import UsageError
 from lora_merge.model_mode import glue
-from lora_merge.model_mode.runtime import MaskedLoraLayer, attach_loras, load_base_model, load_image_folder
+from lora_merge.model_mode.base_model import load_base_model
+from lora_merge.model_mode.images import load_image_folder
+from lora_merge.model_mode.lora_layers import MaskedLoraLayer, attach_loras
 from lora_merge.model_mode.tiny import random_lora, tiny_base_model
-from lora_merge.model_mode.train import (
+from lora_merge.model_mode.mask_training import (
     MaskObjective,
     TrainConfig,
     _Data,
@@ -62,7 +64,7 @@ def _out(base, x, t, cond):
         return base.predict(x, t, cond)
 
 
-# ------------------------------------------------------------------ runtime
+# ------------------------------------------------------------------ base model, images, LoRA layers
 def test_wrapped_unet_matches_dense_merge(world):
     """Strengths switch one wrapped UNet between base, content-only and merged; each equals a UNet whose
     weights have the dense ΔW added."""
@@ -424,7 +426,7 @@ def test_merge_api_model_mode_end_to_end(world, tmp_path, strategy):
     """``lora_merge.merge`` with ``mode=model`` trains, folds and writes a standard LoRA whose layers equal
     the learned masks folded into the inputs; the report carries the loss curve."""
     import lora_merge
-    from lora_merge.model_mode.runtime import register_base_model
+    from lora_merge.model_mode.base_model import register_base_model
     from lora_merge.strategies import get_strategy
 
     register_base_model("tiny-test-merge", lambda device, dtype: world.base)
@@ -677,7 +679,7 @@ def test_cli_merge_model_mode(world, tmp_path, capsys):
     options are one-line usage errors."""
     import lora_merge
     from lora_merge.cli import main
-    from lora_merge.model_mode.runtime import register_base_model
+    from lora_merge.model_mode.base_model import register_base_model
 
     register_base_model("tiny-test-cli", lambda device, dtype: world.base)
     dirs = _image_dirs(tmp_path, world)

@@ -44,7 +44,7 @@ def _encoder(dim: int, tokens: int = 3):
 def base():
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from lora_merge.model_mode.runtime import BaseModel
+    from lora_merge.model_mode.base_model import BaseModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(in_channels=3, out_channels=3, cross_attention_dim=8, **TINY_XL).eval()
@@ -324,7 +324,7 @@ def test_toyworld_noise_measure_and_judged_experiment_agree():
     import lora_merge
 
     _, paths = _toy_or_skip()
-    from lora_merge.model_mode.runtime import load_base_model
+    from lora_merge.model_mode.base_model import load_base_model
 
     content, style = lora_merge.load(paths["content"]), lora_merge.load(paths["style"])
     model = load_base_model("toyworld")

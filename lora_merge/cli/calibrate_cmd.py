@@ -93,7 +93,7 @@ def calibrate_cmd(
     import torch
 
     from ..model_mode.calibrate import calibrate
-    from ..model_mode.runtime import load_base_model
+    from ..model_mode.base_model import load_base_model
     from .common import load_adapter
 
     dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]

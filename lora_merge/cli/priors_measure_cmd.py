@@ -93,7 +93,7 @@ def measure(content, style, base, content_images, content_prompt, style_images, 
     console = stderr_console()
 
     def run_noise(bar):
-        from ..model_mode.runtime import load_base_model
+        from ..model_mode.base_model import load_base_model
 
         dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
         model = load_base_model(base, device=device, dtype=dt)

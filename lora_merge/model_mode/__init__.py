@@ -1,5 +1,7 @@
 """Model mode: train ZipLoRA/DuoLoRA masks through a diffusers UNet, and record activation statistics.
 
-``runtime`` (base model loading, LoRA wrapping), ``train`` (the mask training loop), ``calibrate``
-(per-layer input second moments), ``params`` (the strategy parameters model mode adds).
+``base_model`` (loading a frozen base model; named models are registered), ``images`` (reference images:
+folders and registered sources), ``lora_layers`` (LoRA wrapping with trainable masks), ``mask_training``
+(the mask training loop), ``calibrate`` (per-layer input second moments), ``measure_priors`` (the noise
+measurement behind measured DuoLoRA priors).
 """

@@ -47,7 +47,7 @@ def calibrate_toyworld(path: str | os.PathLike, force: bool = True, seed: int = 
     from .. import load
     from ..toyworld import CONTENT_PROMPT, STYLE_PROMPT, bundled_loras
     from .calibrate import calibrate
-    from .runtime import load_base_model
+    from .base_model import load_base_model
 
     loras = bundled_loras()
     base = load_base_model("toyworld")

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-from .runtime import UNET_PREFIX, BaseModel, resolve_images
+from .base_model import BaseModel
+from .images import resolve_images
+from .lora_layers import UNET_PREFIX
 
 #: the layers LoRA trainers target by default (diffusers/PEFT/kohya attention LoRAs)
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import UsageError
 from .params import MODEL_MODE_PARAMS, REQUIRED_IN_MODEL_MODE
-from .train import TrainConfig, TrainResult, check_precision
+from .mask_training import TrainConfig, TrainResult, check_precision
 
 #: paper defaults per strategy (algorithms.md §5–6): ZipLoRA λ=0.01, no priors, no cycles;
 #: DuoLoRA λ_cycle 0.01, λ_prior 0.1, Adam lr 0.01; both 100 steps
@@ -96,8 +96,8 @@ def layer_weight_fn(context: dict[str, Any], n: int):
 
 def train_for_strategy(strategy: Any, adapters: Sequence[Any], context: dict[str, Any]) -> TrainResult:
     """Load the base model and train the masks of ``strategy`` (its ``config``) on the engine's inputs."""
-    from .runtime import load_base_model
-    from .train import train_masks
+    from .base_model import load_base_model
+    from .mask_training import train_masks
 
     cfg = dict(strategy.config)
     check_model_inputs(cfg)

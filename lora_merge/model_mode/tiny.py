@@ -2,7 +2,7 @@
 
 ``tiny_base_model()`` is a diffusers ``UNet2DConditionModel`` built from a small config (cross-attention
 in ``down_blocks.0`` and ``up_blocks.1``), a seeded word-embedding stand-in for the text encoder and a
-DDPM scheduler, as a :class:`~lora_merge.model_mode.runtime.BaseModel` in pixel space (images are the
+DDPM scheduler, as a :class:`~lora_merge.model_mode.base_model.BaseModel` in pixel space (images are the
 latents).  ``random_lora()`` makes an :class:`~lora_merge.adapter.Adapter` on its attention projections.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ..adapter import Adapter, LoraModule
-from .runtime import BaseModel
+from .base_model import BaseModel
 
 TINY_UNET_CONFIG = {
     "sample_size": 8,

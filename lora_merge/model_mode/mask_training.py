@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-from .runtime import BaseModel, LoraSet, attach_loras, resolve_images
+from .base_model import BaseModel
+from .images import resolve_images
+from .lora_layers import LoraSet, attach_loras
 
 TERMS = ("content", "style", "sim", "prior", "cycle", "rev")
 MIXED_PRECISION = ("no", "fp16", "bf16")
