@@ -1,15 +1,24 @@
 """Architecture facts: which model a LoRA targets, and each UNet block's name and latent resolution.
 
 Resolutions are latent sizes at the architecture's native image size (SDXL 1024 px → 128,
-SD 1.x 512 px → 64), see ../shared/reference/algorithms.md §7.
+SD 1.x 512 px → 64), see docs/algorithms.md §7.
+
+Other architectures are added with :func:`register_arch` (the bundled toy world registers its own
+from its plug-in, see :mod:`lora_merge.plugins`); the lookups below load the plug-ins first.
 """
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import plugins
 
 if TYPE_CHECKING:
     from .adapter import Adapter
+
+#: the attention projections a diffusers UNet's LoRAs usually target (PEFT ``target_modules`` suffixes)
+ATTENTION_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
 #: block prefix (without the "unet." component) -> latent resolution
 BLOCK_RESOLUTIONS: dict[str, dict[str, int]] = {
@@ -35,16 +44,9 @@ BLOCK_RESOLUTIONS: dict[str, dict[str, int]] = {
     },
 }
 BLOCK_RESOLUTIONS["sd2"] = BLOCK_RESOLUTIONS["sd1"]
-#: the toy world's UNet (lora_merge.toyworld) at its native 16 px: SDXL's block layout at 16 → 8 → 4
-BLOCK_RESOLUTIONS["toyworld"] = {
-    "down_blocks.0": 16,
-    "down_blocks.1": 8,
-    "down_blocks.2": 4,
-    "mid_block": 4,
-    "up_blocks.0": 4,
-    "up_blocks.1": 8,
-    "up_blocks.2": 16,
-}
+
+#: native latent side length (the resolution rule's reference: content at most a quarter of it)
+NATIVE_LATENT: dict[str, int] = {"sdxl": 128, "sd1": 64, "sd2": 64}
 
 ARCH_NAMES = {
     "sd1": "Stable Diffusion 1.x",
@@ -52,8 +54,83 @@ ARCH_NAMES = {
     "sdxl": "Stable Diffusion XL",
     "sd3": "Stable Diffusion 3",
     "flux": "FLUX.1",
-    "toyworld": "lora-merge toy world (SDXL-shaped)",
 }
+
+#: registered detectors, asked before the built-in rules of :func:`guess_arch`
+_DETECTORS: dict[str, Callable[[Any], bool]] = {}
+
+
+def register_arch(
+    name: str,
+    display_name: str,
+    *,
+    block_resolutions: dict[str, int] | None = None,
+    native_latent: int | None = None,
+    detect: Callable[[Adapter], bool] | None = None,
+) -> None:
+    """Add an architecture: its display name, its UNet blocks' latent resolutions at the native size, the
+    native latent size and ``detect(adapter) -> bool`` for :func:`guess_arch` (asked before the built-in
+    rules, in registration order)."""
+    ARCH_NAMES[name] = display_name
+    if block_resolutions is not None:
+        BLOCK_RESOLUTIONS[name] = dict(block_resolutions)
+    if native_latent is not None:
+        NATIVE_LATENT[name] = int(native_latent)
+    if detect is not None:
+        _DETECTORS[name] = detect
+
+
+def arch_name(arch: str) -> str:
+    """Display name of ``arch`` (the name itself when unknown)."""
+    plugins.load_all()
+    return ARCH_NAMES.get(arch, arch)
+
+
+def block_resolutions(arch: str | None) -> dict[str, int] | None:
+    """Block → latent resolution of ``arch`` at its native size, or None when unknown."""
+    if arch is None:
+        return None
+    if arch not in BLOCK_RESOLUTIONS:
+        plugins.load_all()
+    return BLOCK_RESOLUTIONS.get(arch)
+
+
+def native_latent(arch: str | None) -> int | None:
+    if arch is None:
+        return None
+    if arch not in NATIVE_LATENT:
+        plugins.load_all()
+    return NATIVE_LATENT.get(arch)
+
+
+def unet_block_resolutions(unet: Any, latent_size: int | None = None) -> dict[str, int]:
+    """Latent side length each block of a diffusers ``UNet2DConditionModel`` runs at, for input latents of
+    side ``latent_size`` (default: the UNet's ``config.sample_size``, its native size).
+
+    Read from the block structure (a block with a downsampler halves the size for the next one, an
+    upsampler doubles it), so it holds for any UNet layout; gives SDXL's and SD 1.x's tables above."""
+    if latent_size is None:
+        cfg = getattr(unet, "config", None)
+        sample = getattr(cfg, "sample_size", None)
+        if sample is None:
+            raise ValueError("pass latent_size: the model has no config.sample_size")
+        latent_size = sample if isinstance(sample, int) else sample[0]
+    res: dict[str, int] = {}
+    size = int(latent_size)
+    for i, blk in enumerate(getattr(unet, "down_blocks", [])):
+        res[f"down_blocks.{i}"] = size
+        if getattr(blk, "downsamplers", None) is not None:
+            size = max(1, (size + 1) // 2)
+    if getattr(unet, "mid_block", None) is not None:
+        res["mid_block"] = size
+    for i, blk in enumerate(getattr(unet, "up_blocks", [])):
+        res[f"up_blocks.{i}"] = size
+        if getattr(blk, "upsamplers", None) is not None:
+            size *= 2
+    if not res:
+        raise ValueError("the model is not a UNet with down/mid/up blocks")
+    return res
+
 
 _BLOCK_RE = re.compile(r"(?:^|\.)((?:down_blocks|up_blocks)\.\d+|mid_block)(?:\.(attentions|resnets|downsamplers|upsamplers)\.(\d+))?")
 
@@ -94,13 +171,13 @@ def block_of(name: str) -> str:
 
 def resolution_of(name: str, arch: str | None) -> int | None:
     block = unet_block_of(name)
-    if block is None or arch not in BLOCK_RESOLUTIONS:
-        return None
-    return BLOCK_RESOLUTIONS[arch].get(block)
+    table = block_resolutions(arch) if block is not None else None
+    return None if table is None else table.get(block)
 
 
 def guess_arch(adapter: Adapter) -> str | None:
-    """Best guess of the base model from module names and shapes; None when nothing fits.
+    """Best guess of the base model from registered detectors, module names and shapes; None when nothing
+    fits.
 
     PEFT adapters for non-diffusion models return their ``base_model_name_or_path``.
     """
@@ -109,10 +186,11 @@ def guess_arch(adapter: Adapter) -> str | None:
         n.startswith(("unet.", "text_encoder")) for n in names
     ):
         return str(adapter.config["base_model_name_or_path"])
+    plugins.load_all()
+    for arch, detect in _DETECTORS.items():
+        if detect(adapter):
+            return arch
     md = adapter.metadata or {}
-    spec = md.get("modelspec.architecture", "")
-    if "toyworld" in spec:
-        return "toyworld"
     if any("single_transformer_blocks" in n or "double_blocks" in n for n in names):
         return "flux"
     if any(n.startswith("transformer.") and ("add_k_proj" in n or "context" in n) for n in names):

@@ -1,5 +1,5 @@
 """Input models for the weight-space objectives: the second moments ``Σ_c``, ``Σ_s`` of the inputs that a
-layer sees when the content (resp. style) LoRA matters (algorithms.md §8).
+layer sees when the content (resp. style) LoRA matters (docs/algorithms.md §8).
 
 Every model is handed to the mask math as a *factor* ``L`` with ``Σ = L Lᵀ`` (``d_in × k``) or ``None``
 for the identity, so that all quantities the objectives need are small Gram products

@@ -1,4 +1,4 @@
-"""``lora-merge calibrate``: per-layer input second moments recorded from the base UNet (issue 6)."""
+"""``lora-merge calibrate``: per-layer input second moments recorded from the base UNet."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def test_file_matches_direct_computation(base, images, tmp_path):
     e = base.encode_prompt(["a sks thing"])["encoder_hidden_states"][0].double()
     assert torch.allclose(sig_k, e.T @ e / e.shape[0], atol=1e-5)
     assert json.loads(md["counts"]) == {"content": 2 * 2 * 64, "style": 3 * 2 * 64}
-    # H4's reader accepts it, and its factors reproduce the matrices
+    # the stats reader accepts it, and its factors reproduce the matrices
     stats = load_stats(out)
     lc, ls = stats.factors(ATTN1_Q, torch.zeros(1, 32), torch.zeros(1, 32))
     assert torch.allclose(lc @ lc.T, sig["content"], atol=1e-5)

@@ -1,4 +1,4 @@
-"""Model mode: LoRAs wrapped in a tiny diffusers UNet, masks trained through it (issue 6)."""
+"""Model mode: LoRAs wrapped in a tiny diffusers UNet, masks trained through it."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from lora_merge.model_mode.mask_training import (
     prior_rank_term,
     similarity_term,
     train_masks,
-    unet_block_resolutions,
 )
 from lora_merge.strategies.base import LayerInput
 
@@ -102,7 +101,7 @@ def test_wrapped_unet_matches_dense_merge(world):
 
 
 @pytest.mark.parametrize("kind", ["rank", "out", "in"])
-def test_masked_layer_equals_h4_fold(world, kind):
+def test_masked_layer_equals_the_weight_space_fold(world, kind):
     """The wrapped layer computes W0 x + Σ strength·scale·fold(mask) x with the same fold as masks.fold."""
     base = world.base
     loras = attach_loras(base.unet, world.adapters, mask_kinds=kind)
@@ -148,21 +147,45 @@ def _empty(tmp_path):
     return d
 
 
-def test_block_resolutions_follow_the_paper_tables():
-    from lora_merge.arch import BLOCK_RESOLUTIONS
+def _resolutions_from_config(cfg) -> dict[str, int]:
+    """The rule read off a UNet config: ``down_blocks.i`` at ``sample_size / 2^i``, ``mid_block`` at the
+    lowest, ``up_blocks.j`` mirrored."""
+    n = len(cfg.down_block_types)
+    res = {f"down_blocks.{i}": cfg.sample_size // 2**i for i in range(n)}
+    res["mid_block"] = cfg.sample_size // 2 ** (n - 1)
+    res.update({f"up_blocks.{j}": cfg.sample_size // 2 ** (n - 1 - j) for j in range(len(cfg.up_block_types))})
+    return res
 
-    sdxl = SimpleNamespace(
-        config=SimpleNamespace(sample_size=128, down_block_types=[0] * 3, up_block_types=[0] * 3)
-    )
-    sd1 = SimpleNamespace(
-        config=SimpleNamespace(sample_size=64, down_block_types=[0] * 4, up_block_types=[0] * 4)
-    )
-    assert unet_block_resolutions(sdxl) == (BLOCK_RESOLUTIONS["sdxl"], 128)
-    assert unet_block_resolutions(sd1) == (BLOCK_RESOLUTIONS["sd1"], 64)
+
+SD1_TINY = {
+    "sample_size": 32, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1, "norm_num_groups": 8,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32, "attention_head_dim": 8,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["toyworld", "sd1-tiny", "tiny"])
+def test_block_resolutions_from_the_structure_agree_with_the_config(which):
+    from diffusers import UNet2DConditionModel
+
+    from lora_merge.arch import block_resolutions, unet_block_resolutions
+    from lora_merge.model_mode.tiny import TINY_UNET_CONFIG
+    from lora_merge.toyworld.model import UNET_CONFIG
+
+    cfg = {"toyworld": UNET_CONFIG, "sd1-tiny": SD1_TINY, "tiny": TINY_UNET_CONFIG}[which]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**cfg)
+    res = unet_block_resolutions(unet)
+    assert res == _resolutions_from_config(unet.config)
+    if which == "toyworld":
+        assert res == block_resolutions("toyworld")  # the table the toy world registers
+    elif which == "sd1-tiny":  # SD 1.x's table, scaled from its 64 to this 32
+        assert res == {k: v // 2 for k, v in block_resolutions("sd1").items()}
 
 
 # ------------------------------------------------------------------ terms
-def test_torch_terms_equal_h4_definitions():
+def test_torch_terms_equal_the_weight_space_definitions():
     g = torch.Generator().manual_seed(0)
     for rc, rs in ((4, 4), (4, 3), (0, 2)):
         mc, ms = torch.randn(rc, generator=g), torch.randn(rs, generator=g)
@@ -294,7 +317,7 @@ def test_training_decreases_objective_counts_steps_and_trains_only_masks(world, 
     assert set(rep["block_mean_masks"]) >= {"down_blocks.0.attentions.0", "up_blocks.1.attentions.0"}
 
 
-def test_prior_init_uses_h4_draw(world, priors_file):
+def test_prior_init_uses_the_weight_space_draw(world, priors_file):
     from lora_merge.strategies.base import LayerContext
 
     cfg = TrainConfig(

@@ -1,4 +1,4 @@
-"""Measured layer priors (issue 7) on tiny SDXL-shaped UNets built from config: no download, CPU."""
+"""Measured layer priors on tiny SDXL-shaped UNets built from config: no download, CPU."""
 from __future__ import annotations
 
 import hashlib
@@ -319,7 +319,7 @@ def _toy_or_skip():
 
 @pytest.mark.slow
 def test_toyworld_noise_measure_and_judged_experiment_agree():
-    """The issue's check at a reduced size: on the toy world the cheap measure and the paper's judged
+    """The acceptance check at a reduced size: on the toy world the cheap measure and the paper's judged
     experiment assign every resolution group the same role."""
     import lora_merge
 

@@ -5,7 +5,7 @@ layer sees — tokens for ``Linear`` layers, positions (unfolded patches for k×
 while the base model (no LoRA) denoises noisy latents of the reference images at seeded timesteps with
 their prompt.  Content images + content prompt give ``Σ_c``, style images + style prompt give ``Σ_s``;
 ``Σ = E[x xᵀ]`` is written in the stats format of :mod:`lora_merge.input_models`, so the weight-space
-``ziplora``/``duolora`` can run with ``input_model=stats`` (algorithms.md §8).
+``ziplora``/``duolora`` can run with ``input_model=stats`` (docs/algorithms.md §8).
 """
 
 from __future__ import annotations

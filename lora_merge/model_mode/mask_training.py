@@ -1,6 +1,6 @@
 """Train ZipLoRA / DuoLoRA merge masks through the diffusion model (the papers' algorithm).
 
-One step (algorithms.md §5–6), with a content batch ``x_c`` and a style batch ``x_s`` noised with the
+One step (docs/algorithms.md §5–6), with a content batch ``x_c`` and a style batch ``x_s`` noised with the
 SAME noise ``ε`` and timestep ``t``:
 
 * targets without gradient: ``ε_cc`` = content LoRA alone on ``(x_c, p_c)``, ``ε_ss`` = style LoRA alone
@@ -30,7 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arch import sub_block_of, unet_block_resolutions
 from ..errors import UsageError
+from ..masks import prior_init
+from ..priors import load_priors, priors_from_resolutions
+from ..strategies.base import LayerContext
 from .base_model import BaseModel
 from .images import resolve_images
 from .lora_layers import LoraSet, attach_loras
@@ -110,8 +114,6 @@ class TrainResult:
 
     def report(self) -> dict[str, Any]:
         """JSON-ready summary: config, loss curve, before/after objective, per-block mean masks."""
-        from ..arch import sub_block_of
-
         blocks: dict[str, list[list[float]]] = {}
         layers = {}
         for name, ms in self.masks.items():
@@ -148,7 +150,7 @@ def _mean(xs: list[float]) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------ mask terms
-# Differentiable (torch) forms of the terms defined in :mod:`lora_merge.masks` (H4's numpy solver); the
+# Differentiable (torch) forms of the terms defined in :mod:`lora_merge.masks` (the weight-space solver); the
 # tests check that both give the same values.
 def similarity_term(mask_c: torch.Tensor, mask_s: torch.Tensor) -> torch.Tensor:
     """``mean_i |m_c(i) · m_s(i)|`` over the paired entries (:func:`lora_merge.masks.similarity`)."""
@@ -287,17 +289,10 @@ class MaskObjective(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ roles / init
-def unet_block_resolutions(unet: nn.Module) -> tuple[dict[str, int], int]:
-    """Latent resolution of every UNet block from the model's own config: ``down_blocks.i`` at
-    ``sample_size / 2^i``, ``mid_block`` at the lowest, ``up_blocks.j`` mirrored.  Gives SDXL's and SD 1.x's
-    tables (algorithms.md §7) and the right one for any other UNet (the toy world)."""
-    cfg = unet.config
-    size = int(cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0])
-    n = len(cfg.down_block_types)
-    res = {f"down_blocks.{i}": size // 2**i for i in range(n)}
-    res["mid_block"] = size // 2 ** (n - 1)
-    res.update({f"up_blocks.{j}": size // 2 ** (n - 1 - j) for j in range(len(cfg.up_block_types))})
-    return res, size
+def native_size(unet: nn.Module) -> int:
+    """The UNet's native latent side length (``config.sample_size``)."""
+    size = unet.config.sample_size
+    return int(size if isinstance(size, int) else size[0])
 
 
 def layer_roles(
@@ -306,13 +301,11 @@ def layer_roles(
     """Each layer's prior ``(role, score)`` and the table's description.  ``auto``: the paper's rule
     (content where the latent resolution is at most a quarter of the native one, else style) on this
     model's own block resolutions; ``none``: no priors; else :func:`lora_merge.priors.load_priors`."""
-    from ..priors import load_priors, priors_from_resolutions
-
     if priors in (None, "none"):
         return {}, "none"
     if priors == "auto":
-        res, native = unet_block_resolutions(base.unet)
-        table = priors_from_resolutions(str(base.arch or "unet"), res, native)
+        table = priors_from_resolutions(str(base.arch or "unet"), unet_block_resolutions(base.unet),
+                                        native_size(base.unet))
     else:  # a spec, or a LayerPriors object (``--priors measure``, measured by the strategy)
         table = load_priors(priors, base.arch) if isinstance(priors, str) else priors
     out = {}
@@ -327,9 +320,6 @@ def _init_fn(cfg: TrainConfig, roles: dict[str, tuple[str, float]]):
     (:func:`lora_merge.masks.prior_init`), seeded per layer exactly as the weight-space ``duolora``."""
     if not (cfg.strategy == "duolora" and cfg.prior_init and roles):
         return None
-    from ..masks import prior_init
-    from ..strategies.base import LayerContext
-
     cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def init(name: str, index: int, size: int, ranks: tuple[int, int]) -> torch.Tensor:

@@ -12,10 +12,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..arch import register_arch
 from ..model_mode.base_model import BaseModel, register_base_model
 from ..model_mode.images import register_image_source
+from ..priors import priors_for_arch, register_priors
 from . import reference_images
-from .model import load_base
+from .model import ARCH, load_base
+
+#: the toy world's UNet at its native 16 px: SDXL's block layout at 16 → 8 → 4
+BLOCK_RESOLUTIONS = {
+    "down_blocks.0": 16,
+    "down_blocks.1": 8,
+    "down_blocks.2": 4,
+    "mid_block": 4,
+    "up_blocks.0": 4,
+    "up_blocks.1": 8,
+    "up_blocks.2": 16,
+}
+NATIVE_LATENT = 16
 
 
 def base_model(device: torch.device, dtype: torch.dtype) -> BaseModel:
@@ -29,11 +43,11 @@ def base_model(device: torch.device, dtype: torch.dtype) -> BaseModel:
     return BaseModel(
         unet=unet,
         scheduler=base.scheduler,
-        arch="toyworld",
+        arch=ARCH,
         image_size=int(base.image_size),
         encode_prompt_fn=encode_prompt,
         encode_images_fn=None,
-        name="toyworld",
+        name=ARCH,
         device=device,
         dtype=dtype,
     )
@@ -49,7 +63,16 @@ def _images(concept: str):
     return source
 
 
+def is_toyworld(adapter: Any) -> bool:
+    """The bundled LoRAs (and LoRAs trained the same way) name the toy world in their metadata."""
+    return ARCH in str((adapter.metadata or {}).get("modelspec.architecture", ""))
+
+
 def register() -> None:
-    register_base_model("toyworld", base_model)
-    register_image_source("toyworld:content", _images("content"))
-    register_image_source("toyworld:style", _images("style"))
+    register_arch(ARCH, "lora-merge toy world (SDXL-shaped)", block_resolutions=BLOCK_RESOLUTIONS,
+                  native_latent=NATIVE_LATENT, detect=is_toyworld)
+    register_base_model(ARCH, base_model)
+    register_image_source(f"{ARCH}:content", _images("content"))
+    register_image_source(f"{ARCH}:style", _images("style"))
+    # the paper's rule on the toy world's blocks (4×4 → content, 8×8 → style); measured: docs/priors.md
+    register_priors(ARCH, lambda: priors_for_arch(ARCH))

@@ -1,4 +1,4 @@
-"""Layer priors as data: which UNet blocks carry content and which carry style (DuoLoRA, algorithms.md §6).
+"""Layer priors as data: which UNet blocks carry content and which carry style (DuoLoRA, docs/algorithms.md §6).
 
 A :class:`LayerPriors` is an ordered list of rules ``{pattern, role, score}``; the first rule whose pattern
 matches a module name decides its role (``content``, ``style`` or ``neutral``), and modules no rule
@@ -10,7 +10,7 @@ pattern also matches everything below it (``unet.up_blocks.0`` matches
 
 Built-in tables (``lora-merge priors ARCH``):
 
-* ``sdxl``, ``sd1`` (``sd2``): by the paper's rule, grouped by resolution (:data:`lora_merge.arch.BLOCK_RESOLUTIONS`):
+* ``sdxl``, ``sd1`` (``sd2``): by the paper's rule, grouped by resolution (:func:`lora_merge.arch.block_resolutions`):
   a block is *content* when its latent resolution is at most a quarter of the native latent size
   (SDXL 1024 px → latent 128: ``down_blocks.2``, ``mid_block``, ``up_blocks.0`` at 32) and *style*
   otherwise (SDXL ``down_blocks.1``, ``up_blocks.1`` at 64; the attention-free 128 blocks too).  SD 1.x
@@ -19,8 +19,9 @@ Built-in tables (``lora-merge priors ARCH``):
 * ``b-lora``: B-LoRA's finding on SDXL: ``up_blocks.0.attentions.0`` content, ``up_blocks.0.attentions.1``
   style, everything else neutral.
 
-Add a table with :func:`register_priors` (e.g. a toy world's block resolutions via
-:func:`priors_from_resolutions`).  File format (JSON, or YAML by extension)::
+Add a table with :func:`register_priors` (the bundled toy world registers its own, the paper's rule on its
+block resolutions via :func:`priors_for_arch`, from its plug-in, see :mod:`lora_merge.plugins`).  File format (JSON,
+or YAML by extension)::
 
     {"format": "lora-merge.priors/1", "arch": "sdxl", "source": "measured by ...", "default": "neutral",
      "rules": [{"pattern": "unet.up_blocks.0.attentions.0", "role": "content", "score": 0.8}, ...]}
@@ -34,12 +35,13 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from .arch import BLOCK_RESOLUTIONS
-from .errors import FormatError, OutputExistsError, UsageError
+from .. import plugins
+from ..arch import block_resolutions, native_latent
+from ..errors import FormatError, UsageError
+from ..files import atomic_write_text, refuse_existing
 
 ROLES = ("content", "style", "neutral")
 PRIORS_FORMAT = "lora-merge.priors/1"
-NATIVE_LATENT = {"sdxl": 128, "sd1": 64, "toyworld": 16}
 
 
 @dataclass(frozen=True)
@@ -91,22 +93,26 @@ class LayerPriors:
         return {"format": PRIORS_FORMAT, "arch": self.arch, "source": self.source, "default": self.default,
                 "rules": rules}  # fmt: skip
 
-    def to_file(self, path: str | os.PathLike, force: bool = False) -> Path:
-        """Write JSON (or YAML for ``.yaml``/``.yml``) atomically."""
+    def to_file(
+        self,
+        path: str | os.PathLike,
+        force: bool = False,
+        extra: dict | None = None,
+        inputs: tuple[str | os.PathLike, ...] = (),
+    ) -> Path:
+        """Write JSON (or YAML for ``.yaml``/``.yml``) atomically; refuses an existing file without
+        ``force`` and any of ``inputs`` always.  ``extra`` adds top-level sections that readers ignore
+        (a measurement's details)."""
         path = Path(path)
-        if path.exists() and not force:
-            raise OutputExistsError("exists (use --force to overwrite)", path)
-        data = self.to_dict()
+        refuse_existing(path, force, inputs)
+        data = {**self.to_dict(), **(extra or {})}
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
             text = yaml.safe_dump(data, sort_keys=False)
         else:
             text = json.dumps(data, indent=2) + "\n"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, text)
 
     @classmethod
     def from_dict(cls, data: dict, where: str | os.PathLike | None = None) -> LayerPriors:
@@ -170,22 +176,31 @@ def _b_lora() -> LayerPriors:
     )  # fmt: skip
 
 
+def priors_for_arch(arch: str) -> LayerPriors:
+    """The paper's resolution rule on ``arch``'s blocks (:func:`lora_merge.arch.block_resolutions`)."""
+    res, native = block_resolutions(arch), native_latent(arch)
+    if res is None or native is None:
+        raise UsageError(f"no block resolutions for architecture {arch!r}")
+    return priors_from_resolutions(arch, res, native)
+
+
 _BUILTIN: dict[str, Callable[[], LayerPriors]] = {
-    "sdxl": lambda: priors_from_resolutions("sdxl", BLOCK_RESOLUTIONS["sdxl"], NATIVE_LATENT["sdxl"]),
-    "sd1": lambda: priors_from_resolutions("sd1", BLOCK_RESOLUTIONS["sd1"], NATIVE_LATENT["sd1"]),
-    "sd2": lambda: priors_from_resolutions("sd2", BLOCK_RESOLUTIONS["sd2"], NATIVE_LATENT["sd1"]),
+    "sdxl": lambda: priors_for_arch("sdxl"),
+    "sd1": lambda: priors_for_arch("sd1"),
+    "sd2": lambda: priors_for_arch("sd2"),
     "b-lora": _b_lora,
-    # the paper's rule on the toy world's blocks (4×4 → content, 8×8 → style); measured: docs/priors.md
-    "toyworld": lambda: priors_from_resolutions("toyworld", BLOCK_RESOLUTIONS["toyworld"], NATIVE_LATENT["toyworld"]),
 }
 
 
 def register_priors(name: str, factory: Callable[[], LayerPriors]) -> None:
-    """Add a built-in table (e.g. ``toyworld``), usable as ``--priors NAME`` and ``lora-merge priors NAME``."""
+    """Add a named table, usable as ``--priors NAME`` and ``lora-merge priors NAME``; ``factory()`` builds
+    it on each use."""
     _BUILTIN[name] = factory
 
 
 def builtin_priors() -> list[str]:
+    """The names of the built-in and registered tables (plug-ins loaded)."""
+    plugins.load_all()
     return sorted(_BUILTIN)
 
 
@@ -195,6 +210,7 @@ def load_priors(spec: str, arch: str | None = None) -> LayerPriors:
         if arch is None:
             raise UsageError("cannot pick layer priors: the architecture is unknown (pass --arch or --priors)")
         spec = arch
+    plugins.load_all()
     if spec in _BUILTIN:
         return _BUILTIN[spec]()
     if os.path.sep in spec or spec.endswith((".json", ".yaml", ".yml")) or Path(spec).exists():
