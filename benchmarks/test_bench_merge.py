@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 import lora_merge as lm
 from lora_merge import linalg
-from lora_merge.engine import _REFACTOR_TOL
+from lora_merge.engine import REFACTOR_TOL
 
 
 @pytest.fixture(autouse=True)
@@ -121,7 +121,7 @@ def _sample_layers(pair, n_per_shape=1):
 
 
 #: the accuracy `merge --rank 64 --dtype fp16` asks of the re-factorization (the fp32 Gram route)
-_FP16_TOL = _REFACTOR_TOL[torch.float16]
+_FP16_TOL = REFACTOR_TOL[torch.float16]
 
 
 def _ours(layers, k=64):
@@ -308,7 +308,7 @@ def _bound(a, b, d, rounds: int) -> None:
         mb = tb.modules[name]
         layers.append(([ma.up.load().float(), mb.up.load().float()], [ma.down.load().float(), mb.down.load().float()],
                        [ma.scale, mb.scale]))
-    tol = _REFACTOR_TOL[torch.float16]
+    tol = REFACTOR_TOL[torch.float16]
 
     def one(x):
         return linalg.refactor_sum(*x, 64, tol=tol)

@@ -5,7 +5,7 @@ from .adapter import Adapter, LoraModule, TensorRef
 from .api import convert, load, save
 from .errors import FormatError, LoraMergeError, MergeError, UnsupportedAdapterError, UsageError
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .engine import MergeResult, merge
 

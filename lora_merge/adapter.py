@@ -189,6 +189,23 @@ class LoraModule:
     ) -> LoraModule:
         return cls(name, TensorRef.from_tensor(down), TensorRef.from_tensor(up), alpha, scale_rule)
 
+    @classmethod
+    def from_factors(
+        cls, name: str, up: torch.Tensor, down: torch.Tensor, weight_shape: tuple[int, ...], dtype: torch.dtype
+    ) -> LoraModule:
+        """A module with ``ΔW = up @ down`` exactly (alpha = rank, so scale 1: the strength lives in the
+        factors), reshaped for a conv ``weight_shape`` and stored as ``dtype`` on the CPU.  A rank-0 update
+        is written as rank 1 with zero factors (loaders reject rank 0)."""
+        k = int(up.shape[1])
+        if k == 0:
+            up, down, k = up.new_zeros(up.shape[0], 1), down.new_zeros(1, down.shape[1]), 1
+        if len(weight_shape) == 4:
+            down = down.reshape(k, *weight_shape[1:])
+            up = up.reshape(weight_shape[0], k, 1, 1)
+        down = down.detach().to("cpu", dtype).contiguous()
+        up = up.detach().to("cpu", dtype).contiguous()
+        return cls.from_tensors(name, down, up, alpha=float(k))
+
 
 @dataclass
 class Adapter:

@@ -43,6 +43,13 @@ class UsageError(LoraMergeError):
     exit_code = 2
 
 
+class NotMainProcess(LoraMergeError):
+    """A secondary process of a multi-process (accelerate) run: it helped train and now stops quietly,
+    leaving the output to the main process.  The CLI exits 0 without a message."""
+
+    exit_code = 0
+
+
 class PartialReadWarning(UserWarning):
     """Some keys of a file could not be parsed and were skipped."""
 

@@ -222,10 +222,13 @@ def test_extra_tensors_identical_kept_conflicting_refused():
         MergeError, match=r"classifier\.weight \(6×20 in input 1 vs 2×20 in input 2.*--keep-heads-from"
     ):
         lm.merge([a, b])
-    kept = lm.merge([a, b], keep_extra_from=1)
+    kept = lm.merge([a, b], keep_heads_from=2)
     assert kept.adapter.extra_tensors["classifier.weight"].shape == (2, 20)
     with pytest.raises(UsageError):
-        lm.merge([a, b], keep_extra_from=5)
+        lm.merge([a, b], keep_heads_from=6)
+    with pytest.warns(DeprecationWarning, match="keep_heads_from"):
+        old = lm.merge([a, b], keep_extra_from=1)  # the old 0-based spelling
+    assert old.adapter.extra_tensors["classifier.weight"].shape == (2, 20)
 
 
 def test_report_written(tmp_path):
@@ -248,8 +251,8 @@ def test_context_is_filled():
         name = "spy-test"
         description = "records contexts"
 
-        def prepare(self, inputs, context):
-            seen.append(("prepare", len(inputs), context["arch"]))
+        def prepare(self, plan):
+            seen.append(("prepare", len(plan.adapters), plan.arch))
 
         def merge_layer(self, inputs, ctx):
             seen.append(
@@ -277,6 +280,54 @@ def test_context_is_filled():
         and seen[3][5] == (24, 6, 3, 3)
         and seen[3][7] == [True, False]
     )
+
+
+def test_plan_answers_coefficients_and_contexts_once():
+    """A strategy reads weights and contexts from the plan; it never computes a coefficient itself."""
+    got = {}
+
+    class Reader(MergeStrategy):
+        name = "plan-reader-test"
+        description = "reads the plan"
+
+        def prepare(self, plan):
+            for layer in plan.layers():
+                got[layer.ctx.name] = (layer.coeffs, [x.coeff for x in plan.layer_inputs(layer)], layer.ctx.rank)
+
+        def merge_layer(self, inputs, ctx):
+            assert tuple(x.weight for x in inputs) == got[ctx.name][0]
+            return LayerResult(up=inputs[0].up, down=inputs[0].down)
+
+    a, b = make(1, 4), make(2, 4)
+    lm.merge([a, b], strategy=Reader(), weights=[0.5, 2.0], layer_weights=[("up_blocks", [3.0, 1.0])], rank=2)
+    assert got[Q][0] == (1.5, 2.0) and got[Q][2] == 2
+    assert got[Q][1] == pytest.approx([1.5 * a[Q].scale, 2.0 * b[Q].scale])
+
+
+def test_legacy_prepare_signature_still_works_with_a_deprecation_warning():
+    """Third-party strategies written against prepare(inputs, context) keep working for now."""
+    seen = []
+
+    class Old(MergeStrategy):
+        name = "old-prepare-test"
+        description = "the pre-plan hook"
+
+        def prepare(self, inputs, context):
+            seen.append((len(inputs), context["arch"], context["weights"], context["plan"][:1], context["seed"]))
+
+        def merge_layer(self, inputs, ctx):
+            return LayerResult(up=inputs[0].up * inputs[0].coeff, down=inputs[0].down)
+
+    with pytest.warns(DeprecationWarning, match=r"prepare\(plan\)"):
+        res = lm.merge([make(1, 4), make(2, 4)], strategy=Old(), weights=[0.5, 1.0], arch="sdxl", seed=4)
+    assert seen == [(2, "sdxl", [0.5, 1.0], [Q], 4)]
+    torch.testing.assert_close(res.adapter[Q].delta(), 0.5 * make(1, 4)[Q].delta(), rtol=1e-5, atol=1e-6)
+
+
+def test_progress_callback_sees_every_layer():
+    calls = []
+    lm.merge([make(1, 4), make(2, 4)], progress=lambda done, total, name: calls.append((done, total, name)))
+    assert [c[0] for c in calls] == [1, 2, 3] and {c[1] for c in calls} == {3}
 
 
 def test_progress_bar_runs():

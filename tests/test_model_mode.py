@@ -11,7 +11,10 @@ import torch
 
 from lora_merge import masks as M
 from lora_merge.errors import UsageError
-from lora_merge.model_mode import glue
+from lora_merge.engine import Plan
+from lora_merge.model_mode.solver import train_config
+from lora_merge.strategies import get_strategy
+from lora_merge.strategies.pair_masks import check_model_inputs, check_weights_mode, fold_masks
 from lora_merge.model_mode.base_model import load_base_model
 from lora_merge.model_mode.images import load_image_folder
 from lora_merge.model_mode.lora_layers import MaskedLoraLayer, attach_loras
@@ -365,10 +368,8 @@ def test_saved_file_reproduces_trained_merged_layers(world, tmp_path):
             for ad in world.adapters:
                 b, a = ad.modules[name].factors()
                 inputs.append(LayerInput(up=b, down=a, scale=ad.modules[name].scale, weight=1.0))
-            r = glue.fold_learned(inputs, res.masks[name], "out")
-            out.modules[name] = lora_merge.LoraModule.from_tensors(
-                name, r.down, r.up, alpha=float(r.up.shape[1])
-            )
+            up, down, _, _ = fold_masks(inputs, *res.masks[name], "out")
+            out.modules[name] = lora_merge.LoraModule.from_tensors(name, down, up, alpha=float(up.shape[1]))
         path = tmp_path / "merged.safetensors"
         lora_merge.save(out, path)
         back = lora_merge.load(path)
@@ -383,10 +384,10 @@ def test_saved_file_reproduces_trained_merged_layers(world, tmp_path):
         loras.detach()
 
 
-# ------------------------------------------------------------------ strategy glue
+# ------------------------------------------------------------------ the strategies' model-mode solver
 def test_model_mode_options_are_checked():
     with pytest.raises(UsageError, match="--base"):
-        glue.check_model_inputs(
+        check_model_inputs(
             {
                 "mode": "model",
                 "content_images": "x",
@@ -396,8 +397,8 @@ def test_model_mode_options_are_checked():
             }
         )
     with pytest.raises(UsageError, match="only apply with --mode model"):
-        glue.check_weights_mode({"base": "toyworld", "mixed_precision": "no"})
-    glue.check_weights_mode({"mixed_precision": "no", "batch_size": 1})
+        check_weights_mode({"base": "toyworld", "mixed_precision": "no"})
+    check_weights_mode({"mixed_precision": "no", "batch_size": 1})
     with pytest.raises(UsageError, match="exactly 2"):
         train_masks(
             None,
@@ -410,24 +411,19 @@ def test_model_mode_options_are_checked():
         )
 
 
-def test_train_config_uses_paper_defaults():
-    z = glue.train_config("ziplora", {})
-    assert (z.steps, z.lr, z.lambda_sim, z.lambda_cycle, z.lambda_prior, z.mask_kind) == (
-        100,
-        0.01,
-        0.01,
-        0,
-        0,
-        "out",
-    )
-    d = glue.train_config("duolora", {"lambda_cycle": 0.02})
-    assert (d.lambda_prior, d.lambda_cycle, d.lambda_rev, d.mask_kind, d.priors) == (
-        0.1,
-        0.02,
-        0.02,
-        "rank",
-        "auto",
-    )
+def test_train_config_uses_the_declared_defaults():
+    """One default per parameter: model mode trains with exactly the strategy's declared values."""
+    z = train_config(get_strategy("ziplora")(mode="model"))
+    assert (z.steps, z.lr, z.lambda_sim, z.lambda_cycle, z.lambda_prior, z.mask_kind) == (100, 0.01, 0.01, 0, 0, "out")
+    duo = get_strategy("duolora")
+    declared = {p.name: p.default for p in duo.params}
+    d = train_config(duo(mode="model"))
+    for key in ("steps", "lr", "lambda_sim", "lambda_prior", "lambda_hinge", "lambda_cycle", "prior_init",
+                "batch_size", "mixed_precision", "priors"):
+        assert getattr(d, key) == declared[key], key
+    assert d.lambda_rev == declared["lambda_cycle"] and d.mask_kind == "rank"
+    d = train_config(duo(mode="model", lambda_cycle=0.02))
+    assert (d.lambda_cycle, d.lambda_rev) == (0.02, 0.02)
 
 
 def _image_dirs(tmp_path, world):
@@ -486,7 +482,7 @@ def test_merge_api_model_mode_end_to_end(world, tmp_path, strategy):
     back = lora_merge.load(out)
     assert set(back.modules) == set(world.adapters[0].modules)
     assert json.loads(back.metadata["lora_merge.recipe"])["params"]["mode"] == "model"
-    sidecar = strat.mask_tensors()
+    sidecar = strat.sidecars()["masks"]
     axis = "rank" if strategy == "duolora" else "out"
     for name in list(back.modules)[::7]:
         ins = [
@@ -495,8 +491,8 @@ def test_merge_api_model_mode_end_to_end(world, tmp_path, strategy):
         ]
         masks = [sidecar[f"{name}.mask_content"], sidecar[f"{name}.mask_style"]]
         assert not torch.allclose(masks[0], torch.ones_like(masks[0]))
-        r = glue.fold_learned(ins, masks, axis)
-        assert torch.allclose(back.modules[name].delta(), r.up @ r.down, atol=1e-5)
+        up, down, _, _ = fold_masks(ins, *masks, axis)
+        assert torch.allclose(back.modules[name].delta(), up @ down, atol=1e-5)
 
 
 # ------------------------------------------------------------------ diffusers pipeline folders (tiny, local)
@@ -682,8 +678,9 @@ def test_x0_recovery_inverts_add_noise(world):
 def test_weights_apply_once_per_layer(world):
     """Per-input and per-layer weights multiply each LoRA's own alpha/r once, as the engine does."""
     name = "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
-    fn = glue.layer_weight_fn({"weights": [0.5, 2.0], "layer_weights": [("up_blocks.1", [3.0, 1.0])]}, 2)
-    assert fn(name) == [1.5, 2.0] and fn("unet.down_blocks.0.x") == [0.5, 2.0]
+    plan = Plan(world.adapters, ["content", "style"], weights=[0.5, 2.0], layer_weights=[("up_blocks.1", [3.0, 1.0])])
+    fn = plan.coeffs
+    assert fn(name) == (1.5, 2.0) and fn("unet.down_blocks.0.x") == (0.5, 2.0)
     loras = attach_loras(world.base.unet, world.adapters, weights=fn)
     try:
         c, s = (ad.modules[name] for ad in world.adapters)

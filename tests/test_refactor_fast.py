@@ -8,10 +8,10 @@ import torch
 
 import lora_merge as lm
 from lora_merge import Adapter, LoraModule, linalg
-from lora_merge.engine import _REFACTOR_TOL
+from lora_merge.engine import REFACTOR_TOL
 from lora_merge.errors import UsageError
 
-FP16_TOL = _REFACTOR_TOL[torch.float16]
+FP16_TOL = REFACTOR_TOL[torch.float16]
 
 
 def best_rank_k(ups, downs, coeffs, k):

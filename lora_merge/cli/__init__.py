@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="lora-merge", standalone_mode=False)
     except LoraMergeError as exc:
+        if exc.exit_code == 0:  # NotMainProcess: a helper process of a multi-process run, done
+            sys.exit(0)
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:

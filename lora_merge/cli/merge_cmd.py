@@ -1,4 +1,5 @@
-"""``lora-merge merge``: a thin layer over :func:`lora_merge.merge`.
+"""``lora-merge merge``: a thin layer over :func:`lora_merge.engine.run_merge` (a recipe from the file,
+the flags as overrides).
 
 Strategy options are generated from the registry: every registered strategy's parameters become
 options (``Param.option``), and each given option is checked against the chosen strategy.
@@ -8,13 +9,16 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
+from ..arch import sub_block_of
+from ..engine.recipe import RECIPE_KEYS
 from ..errors import UsageError
-from ..recipe import RECIPE_KEYS
 from ..strategies import available_strategies
+from .common import print_json, stdout_console
 
 #: destination names of the fixed options (the recipe keys and the CLI-only ones); a strategy parameter
 #: with one of these names is reachable only through --param NAME=VALUE or the recipe's params
@@ -129,19 +133,18 @@ def _parse_param(spec: str) -> tuple[str, str]:
 def merge(**kw: Any) -> None:
     """Merge the LoRA adapters INPUTS (files or PEFT folders; input 1 = content, input 2 = style for the
     strategies that care).  Strategy options apply only to the strategy that declares them."""
-    from ..engine import merge as do_merge
-    from ..recipe import load_recipe, verify_inputs
+    from ..engine import MergeOptions, Recipe, read_recipe_file, run_merge
+    from ..progress import progress_bar
     from ..strategies import get_strategy
 
-    recipe = load_recipe(kw["config"]) if kw["config"] else {}
-    inputs = list(kw["inputs"]) or verify_inputs(recipe.get("inputs", []))
-    if not inputs:
+    data = read_recipe_file(kw["config"]) if kw["config"] else {}
+    recipe = Recipe.from_dict(data, kw["config"] and Path(kw["config"]))
+    if kw["inputs"]:
+        recipe = recipe.with_overrides(inputs=kw["inputs"], sha256=())
+    if not recipe.inputs:
         raise UsageError("no inputs: give input files or a --config recipe with 'inputs'")
-    output = kw["output"] or recipe.get("output")
-    strategy = kw["strategy"] or recipe.get("strategy") or "linear"
+    strategy = kw["strategy"] or recipe.strategy
     cls = get_strategy(strategy)
-
-    params = dict(recipe.get("params", {}))
     given: dict[str, Any] = {}
     for name in _strategy_params():
         if name not in _CORE and kw.get(name) is not None:
@@ -161,30 +164,16 @@ def merge(**kw: Any) -> None:
                     else " (it takes no options)"
                 )
             )
-    params.update(given)
-
-    layer_weights = list(recipe.get("layer_weights", [])) + list(kw["weight"])
-    keep = kw["keep_heads_from"] if kw["keep_heads_from"] is not None else recipe.get("keep_heads_from")
-    progress = kw["progress"] if kw["progress"] is not None else (sys.stderr.isatty() and not kw["as_json"])
-    result = do_merge(
-        inputs,
-        output,
-        strategy=strategy,
-        weights=_split_weights(kw["weights"]) if kw["weights"] is not None else recipe.get("weights"),
-        layer_weights=layer_weights,
-        params=params,
-        rank=kw["rank"] if kw["rank"] is not None else recipe.get("rank"),
-        to=kw["to"] or recipe.get("to"),
-        dtype=kw["dtype"] or recipe.get("dtype"),
-        device=kw["device"] or recipe.get("device") or "cpu",
-        seed=kw["seed"] if kw["seed"] is not None else int(recipe.get("seed", 0)),
-        force=kw["force"] or bool(recipe.get("force", False)),
-        keep_extra_from=None if keep is None else int(keep) - 1,
-        progress=progress,
-        report_path=kw["report"] or recipe.get("report"),
-        arch=kw["arch"] or recipe.get("arch"),
-        threads=kw["threads"] if kw["threads"] is not None else recipe.get("threads"),
-    )
+    recipe = recipe.with_overrides(
+        strategy=strategy, params=given, output=kw["output"], rank=kw["rank"], to=kw["to"], dtype=kw["dtype"],
+        seed=kw["seed"], keep_heads_from=kw["keep_heads_from"], report=kw["report"], arch=kw["arch"],
+        weights=_split_weights(kw["weights"]), layer_weights=list(kw["weight"]) or None,
+        force=kw["force"] or None,
+    )  # fmt: skip
+    options = MergeOptions.from_dict(data).with_overrides(device=kw["device"], threads=kw["threads"])
+    show = kw["progress"] if kw["progress"] is not None else (sys.stderr.isatty() and not kw["as_json"])
+    with progress_bar("merging", enabled=show) as bar:
+        result = run_merge(recipe, options.with_overrides(progress=bar))
     _print(result, kw["as_json"])
 
 
@@ -202,9 +191,8 @@ def _print(result, as_json: bool) -> None:
         "strategy_report": result.report["strategy"],
     }
     if as_json:
-        click.echo(json.dumps(summary, indent=2, default=str))
+        print_json(summary)
         return
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(show_header=False, box=None)
@@ -212,15 +200,45 @@ def _print(result, as_json: bool) -> None:
         if k == "strategy_report" and not v:
             continue
         t.add_row(k, json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v))
-    Console().print(t)
-    # additive hook: a strategy may render its own table from the report (ziplora/duolora: masks, retention)
-    from ..strategies import get_strategy
+    console = stdout_console()
+    console.print(t)
+    if "blocks" in (result.report.get("strategy") or {}):
+        console.print(mask_table(result.report))
 
-    render = getattr(get_strategy(result.report["recipe"]["strategy"]), "render_report", None)
-    if callable(render):
-        extra = render(result.report)
-        if extra is not None:
-            Console().print(extra)
+
+def mask_table(report: dict[str, Any]):
+    """A mask strategy's table (ziplora, duolora): per-block mean masks and retention, trainable values,
+    losses, built from the merge report."""
+    from rich.table import Table
+
+    strat = report.get("strategy") or {}
+    layers = report.get("layers") or {}
+    t = Table(title=f"{strat.get('strategy', '?')}: {strat.get('trainable_values', 0):,} trainable values, "
+                    f"input model {strat.get('input_model', '?')}")  # fmt: skip
+    for col in ("block", "layers", "role", "mask content", "mask style", "retention content", "retention style"):
+        t.add_column(col, justify="left" if col in ("block", "role") else "right", no_wrap=col == "block")
+    acc: dict[str, dict[str, list]] = {}
+    for name, info in layers.items():
+        a = acc.setdefault(sub_block_of(name) or "other", {"role": set(), "rc": [], "rs": []})
+        a["role"].add(info.get("role", "-"))
+        ret = info.get("retention") or {}
+        if ret.get("content") is not None:
+            a["rc"].append(ret["content"])
+        if ret.get("style") is not None:
+            a["rs"].append(ret["style"])
+
+    def mean(x):
+        return f"{sum(x) / len(x):.4f}" if x else "-"
+
+    for blk, b in (strat.get("blocks") or {}).items():
+        a = acc.get(blk, {"role": {"-"}, "rc": [], "rs": []})
+        t.add_row(blk, str(b["layers"]), ",".join(sorted(a["role"])), f"{b['mask_content']:.3f}",
+                  f"{b['mask_style']:.3f}", mean(a["rc"]), mean(a["rs"]))  # fmt: skip
+    loss = strat.get("loss_mean") or {}
+    if "init" in loss and "final" in loss:
+        t.caption = (f"mean loss per layer: {loss['init']['total']:.4g} (init) → {loss['final']['total']:.4g} "
+                     f"(final); masks in <output>.masks.safetensors")  # fmt: skip
+    return t
 
 
 merge.params.extend(_strategy_options())

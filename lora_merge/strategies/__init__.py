@@ -6,14 +6,26 @@ import importlib
 from importlib.metadata import entry_points
 
 from ..errors import UsageError
-from .base import LayerContext, LayerInput, LayerResult, MergeStrategy, Param
+from .base import (
+    DirectKernel,
+    LayerContext,
+    LayerInput,
+    LayerResult,
+    MergePlan,
+    MergeStrategy,
+    Param,
+    PlannedLayer,
+)
 
 __all__ = [
+    "DirectKernel",
     "LayerContext",
     "LayerInput",
     "LayerResult",
+    "MergePlan",
     "MergeStrategy",
     "Param",
+    "PlannedLayer",
     "available_strategies",
     "get_strategy",
     "register",

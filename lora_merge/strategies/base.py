@@ -2,18 +2,27 @@
 
 A strategy declares itself once — name, one-line description, reference, exactness and its
 :class:`Param` list — and the CLI options, recipe-file keys and ``lora-merge strategies NAME`` are
-all generated from that declaration.  The engine lines up the modules of N adapters and calls
+all generated from that declaration.  The engine lines up the modules of N adapters in a
+:class:`MergePlan`, hands the plan to :meth:`MergeStrategy.prepare` once, and calls
 :meth:`MergeStrategy.merge_layer` once per layer with fp32 factors on the chosen device.
 
-Strength semantics are the engine's job: each :class:`LayerInput` carries its LoRA scale
-(``alpha/r``) and the user weight separately; ``LayerInput.delta()`` is ``weight · scale · B · A``.
+Strength semantics are the engine's job: the plan answers "which inputs, which coefficient, which context
+at layer L" in one place, and each :class:`LayerInput` carries its LoRA scale (``alpha/r``) and the user
+weight separately; ``LayerInput.delta()`` is ``weight · scale · B · A``.  A strategy never computes a
+coefficient or builds a :class:`LayerContext` itself.
+
+Optional hooks, all with a default here: :meth:`~MergeStrategy.direct_kernel` (a fast path that writes
+output modules straight from the stored factors, as ``linear`` offers), :meth:`~MergeStrategy.sidecars`
+(extra files next to the output, e.g. learned masks) and :meth:`~MergeStrategy.report`.
 """
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import inspect
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -100,7 +109,8 @@ class LayerContext:
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
-    extra: dict[str, Any] = field(default_factory=dict)
+    rank: int | None = None  # the requested output rank (``--rank``), None: exact
+    input_names: tuple[str, ...] = ()  # display names of the inputs, in order
 
     def generator(self, salt: str = "") -> torch.Generator:
         """A generator seeded from (seed, layer name, salt): same seed → same bytes, independent of
@@ -126,6 +136,57 @@ class LayerResult:
             raise ValueError("LayerResult needs either (up, down) or dense")
 
 
+@dataclass(frozen=True)
+class PlannedLayer:
+    """One layer of a merge plan: its context and each input's coefficient (user weight × matching
+    ``--weight`` patterns; the LoRA's own scale is applied by :class:`LayerInput`)."""
+
+    ctx: LayerContext
+    coeffs: tuple[float, ...]
+
+
+class MergePlan(Protocol):
+    """What the engine hands to :meth:`MergeStrategy.prepare` (implemented by ``lora_merge.engine``)."""
+
+    adapters: Sequence[Any]  # the loaded :class:`~lora_merge.adapter.Adapter` inputs, in order
+    names: Sequence[str]  # their display names
+    arch: str | None
+    seed: int
+    device: torch.device
+    rank: int | None
+
+    def layers(self) -> Iterator[PlannedLayer]:
+        """Every layer in plan order."""
+        ...
+
+    def layer(self, name: str) -> PlannedLayer:
+        """One layer by module name."""
+        ...
+
+    def coeffs(self, name: str) -> tuple[float, ...]:
+        """Each input's coefficient at the layer ``name`` (also for names outside the plan)."""
+        ...
+
+    def layer_inputs(self, layer: PlannedLayer) -> list[LayerInput]:
+        """The fp32 factors of every input at ``layer`` on the plan's device (a rank-0 input when absent)."""
+        ...
+
+
+class DirectKernel(Protocol):
+    """A strategy's fast path: output modules straight from the stored factors (see ``linear``)."""
+
+    #: True when a layer is real arithmetic worth a worker thread (False: a copy)
+    heavy: bool
+
+    def applies(self, layer: PlannedLayer) -> bool:
+        """False when this layer needs the general path (:meth:`MergeStrategy.merge_layer`)."""
+        ...
+
+    def layer(self, layer: PlannedLayer) -> tuple[Any, bool]:
+        """``(LoraModule in the output dtype, refactored)`` of a layer for which :meth:`applies` holds."""
+        ...
+
+
 class MergeStrategy:
     """Base class.  Subclasses set the class attributes and implement :meth:`merge_layer`."""
 
@@ -137,6 +198,8 @@ class MergeStrategy:
     #: minimum / maximum number of inputs (None = unbounded)
     min_inputs: ClassVar[int] = 1
     max_inputs: ClassVar[int | None] = None
+    #: the suffixes :meth:`sidecars` may return (so the engine can check those paths before any work)
+    sidecar_suffixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **kwargs: Any):
         known = {p.name: p for p in self.params}
@@ -157,11 +220,23 @@ class MergeStrategy:
         raise AttributeError(item)
 
     # ---- hooks ----
-    def prepare(self, inputs: Sequence[Any], context: dict[str, Any]) -> None:
-        """Called once before the first layer with the loaded :class:`~lora_merge.adapter.Adapter` list."""
+    def prepare(self, plan: MergePlan) -> None:
+        """Called once before the first layer with the merge plan (strategies that solve all layers at
+        once, such as ``ziplora``, do it here)."""
 
     def merge_layer(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> LayerResult:
         raise NotImplementedError
+
+    def direct_kernel(self, plan: MergePlan, out_dtype: torch.dtype, tol: float) -> DirectKernel | None:
+        """A fast path the engine may use instead of :meth:`merge_layer` for the layers it applies to
+        (CPU merges without a retention report); ``tol`` is the re-factorization accuracy the output dtype
+        needs.  Default: none."""
+        return None
+
+    def sidecars(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Extra tensors to save next to the output after the last layer: ``{suffix: {key: tensor}}`` is
+        written as ``<output>.<suffix>.safetensors``.  Default: none."""
+        return {}
 
     def report(self) -> dict[str, Any]:
         """Strategy-level report (after the last layer), merged into the merge report."""
@@ -187,3 +262,28 @@ class MergeStrategy:
                 for p in cls.params
             ],
         }
+
+
+def takes_legacy_prepare(strategy: MergeStrategy) -> bool:
+    """True for a strategy written against the old ``prepare(inputs, context)`` hook (deprecated)."""
+    fn = type(strategy).prepare
+    if fn is MergeStrategy.prepare:
+        return False
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind in (p.POSITIONAL_ONLY,
+                                                                                p.POSITIONAL_OR_KEYWORD)]
+    return len(params) == 3  # self, inputs, context
+
+
+def call_prepare(strategy: MergeStrategy, plan: MergePlan, legacy_context: dict[str, Any]) -> None:
+    """``strategy.prepare(plan)``; a strategy with the old ``prepare(inputs, context)`` signature gets the
+    loaded adapters and the old context dict, with a :class:`DeprecationWarning`."""
+    if takes_legacy_prepare(strategy):
+        warnings.warn(
+            f"strategy {strategy.name!r}: prepare(inputs, context) is deprecated; override prepare(plan) "
+            "(plan.adapters, plan.layers(), plan.coeffs(name)) instead",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        strategy.prepare(list(plan.adapters), legacy_context)  # type: ignore[call-arg]
+    else:
+        strategy.prepare(plan)

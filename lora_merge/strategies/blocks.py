@@ -8,7 +8,7 @@ from typing import Any
 from ..errors import MergeError, UsageError
 from ..patterns import compile_pattern
 from . import register
-from .base import LayerContext, LayerInput, LayerResult, MergeStrategy, Param
+from .base import LayerContext, LayerInput, LayerResult, MergePlan, MergeStrategy, Param
 from .linear import concat
 
 #: preset name -> rules "INPUT:PATTERN" (input numbers are 1-based: 1 = content, 2 = style)
@@ -67,7 +67,8 @@ class Blocks(MergeStrategy):
         ),
     )
 
-    def prepare(self, inputs: Sequence[Any], context: dict[str, Any]) -> None:
+    def prepare(self, plan: MergePlan) -> None:
+        inputs = plan.adapters
         n = len(inputs)
         self.rules = parse_rules(self.take if self.take else PRESETS[self.preset], n)
         rest = str(self.rest)
@@ -78,7 +79,7 @@ class Blocks(MergeStrategy):
             if not any(rx.search(name) for name in inputs[i].modules):
                 raise MergeError(
                     f"blocks: pattern {pattern!r} matches no module of input {i + 1} "
-                    f"({inputs[i].display_name}); arch {context.get('arch')!r} — wrong preset for this model?"
+                    f"({inputs[i].display_name}); arch {plan.arch!r} — wrong preset for this model?"
                 )
         self._taken = {i: 0 for i in range(n)}
 

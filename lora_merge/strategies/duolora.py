@@ -1,5 +1,5 @@
 """``duolora``: DuoLoRA's ZipRank masks with layer priors and a weight-space Constyle term, solved from the
-two files alone (algorithms.md §6, §8).  Input 1 is the content LoRA, input 2 the style LoRA.
+two files alone (docs/algorithms.md §6, §8).  Input 1 is the content LoRA, input 2 the style LoRA.
 
 Differences from the public DuoLoRA code (on purpose): priors grouped by resolution (so ``mid_block`` and
 ``up_blocks.0`` are covered); the rank term is ``‖m‖₁`` (the nuclear norm of ``diag m``) with the hinge;
@@ -12,20 +12,22 @@ from typing import Any
 
 from .. import masks as M
 from ..errors import UsageError
-from ..model_mode.glue import ModelModeMixin  # --mode model (docs/model-mode.md)
-from ..model_mode.params import DUOLORA_MODEL_PARAMS
 from ..priors import LayerPriors, load_priors
 from . import register
-from .base import LayerContext, Param
-from .ziplora import INPUT_PARAMS, REFINE_PARAMS, PairMaskStrategy
+from .base import LayerContext, MergePlan, Param
+from .pair_masks import INPUT_PARAMS, MODEL_MODE_PARAMS, REFINE_PARAMS, PairMaskStrategy, resolve
+
+#: priors measured on a base model rather than read from a table, as ``"module:function"`` seams; the
+#: function takes ``(config, adapters, *, device, seed)`` and returns ``(LayerPriors, measurement)``
+PRIORS_SOURCES: dict[str, str] = {"measure": "lora_merge.model_mode.measure_priors:measured_priors_for"}
 
 
 @register
-class DuoLoRA(ModelModeMixin, PairMaskStrategy):
+class DuoLoRA(PairMaskStrategy):
     name = "duolora"
     description = ("DuoLoRA from the two files alone: rank-dimension masks (ZipRank) with layer priors and a "
                    "weight-space cycle-consistency term; closed form + Adam.")  # fmt: skip
-    reference = "Roy et al., DuoLoRA, arXiv 2504.13206 (ICCV 2025); algorithms.md §6, §8"
+    reference = "Roy et al., DuoLoRA, arXiv 2504.13206 (ICCV 2025); docs/algorithms.md §6, §8"
     exact = False
     params = (
         Param("lambda_sim", float, 0.01, "weight of the similarity term mean|m_c·m_s|", range=(0.0, None)),
@@ -41,24 +43,28 @@ class DuoLoRA(ModelModeMixin, PairMaskStrategy):
               "initialization) before refining; off: Adam from the initialization, as the paper"),
         *REFINE_PARAMS,
         *INPUT_PARAMS,
-        *DUOLORA_MODEL_PARAMS,
+        *MODEL_MODE_PARAMS,
     )  # fmt: skip
+
+    measured_priors: LayerPriors | None = None  # --priors measure: set in prepare()
+    _measurement: Any = None
 
     def _reset(self) -> None:
         super()._reset()
         self._priors: LayerPriors | None = None
         self._priors_arch: object = ()
         self._roles: dict[str, int] = {}
-        # --priors measure (priors_measure.py): measured before the base class's prepare() solves the layers
-        self.measured_priors, self._measurement = self.__dict__.get("_pending_measure") or (None, None)
 
-    def prepare(self, inputs, context) -> None:
-        self._pending_measure = None
-        if self.priors == "measure":  # needs the base model and reference images; no fallback to a table
-            from ..priors_measure import measured_priors_for
+    def prepare(self, plan: MergePlan) -> None:
+        measured = None
+        if self.priors in PRIORS_SOURCES:  # needs the base model and reference images; no fallback to a table
+            measured = resolve(PRIORS_SOURCES[self.priors])(self.config, plan.adapters, device=plan.device,
+                                                            seed=plan.seed)
+        self.measured_priors, self._measurement = measured or (None, None)
+        super().prepare(plan)  # resets the per-merge state, then solves (weights) or trains (model)
 
-            self._pending_measure = measured_priors_for(self.config, inputs, context)
-        super().prepare(inputs, context)
+    def model_priors(self):
+        return self.measured_priors if self.priors in PRIORS_SOURCES else self.priors
 
     def _load(self, arch: str | None) -> LayerPriors:
         spec = self.priors
