@@ -27,7 +27,7 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def concat_factors(
     ups: list[torch.Tensor], downs: list[torch.Tensor], coeffs: list[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact rank concatenation: ``Σ c_i B_i A_i = [B_1 … B_n] · [c_1 A_1; …; c_n A_n]`` (algorithms.md §2)."""
+    """Exact rank concatenation: ``Σ c_i B_i A_i = [B_1 … B_n] · [c_1 A_1; …; c_n A_n]`` (docs/algorithms.md §2)."""
     b = torch.cat([_f32(u) for u in ups], dim=1)
     a = torch.cat([_f32(d) * float(c) for d, c in zip(downs, coeffs)], dim=0)
     return b, a
@@ -144,7 +144,9 @@ def _core_svd_gram32(up: torch.Tensor, down: torch.Tensor, k: int, tol: float):
     return _mm(up, p), sv, _mm(qt, down)
 
 
-def _apply_split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def split_factors(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, split: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors ``(B, A)`` of ``U Σ Vᵀ``: ``'up'`` puts Σ into B (kohya), ``'sqrt'`` gives ``U√Σ, √ΣVᵀ``."""
     if split == "up":
         return u * s[None, :], vh
@@ -187,7 +189,7 @@ def refactor_sum(
                     g_up[sj, si], g_down[sj, si] = gu.T, gd.T
         plan = _gram32_plan(g_up, g_down, k, tol)
         if plan is not None:
-            p, qt = _apply_split(*plan, split)  # scale the small R×k matrices, not the new factors
+            p, qt = split_factors(*plan, split)  # scale the small R×k matrices, not the new factors
             new_up = new_down = None
             for i, (u, d) in enumerate(zip(ups, downs)):
                 si = slice(offs[i], offs[i + 1])
@@ -229,7 +231,7 @@ def core_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.
 
     From the ``R×R`` Gram matrices ``BᵀB``, ``AAᵀ`` in fp64 (Cholesky + a symmetric eigenproblem) when
     that is well conditioned; otherwise QR of both factors, then an SVD of the small ``R×R`` core
-    (algorithms.md §3).  Cost ``O((d_out + d_in)·R² + R³)`` either way.
+    (docs/algorithms.md §3).  Cost ``O((d_out + d_in)·R² + R³)`` either way.
     """
     return _core_svd_top(up, down, None)
 
@@ -246,7 +248,7 @@ def refactor(
     """
     if split not in ("up", "sqrt"):
         raise ValueError(f"unknown split {split!r}")
-    return _apply_split(*_core_svd_top(up, down, None if rank is None else int(rank), tol), split)
+    return split_factors(*_core_svd_top(up, down, None if rank is None else int(rank), tol), split)
 
 
 def refactor_dense(delta: torch.Tensor, rank: int | None = None, split: str = "sqrt") -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,11 +260,19 @@ def refactor_dense(delta: torch.Tensor, rank: int | None = None, split: str = "s
     delta = _f32(delta)
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     if rank is None:
-        tol = s.max().clamp_min(0) * max(delta.shape) * torch.finfo(s.dtype).eps if s.numel() else 0.0
-        k = int((s > tol).sum()) if s.numel() else 0
+        k = numerical_rank(s, delta.shape)
     else:
         k = min(int(rank), s.shape[0])
-    return _apply_split(u[:, :k], s[:k], vh[:k], split)
+    return split_factors(u[:, :k], s[:k], vh[:k], split)
+
+
+def numerical_rank(s: torch.Tensor, shape: tuple[int, ...]) -> int:
+    """How many of the singular values ``s`` of a ``shape`` matrix are above ``max(shape)·eps·σ_max``
+    (the ``numpy.linalg.matrix_rank`` tolerance, ``eps`` of ``s``'s dtype); 0 for no values."""
+    if not s.numel():
+        return 0
+    tol = s.max().clamp_min(0) * max(shape) * torch.finfo(s.dtype).eps
+    return int((s > tol).sum())
 
 
 def singular_values(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

@@ -1,47 +1,28 @@
-"""Merge masks for two LoRAs (content ``c``, style ``s``) solved per layer from the factors alone.
+"""One layer's mask problem: folding masks into the factors, the loss terms, and the quadratic
+objective with its closed-form minimizer (the Adam refinement is in :mod:`lora_merge.masks.solve`).
 
-Mask families (algorithms.md §2, §5, §6), all folded exactly into the factors:
-
-* ``out``  — ZipLoRA (paper): ``ΔW_m = diag(u) ΔW_c + diag(v) ΔW_s``, ``u, v ∈ R^{d_out}``;
-* ``in``   — ZipLoRA (public code): ``ΔW_m = ΔW_c diag(u) + ΔW_s diag(v)``, ``u, v ∈ R^{d_in}``;
-* ``rank`` — DuoLoRA's ZipRank: ``ΔW_m = B_c diag(m_c) Â_c + B_s diag(m_s) Â_s``.
-
-Here ``Â = weight · scale · A``: the user's strength and the LoRA's ``alpha/r`` are folded into the down
-factor once, so the targets are the LoRAs at the strengths the user asked for.
-
-Objective (algorithms.md §8), with inputs of second moment ``Σ_c`` / ``Σ_s`` (:mod:`lora_merge.input_models`)::
-
-    F = ‖(ΔW_m − ΔW_c) X_c‖²/‖ΔW_c X_c‖² + ‖(ΔW_m − ΔW_s) X_s‖²/‖ΔW_s X_s‖²          reconstruction
-        + λ_cyc · (‖(ΔW_m − ΔW_c − ΔW_s) X_c‖²/‖ΔW_c X_c‖² + (same on X_s))          weight-space Constyle
-        + λ_sim · mean_i |m_c(i) m_s(i)|                                             similarity
-        + λ_prior · score · L_prior(m_c, m_s)                                        DuoLoRA rank prior
-
-Every quadratic term is ``(z − t)ᵀ H (z − t)`` in the stacked mask vector ``z`` with ``H = (PᵀP) ⊙ (Q Σ Qᵀ)``
-(``P = [B_c B_s]``, ``Q = [Â_c; Â_s]``): an ``R × R`` matrix for rank masks, independent ``2 × 2`` blocks
-per output row for ``out`` masks (and per input column for ``in`` masks when ``Σ = I``), and a
-matrix-free operator for ``in`` masks otherwise.  The quadratic part is minimized in closed form
-(the minimizer nearest to the initialization where it is not unique), then the full objective is
-refined with Adam; the best iterate is kept.  The solver works in float64 on small arrays.
+See :mod:`lora_merge.masks` for the mask families and the objective.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
-from .input_models import InputModel
+from ..input_models import InputModel
 
-Axis = Literal["out", "in", "rank"]
-Role = Literal["content", "style", "neutral"]
-AXES = ("out", "in", "rank")
+#: which dimension a mask scales: output rows, input columns or the rank (docs/algorithms.md §2)
+MaskAxis = Literal["out", "in", "rank"]
+AXES: tuple[MaskAxis, ...] = get_args(MaskAxis)
 
-# ---------------------------------------------------------------- folding (algorithms.md §2)
+# ---------------------------------------------------------------- folding (docs/algorithms.md §2)
 
 
-def fold(axis: str, up: torch.Tensor, down: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fold(
+    axis: MaskAxis, up: torch.Tensor, down: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold one mask into ``(B, A)`` exactly: ``out`` → ``diag(m) B A``, ``in`` → ``B A diag(m)``,
     ``rank`` → ``B diag(m) A``."""
     mask = mask.to(device=down.device, dtype=down.dtype)
@@ -55,7 +36,7 @@ def fold(axis: str, up: torch.Tensor, down: torch.Tensor, mask: torch.Tensor) ->
 
 
 def fold_pair(
-    axis: str,
+    axis: MaskAxis,
     up_c: torch.Tensor,
     down_c: torch.Tensor,
     up_s: torch.Tensor,
@@ -70,7 +51,9 @@ def fold_pair(
     return torch.cat([bc, bs], dim=1), torch.cat([ac, as_], dim=0)
 
 
-def dense_masked_sum(axis: str, delta_c: torch.Tensor, delta_s: torch.Tensor, mask_c, mask_s) -> torch.Tensor:
+def dense_masked_sum(
+    axis: MaskAxis, delta_c: torch.Tensor, delta_s: torch.Tensor, mask_c, mask_s
+) -> torch.Tensor:
     """Reference: the masked sum formed densely (``out``/``in`` only; tests)."""
     if axis == "out":
         return mask_c[:, None] * delta_c + mask_s[:, None] * delta_s
@@ -161,7 +144,7 @@ class MaskProblem:
     """One layer's objective.  Build with :func:`build_problem`.  ``z`` is the stacked mask: shape
     ``(r_c + r_s,)`` for rank masks, ``(n, 2)`` (columns ``u``, ``v``) for ``out``/``in`` masks."""
 
-    axis: str
+    axis: MaskAxis
     rc: int
     rs: int
     n: int  # mask length per input for out/in; r_c + r_s for rank
@@ -344,7 +327,7 @@ def _cg(op, b: np.ndarray, x0: np.ndarray, iters: int, tol: float = 1e-12) -> np
 
 
 def build_problem(
-    axis: str,
+    axis: MaskAxis,
     up_c: torch.Tensor,
     down_c: torch.Tensor,
     up_s: torch.Tensor,
@@ -409,217 +392,3 @@ def _col_blocks(ac: torch.Tensor, as_: torch.Tensor, ptp: torch.Tensor, rc: int)
     qcs = ((ptp[:rc, rc:] @ as_) * ac).sum(0)
     qss = ((ptp[rc:, rc:] @ as_) * as_).sum(0)
     return torch.stack([torch.stack([qcc, qcs], 1), torch.stack([qcs, qss], 1)], 1).numpy()
-
-
-# ---------------------------------------------------------------- refinement
-
-
-def refine(problem: MaskProblem, z0: np.ndarray, steps: int, lr: float) -> tuple[np.ndarray, int]:
-    """Adam on the full objective (sub-gradients for ``|·|`` and the hinge) from ``z0``; returns the best
-    iterate seen (so the objective never gets worse than at ``z0``) and the step that found it."""
-    z = np.array(z0, dtype=np.float64, copy=True)
-    if steps <= 0 or z.size == 0:
-        return z, 0
-    b = problem.rhs()
-    lam_sim, lam_pr = problem.lambda_sim, problem.lambda_prior * problem.prior_score
-    use_prior = problem.axis == "rank" and lam_pr != 0 and problem.role != "neutral"
-    b1, b2, eps = 0.9, 0.999, 1e-8
-    m1 = np.zeros_like(z)
-    m2 = np.zeros_like(z)
-    best, best_f, best_t = z.copy(), math.inf, 0
-    for t in range(1, steps + 2):
-        hz = problem.htot_v(z)
-        g = 2.0 * (hz - b)
-        f = float((z * hz).sum() - 2.0 * (b * z).sum())
-        mc, ms = problem.split(z)
-        if lam_sim:
-            f += lam_sim * similarity(mc, ms)
-            gc, gs = _similarity_grad(mc, ms)
-            g = g + lam_sim * problem.join(gc, gs)
-        if use_prior:
-            f += lam_pr * prior_rank_term(mc, ms, problem.role, problem.lambda_hinge)
-            gc, gs = _prior_grad(mc, ms, problem.role, problem.lambda_hinge)
-            g = g + lam_pr * problem.join(gc, gs)
-        if f < best_f:
-            best, best_f, best_t = z.copy(), f, t - 1
-        if t > steps:
-            break
-        m1 = b1 * m1 + (1 - b1) * g
-        m2 = b2 * m2 + (1 - b2) * g * g
-        z = z - lr * (m1 / (1 - b1**t)) / (np.sqrt(m2 / (1 - b2**t)) + eps)
-    return best, best_t
-
-
-def refine_many(problems: list[MaskProblem], z0s: list[np.ndarray], steps: int, lr: float
-                ) -> list[tuple[np.ndarray, int]]:  # fmt: skip
-    """:func:`refine` for many layers at once, vectorized: dense problems of equal ranks are stacked,
-    block problems are concatenated row-wise; the same iterates as one :func:`refine` per layer (up to
-    round-off), at a fraction of the per-call overhead.  Matrix-free problems run one by one."""
-    out: list[tuple[np.ndarray, int] | None] = [None] * len(problems)
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(problems):
-        if steps <= 0 or z0s[i].size == 0 or p.kind == "matfree":
-            out[i] = refine(p, z0s[i], steps, lr)
-        else:
-            key = ("dense", p.rc, p.rs) if p.kind == "dense" else ("blocks",)
-            groups.setdefault(key, []).append(i)
-    for key, idx in groups.items():
-        ps, zs = [problems[i] for i in idx], [z0s[i] for i in idx]
-        res = _refine_dense(ps, zs, steps, lr) if key[0] == "dense" else _refine_blocks(ps, zs, steps, lr)
-        for i, r in zip(idx, res):
-            out[i] = r
-    return out  # type: ignore[return-value]
-
-
-_B1, _B2, _EPS = 0.9, 0.999, 1e-8
-
-
-def _refine_dense(ps: list[MaskProblem], zs: list[np.ndarray], steps: int, lr: float):
-    rc, rs = ps[0].rc, ps[0].rs
-    k = min(rc, rs)
-    h = np.stack([p.htot() for p in ps])
-    b = np.stack([p.rhs() for p in ps])
-    z = np.stack(zs).astype(np.float64)
-    lam_sim = np.array([p.lambda_sim for p in ps])[:, None]
-    use_pr = np.array([p.lambda_prior * p.prior_score if p.role != "neutral" else 0.0 for p in ps])
-    role_c = np.array([p.role == "content" for p in ps])
-    lh = np.array([p.lambda_hinge for p in ps])
-    rbar = 0.5 * (rc + rs)
-    any_prior = bool(np.any(use_pr != 0))
-    m1, m2 = np.zeros_like(z), np.zeros_like(z)
-    best, best_f, best_t = z.copy(), np.full(len(ps), np.inf), np.zeros(len(ps), dtype=int)
-    for t in range(1, steps + 2):
-        hz = np.einsum("lij,lj->li", h, z)  # the stacked mat-vec dominates; einsum beats matmul/bmm here
-        g = 2.0 * (hz - b)
-        f = (z * hz).sum(1) - 2.0 * (b * z).sum(1)
-        mc, ms = z[:, :rc], z[:, rc:]
-        if k:
-            prod = mc[:, :k] * ms[:, :k]
-            f += lam_sim[:, 0] * np.abs(prod).mean(1)
-            sg = np.sign(prod) * (lam_sim / k)
-            g[:, :k] += sg * ms[:, :k]
-            g[:, rc:rc + k] += sg * mc[:, :k]
-        if any_prior:
-            nc, ns = np.abs(mc).sum(1), np.abs(ms).sum(1)
-            dom, oth = np.where(role_c, nc, ns), np.where(role_c, ns, nc)
-            act = (oth > dom).astype(np.float64)
-            f += use_pr * (dom + lh * np.maximum(0.0, oth - dom)) / rbar
-            cd, co = (1.0 - lh * act) / rbar, (lh * act) / rbar
-            g[:, :rc] += (use_pr * np.where(role_c, cd, co))[:, None] * np.sign(mc)
-            g[:, rc:] += (use_pr * np.where(role_c, co, cd))[:, None] * np.sign(ms)
-        better = f < best_f
-        best[better], best_f[better], best_t[better] = z[better], f[better], t - 1
-        if t > steps:
-            break
-        m1 = _B1 * m1 + (1 - _B1) * g
-        m2 = _B2 * m2 + (1 - _B2) * g * g
-        z = z - lr * (m1 / (1 - _B1**t)) / (np.sqrt(m2 / (1 - _B2**t)) + _EPS)
-    return [(best[i].copy(), int(best_t[i])) for i in range(len(ps))]
-
-
-def _refine_blocks(ps: list[MaskProblem], zs: list[np.ndarray], steps: int, lr: float):
-    """Adam on concatenated 2×2-block problems; columns kept as separate arrays and updated in place
-    (the arrays are large: one row per output dimension of every layer)."""
-    sizes = [p.n for p in ps]
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    seg = np.repeat(np.arange(len(ps)), sizes)
-    h = np.concatenate([p.htot() for p in ps])
-    h00, h01, h11 = h[:, 0, 0].copy(), 0.5 * (h[:, 0, 1] + h[:, 1, 0]), h[:, 1, 1].copy()
-    del h
-    b = np.concatenate([p.rhs() for p in ps])
-    b0, b1_ = b[:, 0].copy(), b[:, 1].copy()
-    z = np.concatenate(zs).astype(np.float64)
-    u, v = z[:, 0].copy(), z[:, 1].copy()
-    wsim = np.repeat([p.lambda_sim / max(p.n, 1) for p in ps], sizes)
-    nonempty = np.array(sizes) > 0
-    red_at = np.minimum(starts, max(len(u) - 1, 0))
-    mu, mv, su, sv = (np.zeros_like(u) for _ in range(4))
-    gu, gv, t1, t2 = (np.empty_like(u) for _ in range(4))
-    best_u, best_v = u.copy(), v.copy()
-    best_f, best_t = np.full(len(ps), np.inf), np.zeros(len(ps), dtype=int)
-    for t in range(1, steps + 2):
-        np.multiply(h00, u, out=gu)
-        gu += h01 * v  # gu = (H z)_u
-        np.multiply(h11, v, out=gv)
-        gv += h01 * u  # gv = (H z)_v
-        np.multiply(u, v, out=t1)  # t1 = u·v
-        np.sign(t1, out=t2)
-        np.abs(t1, out=t1)
-        # f_row = z·Hz − 2 b·z + wsim·|uv|
-        f_row = u * gu + v * gv - 2.0 * (b0 * u + b1_ * v) + wsim * t1
-        t2 *= wsim
-        gu -= b0
-        gu *= 2.0
-        gu += t2 * v
-        gv -= b1_
-        gv *= 2.0
-        gv += t2 * u
-        f = np.where(nonempty, np.add.reduceat(f_row, red_at), 0.0) if len(u) else np.zeros(len(ps))
-        better = f < best_f
-        if better.any():
-            rows = better[seg]
-            best_u[rows], best_v[rows] = u[rows], v[rows]
-            best_f[better], best_t[better] = f[better], t - 1
-        if t > steps:
-            break
-        c1, c2 = lr / (1 - _B1**t), 1.0 / (1 - _B2**t)
-        for m, sq, g, x in ((mu, su, gu, u), (mv, sv, gv, v)):
-            m *= _B1
-            m += (1 - _B1) * g
-            sq *= _B2
-            g *= g
-            g *= 1 - _B2
-            sq += g
-            np.multiply(sq, c2, out=t1)
-            np.sqrt(t1, out=t1)
-            t1 += _EPS
-            np.divide(m, t1, out=t1)
-            t1 *= c1
-            x -= t1
-    return [(np.stack([best_u[s:s + n], best_v[s:s + n]], 1), int(best_t[i]))
-            for i, (s, n) in enumerate(zip(starts, sizes))]
-
-
-@dataclass
-class Solution:
-    mask_c: torch.Tensor
-    mask_s: torch.Tensor
-    init: Terms
-    closed_form: Terms | None
-    final: Terms
-    best_step: int
-
-
-def start(problem: MaskProblem, init: tuple[torch.Tensor, torch.Tensor] | None, closed_form: bool
-          ) -> tuple[np.ndarray, Terms, Terms | None]:  # fmt: skip
-    """Initial masks (all ones when ``init`` is None) and, optionally, the closed form nearest to them."""
-    if init is None:
-        z0 = problem.target("ones")
-    else:
-        z0 = problem.join(init[0].double().numpy(), init[1].double().numpy())
-    t_init = problem.terms(z0)
-    if not closed_form:
-        return z0, t_init, None
-    z = problem.closed_form(z0)
-    return z, t_init, problem.terms(z)
-
-
-def finish(problem: MaskProblem, z: np.ndarray, best_step: int, t_init: Terms, t_cf: Terms | None) -> Solution:
-    mc, ms = problem.split(z)
-    return Solution(
-        torch.from_numpy(np.ascontiguousarray(mc)).float(), torch.from_numpy(np.ascontiguousarray(ms)).float(),
-        t_init, t_cf, problem.terms(z), best_step,
-    )  # fmt: skip
-
-
-def solve(
-    problem: MaskProblem,
-    init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    closed_form: bool = True,
-    steps: int = 100,
-    lr: float = 0.01,
-) -> Solution:
-    """Closed form of the quadratic part (nearest to ``init``; all ones when None), then Adam."""
-    z, t_init, t_cf = start(problem, init, closed_form)
-    z, best_t = refine(problem, z, steps, lr)
-    return finish(problem, z, best_t, t_init, t_cf)

@@ -4,28 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from . import register
 from .base import LayerContext, LayerInput, LayerResult, MergeStrategy, Param
-from .linear import present
-
-
-def topk_mask(t: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of the ``int(density · numel)`` largest |entries| (PEFT's ``prune`` convention)."""
-    k = int(density * t.numel())
-    mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
-    if k > 0:
-        mask[torch.topk(t.abs().flatten(), k, sorted=False).indices] = True
-    return mask.view_as(t)
-
-
-def dense_sum(inputs: Sequence[LayerInput]) -> torch.Tensor:
-    x = inputs[0]
-    total = x.up.new_zeros(x.up.shape[0], x.down.shape[1])
-    for x in present(inputs):
-        total += x.delta()
-    return total
+from .taskvectors import dense_sum, topk_mask
 
 
 @register

@@ -16,7 +16,7 @@ from .linear import concat
 class Svd(MergeStrategy):
     name = "svd"
     description = "Weighted sum re-factored by SVD (from the factors) to --rank K or an energy threshold."
-    reference = "algorithms.md §3 (kohya svd_merge_lora.py / PEFT 'svd' do a dense SVD instead)"
+    reference = "docs/algorithms.md §3 (kohya svd_merge_lora.py / PEFT 'svd' do a dense SVD instead)"
     exact = False
     params = (
         Param(
@@ -39,21 +39,16 @@ class Svd(MergeStrategy):
     def merge_layer(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> LayerResult:
         up, down = concat(inputs)
         u, s, vh = linalg.core_svd(up, down)
-        tol = (s.max() * max(up.shape[0], down.shape[1]) * torch.finfo(s.dtype).eps) if s.numel() else 0.0
-        k = int((s > tol).sum()) if s.numel() else 0
+        k = linalg.numerical_rank(s, (up.shape[0], down.shape[1]))
         if self.energy < 1.0 and k:
             e = torch.cumsum(s[:k] ** 2, 0) / (s[:k] ** 2).sum()
             k = min(k, int((e < self.energy - 1e-12).sum()) + 1)
-        target = ctx.extra.get("rank")
+        target = ctx.rank
         if target is not None:
             k = min(k, int(target))
         u, s, vh = u[:, :k], s[:k], vh[:k]
         kept = float((s**2).sum())
-        if self.split == "up":
-            b, a = u * s[None, :], vh
-        else:
-            rs = s.sqrt()
-            b, a = u * rs[None, :], rs[:, None] * vh
+        b, a = linalg.split_factors(u, s, vh, self.split)
         return LayerResult(
             up=b, down=a, info={"svd_rank": k, "sigma_max": float(s[0]) if k else 0.0, "energy_kept": kept}
         )

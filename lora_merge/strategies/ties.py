@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from . import register
 from .base import LayerContext, LayerInput, LayerResult, MergeStrategy, Param
-from .linear import present
-from .magnitude import topk_mask
+from .taskvectors import disjoint_merge, prune, unweighted_taus, zero_layer
 
 SIGN = Param(
     "sign",
@@ -26,34 +23,6 @@ DIVIDE = Param(
     "count (paper, PEFT), by their weight sum (mergekit normalize) or not at all (none)",
     choices=("count", "weights", "none"),
 )
-
-
-def disjoint_merge(taus: list[torch.Tensor], weights: list[float], sign: str, divide: str) -> torch.Tensor:
-    """Elect a sign per entry and combine the agreeing (non-zero, same-sign) weighted entries."""
-    stack = torch.stack(taus)
-    w = torch.tensor(weights, dtype=stack.dtype, device=stack.device).view(-1, *([1] * (stack.dim() - 1)))
-    weighted = stack * w
-    basis = weighted if sign == "weighted" else stack
-    elected = torch.sign(basis.sum(0))
-    agree = (torch.sign(basis) == elected) & (basis != 0)  # agreement judged where the vote was taken
-    total = (weighted * agree).sum(0)
-    if divide == "count":
-        total = total / agree.sum(0).clamp_min(1)
-    elif divide == "weights":
-        wsum = (w * agree).sum(0)
-        total = torch.where(wsum != 0, total / torch.where(wsum != 0, wsum, torch.ones_like(wsum)), 0.0)
-    return total
-
-
-def zero_layer(inputs: Sequence[LayerInput]) -> LayerResult:
-    """The result for a layer where no input contributes (all weights 0 or modules absent)."""
-    x = inputs[0]
-    return LayerResult(dense=x.up.new_zeros(x.up.shape[0], x.down.shape[1]))
-
-
-def unweighted_taus(inputs: Sequence[LayerInput]) -> tuple[list[torch.Tensor], list[float]]:
-    xs = present(inputs)
-    return [x.unweighted_delta() for x in xs], [x.weight for x in xs]
 
 
 @register
@@ -74,5 +43,5 @@ class Ties(MergeStrategy):
         taus, weights = unweighted_taus(inputs)
         if not taus:
             return zero_layer(inputs)
-        taus = [t * topk_mask(t, self.density) for t in taus]
-        return LayerResult(dense=disjoint_merge(taus, weights, self.sign, self.divide))
+        taus = [prune(t, self.density) for t in taus]  # trim
+        return LayerResult(dense=disjoint_merge(taus, weights, self.sign, self.divide))  # elect, merge
