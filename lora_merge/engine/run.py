@@ -20,9 +20,9 @@ import torch
 from .._version import __version__
 from ..adapter import Adapter
 from ..errors import UsageError
-from ..files import refuse_existing
+from ..files import dtype_name, refuse_existing
 from ..api import load, save
-from ..progress import progress_bar
+from ..progress import ProgressFn, progress_bar
 from ..strategies import MergeStrategy
 from ..strategies.base import call_prepare
 from .layers import LayerRun, run_layers, worker_count
@@ -102,60 +102,61 @@ def _merge_loaded(recipe: Recipe, options: MergeOptions, strat: MergeStrategy, a
     return MergeResult(adapter=merged, report=report, output=written)
 
 
+#: ``merge()`` keywords that are :class:`Recipe` settings under another name, or :class:`MergeOptions`
+_RENAMED = {"report_path": "report"}
+_OPTIONS = ("device", "threads")
+
+
 def merge(
     inputs: Sequence[str | os.PathLike | Adapter],
     output: str | os.PathLike | None = None,
     *,
     strategy: str | MergeStrategy = "linear",
-    weights: Sequence[float] | None = None,
-    layer_weights: Sequence[tuple[str, float | Sequence[float]] | str] = (),
     params: dict[str, Any] | None = None,
-    rank: int | None = None,
-    to: str | None = None,
-    dtype: str | torch.dtype | None = None,
-    device: str = "cpu",
-    seed: int = 0,
-    force: bool = False,
-    keep_heads_from: int | None = None,
-    progress: bool | Any = False,
-    report_path: str | os.PathLike | None = None,
-    arch: str | None = None,
-    threads: int | None = None,
-    keep_extra_from: int | None = None,
+    progress: bool | ProgressFn = False,
+    **settings: Any,
 ) -> MergeResult:
-    """Merge LoRA adapters (paths or in-memory :class:`Adapter`) with a strategy.
+    """Merge LoRA adapters (paths or in-memory :class:`Adapter`) with a strategy (a name and its
+    ``params``, or a configured :class:`MergeStrategy`).  Nothing is written when ``output`` is None.
 
-    ``weights`` are per-input inference strengths; ``layer_weights`` are ``(pattern, w)`` or
-    ``(pattern, [w_1, …, w_n])`` pairs (or ``'PATTERN=W'`` strings) that multiply the weights of the
-    layers the pattern matches (see :mod:`lora_merge.patterns`).  ``rank=None`` keeps the result's exact
-    rank; ``rank=K`` re-factors every layer to at most ``K`` from its factors.  Tensors are merged in
-    fp32 on ``device`` and stored as ``dtype`` (fp32 when None).  ``keep_heads_from`` is the 1-based
-    input whose PEFT ``modules_to_save`` tensors are kept when the inputs' differ (``keep_extra_from``,
-    0-based, is its deprecated spelling).  Nothing is written when ``output`` is None.  ``threads``
-    layers are finished side by side on the CPU, each with one torch thread (default: every CPU this
-    process may use); the result is the same for any value.  ``progress`` is True for a progress bar
-    on stderr or a ``(done, total, layer)`` callback.
+    The other keywords are the :class:`Recipe` settings and the :class:`MergeOptions`:
+
+    - ``weights``: per-input inference strengths; ``layer_weights``: ``(pattern, w)`` or
+      ``(pattern, [w_1, …, w_n])`` pairs (or ``'PATTERN=W'`` strings) that multiply the weights of the
+      layers the pattern matches (see :mod:`lora_merge.patterns`);
+    - ``rank``: None keeps the result's exact rank, ``K`` re-factors every layer to at most K from its
+      factors; ``to``: output dialect; ``dtype``: stored dtype (fp32 when None; the math is fp32);
+    - ``seed``, ``force``, ``arch``, ``report_path`` (a per-layer JSON report);
+    - ``keep_heads_from``: the 1-based input whose PEFT ``modules_to_save`` tensors are kept when the
+      inputs' differ (``keep_extra_from``, 0-based, is its deprecated spelling);
+    - ``device`` and ``threads``: layers are finished side by side on the CPU, each with one torch
+      thread (default: every CPU this process may use); the result is the same for any value.
+
+    ``progress`` is True for a progress bar on stderr, or a ``(done, total, layer)`` callback.
     """
-    if keep_extra_from is not None:
+    if "keep_extra_from" in settings:
+        old = settings.pop("keep_extra_from")
         warnings.warn("merge(keep_extra_from=i) is deprecated; use keep_heads_from=i + 1 (1-based, as the "
                       "CLI's --keep-heads-from)", DeprecationWarning, stacklevel=2)  # fmt: skip
-        if keep_heads_from is None:
-            keep_heads_from = int(keep_extra_from) + 1
+        if old is not None and settings.get("keep_heads_from") is None:
+            settings["keep_heads_from"] = int(old) + 1
+    options = MergeOptions(**{k: settings.pop(k) for k in _OPTIONS if settings.get(k) is not None})
+    settings = {_RENAMED.get(k, k): v for k, v in settings.items()}
     if isinstance(strategy, MergeStrategy):
         if params:
             raise UsageError("pass strategy parameters to the strategy object, not params=")
-        strat, name = strategy, strategy.name
+        strat, settings["strategy"] = strategy, strategy.name
     else:
-        strat, name = None, str(strategy)
-    if isinstance(dtype, torch.dtype):
-        dtype = str(dtype).removeprefix("torch.")
-    recipe = Recipe(
-        inputs=tuple(inputs), output=None if output is None else os.fspath(output), strategy=name,
-        params=dict(params or {}), weights=None if weights is None else tuple(weights),
-        rank=rank, to=to, dtype=dtype, seed=int(seed), force=bool(force), keep_heads_from=keep_heads_from,
-        arch=arch, report=None if report_path is None else os.fspath(report_path),
-    ).with_overrides(layer_weights=list(layer_weights))  # fmt: skip
+        strat, settings["strategy"] = None, str(strategy)
+    if isinstance(settings.get("dtype"), torch.dtype):
+        settings["dtype"] = dtype_name(settings["dtype"])
+    for key in ("output", "report"):
+        if settings.get(key) is not None:
+            settings[key] = os.fspath(settings[key])
+    recipe = Recipe(inputs=tuple(inputs), params=dict(params or {})).with_overrides(
+        output=output if output is None else os.fspath(output), **settings
+    )
     if callable(progress):
-        return run_merge(recipe, MergeOptions(device=device, threads=threads, progress=progress), strategy=strat)
+        return run_merge(recipe, options.with_overrides(progress=progress), strategy=strat)
     with progress_bar("merging", enabled=bool(progress)) as bar:
-        return run_merge(recipe, MergeOptions(device=device, threads=threads, progress=bar), strategy=strat)
+        return run_merge(recipe, options.with_overrides(progress=bar), strategy=strat)
