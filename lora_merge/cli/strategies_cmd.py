@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import click
+
+from .common import print_json
 
 
 @click.command("strategies", context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,13 +17,13 @@ def strategies(name: str | None, as_json: bool) -> None:
     if name:
         info = get_strategy(name).describe()
         if as_json:
-            click.echo(json.dumps(info, indent=2, default=str))
+            print_json(info)
             return
         _show_one(info)
         return
     infos = [cls.describe() for cls in available_strategies().values()]
     if as_json:
-        click.echo(json.dumps(infos, indent=2, default=str))
+        print_json(infos)
         return
     from rich.console import Console
     from rich.table import Table
