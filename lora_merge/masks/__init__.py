@@ -24,10 +24,8 @@ matrix-free operator for ``in`` masks otherwise.  The quadratic part is minimize
 refined with Adam; the best iterate is kept.  The solver works in float64 on small arrays.
 
 Two modules: :mod:`~lora_merge.masks.problem` (folding, terms, :class:`MaskProblem`, :func:`build_problem`,
-the closed form, :func:`prior_init`) and :mod:`~lora_merge.masks.solve` (the Adam loops, :class:`Solution`,
-:func:`start` / :func:`finish` / :func:`solve`).  Every public name is re-exported here.  Note that the
-attribute ``lora_merge.masks.solve`` is the function :func:`solve`; reach the module with
-``from lora_merge.masks.solve import …`` or ``importlib.import_module("lora_merge.masks.solve")``.
+the closed form, :func:`prior_init`) and :mod:`~lora_merge.masks.optimizer` (the Adam loops, :class:`Solution`,
+:func:`start` / :func:`finish` / :func:`solve`).  Every public name is re-exported here.
 """
 from __future__ import annotations
 
@@ -45,7 +43,7 @@ from .problem import (
     prior_rank_term,
     similarity,
 )
-from .solve import Solution, finish, refine, refine_many, solve, start
+from .optimizer import Solution, finish, refine, refine_many, solve, start
 
 __all__ = [
     "AXES",

@@ -1,5 +1,5 @@
 """One layer's mask problem: folding masks into the factors, the loss terms, and the quadratic
-objective with its closed-form minimizer (the Adam refinement is in :mod:`lora_merge.masks.solve`).
+objective with its closed-form minimizer (the Adam refinement is in :mod:`lora_merge.masks.optimizer`).
 
 See :mod:`lora_merge.masks` for the mask families and the objective.
 """
