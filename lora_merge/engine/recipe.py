@@ -44,7 +44,7 @@ import torch
 from ..adapter import Adapter
 from ..errors import MergeError, UsageError
 from ..files import dtype_name, input_sha256, parse_dtype
-from ..api import load
+from ..formats.api import load
 from ..patterns import compile_pattern
 from ..strategies import MergeStrategy, available_strategies, get_strategy
 

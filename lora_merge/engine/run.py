@@ -21,7 +21,7 @@ from .._version import __version__
 from ..adapter import Adapter
 from ..errors import UsageError
 from ..files import dtype_name, refuse_existing
-from ..api import load, save
+from ..formats.api import load, save
 from ..progress import ProgressFn, progress_bar
 from ..strategies import MergeStrategy
 from ..strategies.base import call_prepare
