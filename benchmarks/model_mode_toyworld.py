@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lora_merge.model_mode.bench import MODEL_ROWS, calibrate_toyworld, toyworld_common
+    from lora_merge.bench.quality import evaluate, run_variant
+    from lora_merge.bench.variants import MODEL_ROWS, Variant, calibrate_toyworld, toyworld_common
     from lora_merge.toyworld import JOINT_PROMPT, bundled_loras
-    from lora_merge.toyworld.quality import Variant, evaluate, run_variant
 
     loras = bundled_loras()
     tmp = Path(tempfile.mkdtemp(prefix="lm-model-mode-"))

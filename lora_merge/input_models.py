@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import FormatError, UsageError
+from .files import atomic_write, refuse_existing
 
 INPUT_MODELS = ("subspace", "identity", "stats")
 STATS_FORMAT = "lora-merge.input-stats/1"
@@ -183,13 +184,10 @@ def save_stats(
     ``(U, S)`` (``d_in × k``, ``k``) meaning ``Σ ≈ U diag(S) Uᵀ``.  ``counts`` are the numbers of input
     vectors averaged for ``content`` / ``style`` (stored in the metadata).  Written atomically.
     """
-    from safetensors.torch import save_file
-
-    from .errors import OutputExistsError
+    from safetensors.torch import save
 
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError("exists (use --force to overwrite)", path)
+    refuse_existing(path, force)
     tensors: dict[str, torch.Tensor] = {}
     for module, roles in stats.items():
         for role in ("content", "style"):
@@ -206,10 +204,7 @@ def save_stats(
     if counts:
         md["counts"] = json.dumps({k: int(v) for k, v in counts.items()})
     md.update({k: str(v) for k, v in (metadata or {}).items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, os.fspath(tmp), metadata=md)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda fh: fh.write(save(tensors, metadata=md)))
 
 
 def load_stats(path: str | os.PathLike) -> StatsModel:

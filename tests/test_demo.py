@@ -9,9 +9,9 @@ pytest.importorskip("diffusers")
 
 from click.testing import CliRunner
 
+from lora_merge.bench.variants import ABLATIONS, default_variants
 from lora_merge.cli import cli
 from lora_merge.strategies import available_strategies
-from lora_merge.toyworld.quality import ABLATIONS, default_variants
 
 
 def test_demo_writes_grid_and_judges(tmp_path, monkeypatch):
@@ -37,7 +37,7 @@ def test_demo_writes_grid_and_judges(tmp_path, monkeypatch):
 
 
 def test_demo_default_strategies_follow_the_registry():
-    from lora_merge.cli.demo_cmd import demo_variants
+    from lora_merge.bench.variants import demo_variants
 
     labels = [v.label for v in demo_variants(None)]
     assert labels[:2] == ["linear (1, 1)", "linear (0.5, 0.5)"]

@@ -729,9 +729,9 @@ def test_cli_merge_model_mode(world, tmp_path, capsys):
 def test_bench_rows():
     """The toy-world bench rows: model-mode ZipLoRA/DuoLoRA and DuoLoRA's ablation, with the toy world's
     references and prompts."""
-    from lora_merge.model_mode.bench import extra_variants
+    from lora_merge.bench.variants import model_mode_variants
 
-    rows = {v.label: v for v in extra_variants(None, ablations=True, calibrated=False)}
+    rows = {v.label: v for v in model_mode_variants(None, ablations=True, calibrated=False)}
     assert set(rows) == {"ziplora (model)", "duolora (model)", "duolora (model, ZipRank only)",
                          "duolora (model, ZipRank + priors)", "duolora (model, ZipRank + Constyle)",
                          "duolora (model, prior term, ones init)"}  # fmt: skip
@@ -744,7 +744,7 @@ def test_bench_rows():
     )
     assert (only["lambda_prior"], only["prior_init"], only["lambda_cycle"]) == (0.0, False, 0.0)
     assert "lambda_cycle" not in rows["duolora (model)"].params  # the full row: paper defaults
-    assert [v.label for v in extra_variants(["ziplora"], ablations=False, calibrated=False)] == [
+    assert [v.label for v in model_mode_variants(["ziplora"], ablations=False, calibrated=False)] == [
         "ziplora (model)"
     ]
 

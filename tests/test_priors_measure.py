@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_merge import priors_measure as pm
 from lora_merge.adapter import Adapter, LoraModule
-from lora_merge.arch import BLOCK_RESOLUTIONS
+from lora_merge.arch import BLOCK_RESOLUTIONS, unet_block_resolutions
 from lora_merge.errors import OutputExistsError, UsageError
+from lora_merge.model_mode import measure_priors as mp
+from lora_merge.priors import measured
 
 #: SDXL's block types in SDXL's order, tiny: attention at 4×4 (down_blocks.1, up_blocks.1) and at 2×2
 #: (down_blocks.2, mid_block, up_blocks.0) for 8×8 latents — SDXL's two attention resolutions
@@ -74,7 +75,7 @@ def images(seed, n=2):
 
 def run(base, content, style, **kw):
     kw.setdefault("n_noise", 2)
-    return pm.measure_priors(base, content, style, content_images=images(1), content_prompt="a sks thing",
+    return mp.measure_priors(base, content, style, content_images=images(1), content_prompt="a sks thing",
                              style_images=images(2), style_prompt="a cat in zkz style", **kw)
 
 
@@ -93,35 +94,35 @@ def test_block_resolutions_from_structure_give_the_sdxl_table():
     }  # fmt: skip
     with torch.device("meta"):
         unet = UNet2DConditionModel(**cfg)
-    assert pm.unet_block_resolutions(unet, 128) == BLOCK_RESOLUTIONS["sdxl"]
+    assert unet_block_resolutions(unet, 128) == BLOCK_RESOLUTIONS["sdxl"]
 
 
 def test_grouping_by_resolution_block_attention_layer(base):
     ad = lora_in(base.unet, LOW + HIGH, 0, text_encoder=True)
-    res = pm.unet_block_resolutions(base.unet, 8)
+    res = unet_block_resolutions(base.unet, 8)
     assert res == {"down_blocks.0": 8, "down_blocks.1": 4, "down_blocks.2": 2, "mid_block": 2, "up_blocks.0": 2,
                    "up_blocks.1": 4, "up_blocks.2": 8}
-    groups, unprobed = pm.group_modules(ad.modules, res, "resolution")
+    groups, unprobed = measured.group_modules(ad.modules, res, "resolution")
     assert [(g.name, g.blocks, g.resolution) for g in groups] == [("2x2", LOW, 2), ("4x4", HIGH, 4)]
     assert sum(len(g.modules) for g in groups) == len(ad) - 1
     assert unprobed == ["text_encoder.text_model.encoder.layers.0.self_attn.q_proj"]
-    blocks, _ = pm.group_modules(ad.modules, res, "block")
+    blocks, _ = measured.group_modules(ad.modules, res, "block")
     assert [g.name for g in blocks] == ["down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.1"]
-    att, _ = pm.group_modules(ad.modules, res, "attention")
+    att, _ = measured.group_modules(ad.modules, res, "attention")
     assert "up_blocks.0.attentions.1" in [g.name for g in att] and len(att) == 7
-    layers, _ = pm.group_modules(ad.modules, res, "layer")
+    layers, _ = measured.group_modules(ad.modules, res, "layer")
     assert len(layers) == len(ad) - 1 and all(len(g.modules) == 1 for g in layers)
     with pytest.raises(UsageError):
-        pm.group_modules(ad.modules, res, "pixels")
+        measured.group_modules(ad.modules, res, "pixels")
 
 
 def test_role_rule():
-    assert pm.assign_role(0.9, 0.1) == ("content", pytest.approx(0.8))
-    assert pm.assign_role(0.1, 0.9)[0] == "style"
-    assert pm.assign_role(0.55, 0.5)[0] == "neutral"  # both depend on it about equally
-    assert pm.assign_role(0.04, 0.0)[0] == "neutral"  # neither depends on it
-    assert pm.assign_role(0.3, 0.1, margin=0.25)[0] == "neutral"
-    assert pm.assign_role(0.3, 0.1, margin=0.15)[0] == "content"
+    assert measured.assign_role(0.9, 0.1) == ("content", pytest.approx(0.8))
+    assert measured.assign_role(0.1, 0.9)[0] == "style"
+    assert measured.assign_role(0.55, 0.5)[0] == "neutral"  # both depend on it about equally
+    assert measured.assign_role(0.04, 0.0)[0] == "neutral"  # neither depends on it
+    assert measured.assign_role(0.3, 0.1, margin=0.25)[0] == "neutral"
+    assert measured.assign_role(0.3, 0.1, margin=0.15)[0] == "content"
 
 
 # ------------------------------------------------------------------------------------- measurement
@@ -167,12 +168,12 @@ def test_measurement_is_deterministic_for_a_seed_and_leaves_the_unet_unchanged(b
 
 def test_per_image_prompts_and_errors(base):
     content, style = lora_in(base.unet, LOW, 1), lora_in(base.unet, HIGH, 2)
-    r = pm.measure_priors(base, content, style, content_images=images(1), content_prompt="a sks thing",
+    r = mp.measure_priors(base, content, style, content_images=images(1), content_prompt="a sks thing",
                           style_images=images(2), style_prompt=["a cat in zkz style", "a dog in zkz style"],
                           n_noise=1)  # fmt: skip
     assert r.roles() == {"2x2": "content", "4x4": "style"}
     with pytest.raises(UsageError, match="3 prompts for 2"):
-        pm.measure_priors(base, content, style, content_images=images(1), content_prompt=["a", "b", "c"],
+        mp.measure_priors(base, content, style, content_images=images(1), content_prompt=["a", "b", "c"],
                           style_images=images(2), style_prompt="x", n_noise=1)  # fmt: skip
     with pytest.raises(UsageError, match="scale"):
         run(base, content, style, scale=1.0)
@@ -191,9 +192,9 @@ def test_priors_file_round_trips_into_duolora(base, tmp_path):
 
     content, style = lora_in(base.unet, LOW, 11, rank=3), lora_in(base.unet, HIGH, 12, rank=2)
     r = run(base, content, style)
-    path = pm.write_priors(r, tmp_path / "measured.json")
+    path = measured.write_measured(r, tmp_path / "measured.json")
     with pytest.raises(OutputExistsError):
-        pm.write_priors(r, path)
+        measured.write_measured(r, path)
     loaded = load_priors(str(path), "tiny-xl")
     for name in content.modules:
         assert loaded.role_of(name) == "content" and loaded.score_of(name) == pytest.approx(1.0)
@@ -201,7 +202,7 @@ def test_priors_file_round_trips_into_duolora(base, tmp_path):
         assert loaded.role_of(name) == "style"
     assert json.loads(path.read_text())["measurement"]["groups"][0]["group"] == "2x2"
     # YAML too
-    assert load_priors(str(pm.write_priors(r, tmp_path / "measured.yaml"))).role_of(next(iter(style.modules))) == "style"
+    assert load_priors(str(measured.write_measured(r, tmp_path / "measured.yaml"))).role_of(next(iter(style.modules))) == "style"
     res = merge([content, style], strategy="duolora", params={"priors": str(path), "steps": 5})
     assert res.report["strategy"]["priors"]["layers_by_role"] == {"content": len(content), "style": len(style)}
     assert all(res.report["layers"][n]["role"] == "content" for n in content.modules)
@@ -212,12 +213,14 @@ def test_plot_png(base, tmp_path):
     from PIL import Image
 
     r = run(base, lora_in(base.unet, LOW, 1), lora_in(base.unet, HIGH, 2))
-    p = pm.plot_roles(r, tmp_path / "roles.png")
+    from lora_merge.bench import plots
+
+    p = plots.plot_roles(r, tmp_path / "roles.png")
     with Image.open(p) as im:
         assert im.size[0] >= 300 and im.size[1] >= 200
         # both bar colours are drawn
         colours = {c for _, c in im.convert("RGB").getcolors(1 << 16)}
-    assert pm._BAR_COLORS[0] in colours and pm._BAR_COLORS[1] in colours
+    assert plots._BAR_COLORS[0] in colours and plots._BAR_COLORS[1] in colours
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -328,11 +331,13 @@ def test_toyworld_noise_measure_and_judged_experiment_agree():
 
     content, style = lora_merge.load(paths["content"]), lora_merge.load(paths["style"])
     model = load_base_model("toyworld")
-    imgs_c, prm_c, imgs_s, prm_s = pm.load_references(model, None, None, None, None, n_images=8)
-    noise = pm.measure_priors(model, content, style, content_images=imgs_c, content_prompt=prm_c,
+    imgs_c, prm_c, imgs_s, prm_s = mp.load_references(model, None, None, None, None, n_images=8)
+    noise = mp.measure_priors(model, content, style, content_images=imgs_c, content_prompt=prm_c,
                               style_images=imgs_s, style_prompt=prm_s, n_noise=2, batch_size=16)  # fmt: skip
-    judged = pm.judge_priors(content, style, n=12, steps=12)
-    rows = pm.compare(noise, judged)
+    from lora_merge.bench.judged_priors import judge_priors
+
+    judged = judge_priors(content, style, n=12, steps=12)
+    rows = measured.compare(noise, judged)
     assert [r["group"] for r in rows] == ["4x4", "8x8"]
     assert all(r["agree"] for r in rows), rows
 

@@ -125,9 +125,11 @@ def test_judge_recognises_renders_of_every_class():
 
 
 def test_evaluate_reports_accuracies(world):
-    res = tw.evaluate(tw.bundled_loras()["style"], n=2, prompt=tw.STYLE_PROMPT, steps=4)
+    from lora_merge.bench.quality import evaluate
+
+    res = evaluate(tw.bundled_loras()["style"], n=2, prompt=tw.STYLE_PROMPT, steps=4)
     assert res["n"] == 2 and 0.0 <= res["joint_acc"] <= 1.0
-    res = tw.evaluate(None, n=2, prompt=tw.CONTENT_PROMPT, steps=4)
+    res = evaluate(None, n=2, prompt=tw.CONTENT_PROMPT, steps=4)
     assert res["style_acc"] is None and res["joint_acc"] == res["content_acc"]
     with pytest.raises(UsageError, match="names no"):
-        tw.evaluate(None, n=1, prompt="an object")
+        evaluate(None, n=1, prompt="an object")

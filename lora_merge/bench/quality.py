@@ -1,10 +1,12 @@
-"""Judging toy-world samples: per-adapter accuracies, the merge benchmark rows, and PNG grids."""
+"""Judging toy-world samples: per-adapter accuracies, one benchmark row's merge and judgement, PNG grids.
+
+The rows themselves (which strategies with which parameters) are in :mod:`lora_merge.bench.variants`.
+"""
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -12,23 +14,23 @@ from typing import Any
 import torch
 
 from ..adapter import Adapter
+from ..engine import merge
 from ..errors import UsageError
-from . import world
-
-JOINT = "a sks object in zkz style"
+from ..files import atomic_write
+from ..toyworld import JOINT_PROMPT, world
+from ..toyworld.judge import load_judge
+from ..toyworld.model import ARCH, load_base
+from ..toyworld.sampling import DEFAULT_STEPS, sample
+from .variants import Variant
 
 
 @lru_cache(maxsize=1)
 def _cached_base():
-    from .model import load_base
-
     return load_base()
 
 
 @lru_cache(maxsize=1)
 def _cached_judge():
-    from .judge import load_judge
-
     return load_judge()
 
 
@@ -61,7 +63,8 @@ def _counts(names: list[str]) -> dict[str, int]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def evaluate(adapter_or_path: Adapter | str | os.PathLike | None, n: int = 64, seed: int = 0, prompt: str = JOINT,
+def evaluate(adapter_or_path: Adapter | str | os.PathLike | None, n: int = 64, seed: int = 0,
+             prompt: str = JOINT_PROMPT,
              *, scale: float = 1.0, lora_group_scales: Mapping[str, float] | None = None, steps: int | None = None,
              world_model=None, judge=None, return_images: bool = False) -> dict[str, Any]:
     """Sample ``n`` images of ``prompt`` (fixed seeds) with the adapter folded in, and judge them.
@@ -69,8 +72,6 @@ def evaluate(adapter_or_path: Adapter | str | os.PathLike | None, n: int = 64, s
     Expected shape and style are read from the prompt (``"a sks object"`` asks for no style: its
     ``style_acc`` is None and ``joint_acc`` equals ``content_acc``).
     """
-    from .sampling import DEFAULT_STEPS, sample
-
     shape, style = world.parse_prompt(prompt)
     if shape is None and style is None:
         raise UsageError(f"prompt {prompt!r} names no toy-world shape or style to judge")
@@ -85,9 +86,8 @@ def evaluate(adapter_or_path: Adapter | str | os.PathLike | None, n: int = 64, s
 
 
 def base_sanity(n_per_combo: int = 4, seed: int = 0, world_model=None, judge=None) -> dict[str, Any]:
-    """Base-model samples of every seen shape × seen style, judged (the issue's ≥ 80 % sanity check)."""
-    from .sampling import sample
-
+    """Base-model samples of every seen shape × seen style, judged (the base model's sanity check: it
+    should reach 80 % or more)."""
     wm = world_model or _cached_base()
     judge = judge or _cached_judge()
     combos = [(s, t) for s in world.SEEN_SHAPES for t in world.SEEN_STYLES]
@@ -108,55 +108,6 @@ def base_sanity(n_per_combo: int = 4, seed: int = 0, world_model=None, judge=Non
 
 
 # ------------------------------------------------------------------------------------------ merges
-@dataclass
-class Variant:
-    """One benchmark row: a strategy with parameters and weights."""
-
-    label: str
-    strategy: str
-    params: dict[str, Any] = field(default_factory=dict)
-    weights: tuple[float, float] = (1.0, 1.0)
-
-
-#: ablations a strategy offers, keyed by strategy name: (label suffix, params).  Only rows whose
-#: parameters the registered strategy actually declares are run.
-ABLATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
-    "duolora": [
-        ("no prior", {"lambda_prior": 0.0}),
-        ("no hinge", {"lambda_hinge": 0.0}),
-        ("no cycle", {"lambda_cycle": 0.0}),
-        ("no prior init", {"prior_init": False}),
-    ],
-    "ziplora": [("no sim", {"lambda_sim": 0.0})],
-}
-
-
-def default_variants(strategies: Sequence[str] | None = None, ablations: bool = True) -> list[Variant]:
-    """Every registered strategy that can merge two inputs, with its defaults (+ its ablations)."""
-    from ..strategies import available_strategies
-
-    avail = available_strategies()
-    names = list(strategies) if strategies else list(avail)
-    out: list[Variant] = []
-    for nm in names:
-        if nm not in avail:
-            raise UsageError(f"unknown strategy {nm!r}; available: {', '.join(avail)}")
-        cls = avail[nm]
-        if cls.min_inputs > 2 or (cls.max_inputs is not None and cls.max_inputs < 2):
-            continue
-        if nm == "linear":
-            out.append(Variant("linear (1, 1)", "linear"))
-            out.append(Variant("linear (0.5, 0.5)", "linear", weights=(0.5, 0.5)))
-            continue
-        out.append(Variant(nm, nm))
-        if ablations:
-            declared = {p.name for p in cls.params}
-            for suffix, params in ABLATIONS.get(nm, []):
-                if set(params) <= declared:
-                    out.append(Variant(f"{nm} ({suffix})", nm, dict(params)))
-    return out
-
-
 def trainable_values(report: dict[str, Any]) -> int | None:
     """Trainable-value count a strategy reports (ZipLoRA/DuoLoRA coefficients), if any."""
     strat = report.get("strategy") or {}
@@ -167,14 +118,13 @@ def trainable_values(report: dict[str, Any]) -> int | None:
 
 
 def run_variant(v: Variant, content: Path, style: Path, n: int, seed: int = 0, world_model=None, judge=None,
-                arch: str | None = "toyworld") -> dict[str, Any]:
-    from .. import merge
-
+                arch: str | None = ARCH) -> dict[str, Any]:
+    """Merge the two inputs as row ``v`` says, sample the joint prompt ``n`` times and judge it."""
     t0 = time.perf_counter()
     res = merge([content, style], None, strategy=v.strategy, weights=list(v.weights), params=v.params or None,
                 seed=seed, arch=arch)
     dt = time.perf_counter() - t0
-    ev = evaluate(res.adapter, n=n, seed=seed, prompt=JOINT, world_model=world_model, judge=judge,
+    ev = evaluate(res.adapter, n=n, seed=seed, prompt=JOINT_PROMPT, world_model=world_model, judge=judge,
                   return_images=True)
     ev.update(label=v.label, strategy=v.strategy, params=v.params, weights=list(v.weights), merge_seconds=dt,
               trainable_values=trainable_values(res.report), rank=max(res.adapter.ranks) if len(res.adapter) else 0)
@@ -184,7 +134,7 @@ def run_variant(v: Variant, content: Path, style: Path, n: int, seed: int = 0, w
 # ------------------------------------------------------------------------------------------- grids
 def save_grid(rows: Sequence[tuple[str, torch.Tensor]], path: str | os.PathLike, zoom: int = 4,
               max_cols: int = 16) -> Path:
-    """A labelled PNG: one row per ``(label, images)``; written to a temp file then renamed."""
+    """A labelled PNG: one row per ``(label, images)``, written atomically."""
     from PIL import Image, ImageDraw
 
     if not rows:
@@ -204,14 +154,8 @@ def save_grid(rows: Sequence[tuple[str, torch.Tensor]], path: str | os.PathLike,
             canvas.paste(tile, (label_w + c * (size + pad), y))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    canvas.save(tmp)
-    tmp.replace(out)
-    return out
+    return atomic_write(out, lambda fh: canvas.save(fh, format="PNG"))
 
 
 def pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.0f}%"
-
-
-ProgressFn = Callable[[str], None]

@@ -1,25 +1,154 @@
-"""Toy-world benchmark rows of model mode (issue 6): model-trained ZipLoRA/DuoLoRA, the DuoLoRA ablation,
-and the weight-space strategies with calibrated input statistics.
+"""Every row of ``lora-merge bench quality``, in one place.
 
-``lora-merge bench quality`` adds these rows with :func:`extra_variants`;
-``benchmarks/model_mode_toyworld.py`` measures them alone.
+* :func:`demo_variants`: the few rows of ``lora-merge demo``;
+* :func:`default_variants`: every registered strategy that merges two inputs, with its defaults and the
+  ablations it offers (:data:`ABLATIONS`);
+* :func:`priors_variants`: DuoLoRA with the paper's resolution rule next to priors measured on the toy
+  world (docs/priors.md);
+* :func:`model_mode_variants`: ZipLoRA/DuoLoRA trained through the toy world's UNet (:data:`MODEL_ROWS`,
+  DuoLoRA's paper ablation) and the weight-space strategies with calibrated input statistics
+  (docs/model-mode.md).  ``benchmarks/model_mode_toyworld.py`` measures these alone.
+
+:func:`all_variants` puts them together in the order the benchmark runs them.  A row is only offered when
+the registered strategy declares the parameters it sets.
 """
-
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import load
+from ..errors import UsageError
+from ..model_mode.base_model import load_base_model
+from ..model_mode.calibrate import calibrate
+from ..model_mode.measure_priors import measure_for_model
+from ..priors import builtin_priors
+from ..priors.measured import write_measured
+from ..strategies import available_strategies
+from ..toyworld import CONTENT_PROMPT, JOINT_PROMPT, STYLE_PROMPT, bundled_loras
+from ..toyworld.model import ARCH
 
+
+@dataclass
+class Variant:
+    """One benchmark row: a strategy with parameters and weights."""
+
+    label: str
+    strategy: str
+    params: dict[str, Any] = field(default_factory=dict)
+    weights: tuple[float, float] = (1.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------ strategies
+#: ablations a strategy offers, keyed by strategy name: (label suffix, params).  Only rows whose
+#: parameters the registered strategy actually declares are run.
+ABLATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "duolora": [
+        ("no prior", {"lambda_prior": 0.0}),
+        ("no hinge", {"lambda_hinge": 0.0}),
+        ("no cycle", {"lambda_cycle": 0.0}),
+        ("no prior init", {"prior_init": False}),
+    ],
+    "ziplora": [("no sim", {"lambda_sim": 0.0})],
+}
+
+
+def _declared(strategy: str) -> set[str]:
+    avail = available_strategies()
+    return {p.name for p in avail[strategy].params} if strategy in avail else set()
+
+
+#: ``lora-merge demo``'s strategies when none are named (those registered)
+DEMO_STRATEGIES = ("linear", "ziplora", "duolora")
+
+
+def demo_variants(strategies: str | Sequence[str] | None = None) -> list[Variant]:
+    """``lora-merge demo``'s rows: linear at (1, 1) and (0.5, 0.5), then each other strategy with its
+    defaults (``strategies``: names, or one comma-separated string)."""
+    avail = available_strategies()
+    if strategies:
+        names = [s.strip() for s in strategies.split(",")] if isinstance(strategies, str) else list(strategies)
+        names = [s for s in names if s]
+        unknown = [s for s in names if s not in avail]
+        if unknown:
+            raise UsageError(f"unknown strategy {unknown[0]!r}; available: {', '.join(avail)}")
+    else:
+        names = [s for s in DEMO_STRATEGIES if s in avail]
+    out = []
+    for nm in names:
+        if nm == "linear":
+            out += [Variant("linear (1, 1)", "linear"), Variant("linear (0.5, 0.5)", "linear", weights=(0.5, 0.5))]
+        else:
+            out.append(Variant(nm, nm))
+    return out
+
+
+def default_variants(strategies: Sequence[str] | None = None, ablations: bool = True) -> list[Variant]:
+    """Every registered strategy that can merge two inputs, with its defaults (+ its ablations)."""
+    avail = available_strategies()
+    names = list(strategies) if strategies else list(avail)
+    out: list[Variant] = []
+    for nm in names:
+        if nm not in avail:
+            raise UsageError(f"unknown strategy {nm!r}; available: {', '.join(avail)}")
+        cls = avail[nm]
+        if cls.min_inputs > 2 or (cls.max_inputs is not None and cls.max_inputs < 2):
+            continue
+        if nm == "linear":
+            out.append(Variant("linear (1, 1)", "linear"))
+            out.append(Variant("linear (0.5, 0.5)", "linear", weights=(0.5, 0.5)))
+            continue
+        out.append(Variant(nm, nm))
+        if ablations:
+            declared = {p.name for p in cls.params}
+            for suffix, params in ABLATIONS.get(nm, []):
+                if set(params) <= declared:
+                    out.append(Variant(f"{nm} ({suffix})", nm, dict(params)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- priors
+def toyworld_priors_file(seed: int = 0) -> Path:
+    """Measure the bundled toy-world LoRAs with the default settings and write the priors to a file in the
+    temp folder (rewritten on each call)."""
+    paths = bundled_loras()
+    model = load_base_model(ARCH)
+    _, result = measure_for_model(model, [load(paths["content"]), load(paths["style"])], None, None, None, None,
+                                  seed)
+    path = Path(tempfile.gettempdir()) / f"lora-merge-toyworld-priors-{seed}.json"
+    return write_measured(result, path, force=True)
+
+
+def priors_variants(strategies: Sequence[str] | None = None) -> list[Variant]:
+    """DuoLoRA with the paper's resolution rule on the toy world's blocks (the SDXL rule: 4×4 → content,
+    8×8 → style) next to DuoLoRA with priors measured on the toy world — in weight space, and in model
+    mode when ``duolora`` offers ``--mode model`` (whose own ``duolora (model)`` row uses the rule)."""
+    if "duolora" not in available_strategies() or (strategies and "duolora" not in strategies):
+        return []
+    declared = _declared("duolora")
+    rows = []
+    if ARCH in builtin_priors():
+        rows.append(Variant("duolora (SDXL-rule priors)", "duolora", {"priors": ARCH}))
+    if "base" in declared:
+        rows.append(Variant("duolora (measured priors)", "duolora", {"priors": "measure", "base": ARCH}))
+    else:  # the same measurement (toy-world defaults, seed 0), handed over as a priors file
+        rows.append(Variant("duolora (measured priors)", "duolora", {"priors": str(toyworld_priors_file())}))
+    if "mode" in declared:
+        # the SDXL-rule model-mode row is model mode's own "duolora (model)" (priors auto = the rule)
+        rows.append(Variant("duolora (model, measured priors)", "duolora", {**toyworld_common(), "priors": "measure"}))
+    return rows
+
+
+# ------------------------------------------------------------------------------------ model mode
 def toyworld_common(strategy: str = "duolora") -> dict[str, Any]:
     """Model-mode parameters for the bundled toy world and its reference images (ZipLoRA has no cycles,
     hence no cycle prompt)."""
-    from ..toyworld import CONTENT_PROMPT, JOINT_PROMPT, STYLE_PROMPT
-
-    common = {"mode": "model", "base": "toyworld", "content_images": "toyworld:content",
-              "content_prompt": CONTENT_PROMPT, "style_images": "toyworld:style",
+    common = {"mode": "model", "base": ARCH, "content_images": f"{ARCH}:content",
+              "content_prompt": CONTENT_PROMPT, "style_images": f"{ARCH}:style",
               "style_prompt": STYLE_PROMPT}  # fmt: skip
     if strategy == "duolora":
         common["cycle_prompt"] = JOINT_PROMPT
@@ -44,39 +173,28 @@ MODEL_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 
 def calibrate_toyworld(path: str | os.PathLike, force: bool = True, seed: int = 0) -> Path:
     """Input statistics of the toy world's LoRA'd layers on the bundled reference images."""
-    from .. import load
-    from ..toyworld import CONTENT_PROMPT, STYLE_PROMPT, bundled_loras
-    from .calibrate import calibrate
-    from .base_model import load_base_model
-
     loras = bundled_loras()
-    base = load_base_model("toyworld")
-    calibrate(base, path, content_images="toyworld:content", content_prompt=CONTENT_PROMPT,
-              style_images="toyworld:style", style_prompt=STYLE_PROMPT,
+    base = load_base_model(ARCH)
+    calibrate(base, path, content_images=f"{ARCH}:content", content_prompt=CONTENT_PROMPT,
+              style_images=f"{ARCH}:style", style_prompt=STYLE_PROMPT,
               adapters=[load(loras["content"]), load(loras["style"])], samples=4, seed=seed,
               force=force)  # fmt: skip
     return Path(path)
 
 
-def extra_variants(
+def model_mode_variants(
     strategies: Sequence[str] | None,
     ablations: bool = True,
     calibrated: bool = True,
     stats_path: str | os.PathLike | None = None,
-) -> list:
-    """Rows for ``bench quality``: model mode (+ DuoLoRA's ablation) and weight space with statistics from
-    ``calibrate`` (written to ``stats_path``, default a temporary folder).  Only for selected strategies
-    that declare the needed parameters."""
-    import tempfile
-
-    from ..strategies import available_strategies
-    from ..toyworld.quality import Variant
-
-    avail = available_strategies()
+) -> list[Variant]:
+    """Model mode (+ DuoLoRA's ablation) and weight space with statistics from ``calibrate`` (written to
+    ``stats_path``, default a temporary folder).  Only for selected strategies that declare the needed
+    parameters."""
     wanted = set(strategies) if strategies else {"ziplora", "duolora"}
 
     def declares(strat: str, param: str) -> bool:
-        return strat in wanted and strat in avail and param in {p.name for p in avail[strat].params}
+        return strat in wanted and param in _declared(strat)
 
     rows = []
     for label, strat, extra in MODEL_ROWS:
@@ -84,14 +202,19 @@ def extra_variants(
             rows.append(Variant(label, strat, {**toyworld_common(strat), **extra}))
     stat_rows = [s for s in ("ziplora", "duolora") if declares(s, "stats")] if calibrated else []
     if stat_rows:
-        path = (
-            Path(stats_path)
-            if stats_path
-            else Path(tempfile.mkdtemp(prefix="lm-stats-")) / "toyworld.safetensors"
-        )
+        path = Path(stats_path) if stats_path else Path(tempfile.mkdtemp(prefix="lm-stats-")) / "toyworld.safetensors"
         calibrate_toyworld(path)
         for strat in stat_rows:
-            rows.append(
-                Variant(f"{strat} (calibrated stats)", strat, {"input_model": "stats", "stats": str(path)})
-            )
+            rows.append(Variant(f"{strat} (calibrated stats)", strat, {"input_model": "stats", "stats": str(path)}))
     return rows
+
+
+# ------------------------------------------------------------------------------------------- all
+def all_variants(strategies: Sequence[str] | None = None, ablations: bool = True) -> list[Variant]:
+    """Every benchmark row: strategies (+ ablations), then the priors rows, then model mode and calibrated
+    statistics."""
+    return [
+        *default_variants(strategies, ablations=ablations),
+        *priors_variants(strategies),
+        *model_mode_variants(strategies, ablations=ablations),
+    ]

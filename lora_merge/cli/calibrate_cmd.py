@@ -90,15 +90,13 @@ def calibrate_cmd(
     The base model (no LoRA) runs on noisy versions of the reference images with their prompts; the
     written file feeds `lora-merge merge --strategy ziplora|duolora` with the input model `stats`.
     """
-    import torch
-
-    from ..model_mode.calibrate import calibrate
+    from ..files import parse_dtype
     from ..model_mode.base_model import load_base_model
+    from ..model_mode.calibrate import calibrate
     from .common import load_adapter
 
-    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     loaded = [load_adapter(a) for a in adapters]
-    model = load_base_model(base, device=device, dtype=dt)
+    model = load_base_model(base, device=device, dtype=parse_dtype(dtype))
     summary = calibrate(
         model, output, content_images=content_images, content_prompt=content_prompt,
         style_images=style_images, style_prompt=style_prompt, adapters=loaded, layers=layers, samples=samples,

@@ -6,31 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import OutputExistsError, UsageError
+from ..errors import UsageError
 from .common import json_option, print_json, stderr_console, stdout_console, threads_option
-
-DEFAULT_STRATEGIES = ("linear", "ziplora", "duolora")
-
-
-def demo_variants(strategies: str | None):
-    from ..strategies import available_strategies
-    from ..toyworld.quality import Variant
-
-    avail = available_strategies()
-    if strategies:
-        names = [s.strip() for s in strategies.split(",") if s.strip()]
-        unknown = [s for s in names if s not in avail]
-        if unknown:
-            raise UsageError(f"unknown strategy {unknown[0]!r}; available: {', '.join(avail)}")
-    else:
-        names = [s for s in DEFAULT_STRATEGIES if s in avail]
-    out = []
-    for nm in names:
-        if nm == "linear":
-            out += [Variant("linear (1, 1)", "linear"), Variant("linear (0.5, 0.5)", "linear", weights=(0.5, 0.5))]
-        else:
-            out.append(Variant(nm, nm))
-    return out
 
 
 @click.command("demo")
@@ -53,11 +30,12 @@ def demo(n: int, out: Path, strategies: str | None, seed: int, force: bool, as_j
     Writes a grid PNG (rows: content LoRA alone, style LoRA alone, then one row per strategy) and prints
     the judge's table.  Everything runs on CPU from the weights shipped with the package.
     """
+    from ..bench.quality import evaluate, pct, run_variant, save_grid
+    from ..bench.variants import demo_variants
+    from ..files import refuse_existing
     from ..toyworld import CONTENT_PROMPT, JOINT_PROMPT, STYLE_PROMPT, bundled_loras
-    from ..toyworld.quality import evaluate, pct, run_variant, save_grid
 
-    if out.exists() and not force:
-        raise OutputExistsError("output exists (pass --force to overwrite)", out)
+    refuse_existing(out, force)
     if out.suffix.lower() != ".png":
         raise UsageError(f"{out}: --out must be a .png file")
     variants = demo_variants(strategies)

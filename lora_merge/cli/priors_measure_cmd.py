@@ -62,74 +62,57 @@ def measure(content, style, base, content_images, content_prompt, style_images, 
     on a fixed seeded set of noisy latents.  With --base toyworld, CONTENT/STYLE default to the bundled
     LoRAs and the images/prompts to their training references.
     """
-    import torch
-
-    from .. import priors_measure as pm
+    from ..files import refuse_existing
+    from ..model_mode.measure_priors import measure as noise_measure
+    from ..priors.measured import compare as compare_roles
+    from ..priors.measured import write_measured
     from .common import load_adapter
 
     toy = base == "toyworld"
     if (use_judge or compare) and not toy:
         raise UsageError("--judge/--compare need a judge; only the bundled toy world has one (--base toyworld)")
-    from pathlib import Path
-
-    from ..errors import OutputExistsError
-
-    for p in (output, plot):
-        if p and Path(p).exists() and not force:
-            raise OutputExistsError("exists (use --force to overwrite)", p)
     if toy and (content is None or style is None):
-        from .. import toyworld as tw
+        from ..toyworld import bundled_loras
 
-        paths = tw.bundled_loras()
+        paths = bundled_loras()
         content = content or str(paths["content"])
         style = style or str(paths["style"])
     if content is None or style is None:
         raise UsageError("give the CONTENT and STYLE LoRA files (only --base toyworld has bundled ones)")
-    inputs = {Path(content).resolve(), Path(style).resolve()}
     for p in (output, plot):
-        if p and Path(p).resolve() in inputs:
-            raise UsageError(f"refusing to write over an input: {p}")
+        if p:
+            refuse_existing(p, force, inputs=(content, style))
     c_ad, s_ad = load_adapter(content), load_adapter(style)
     console = stderr_console()
-
-    def run_noise(bar):
-        from ..model_mode.base_model import load_base_model
-
-        dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-        model = load_base_model(base, device=device, dtype=dt)
-        imgs_c, prm_c, imgs_s, prm_s = pm.load_references(model, content_images, content_prompt, style_images,
-                                                          style_prompt, n_images=n_images, seed=seed)
-        groups, _ = pm.probe_groups(model.unet, c_ad, s_ad, model.encode_images(imgs_c[:1]).shape[-1], granularity)
-        task = bar.add_task("noise measure", total=2 * (len(groups) + 2))
-        return pm.measure_priors(
-            model, c_ad, s_ad, content_images=imgs_c, content_prompt=prm_c, style_images=imgs_s,
-            style_prompt=prm_s, granularity=granularity, scale=scale, n_noise=samples, seed=seed,
-            batch_size=batch_size, margin=margin, floor=floor,
-            progress=lambda _d, k: bar.advance(task, k),
-        )  # fmt: skip
-
-    def run_judge(bar):
-        from .. import toyworld as tw
-
-        wm = tw.load_base(device=device)
-        groups, _ = pm.probe_groups(wm.unet, c_ad, s_ad, int(wm.image_size), granularity)
-        task = bar.add_task("judged experiment", total=pm.judge_work(len(groups)))
-        return pm.judge_priors(c_ad, s_ad, granularity=granularity, scale=scale, n=n_judge, seed=seed,
-                               margin=margin, floor=floor, world_model=wm,
-                               progress=lambda _d, k: bar.advance(task, k))  # fmt: skip
+    settings = {"granularity": granularity, "scale": scale, "seed": seed, "margin": margin, "floor": floor}
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=as_json) as bar:
-        noise = run_noise(bar) if (compare or not use_judge) else None
-        judged = run_judge(bar) if (compare or use_judge) else None
+
+        def progress_fn():
+            task = bar.add_task("", total=None)
+            return lambda done, total, desc: bar.update(task, completed=done, total=total, description=desc)
+
+        noise = judged = None
+        if compare or not use_judge:
+            noise = noise_measure(base, c_ad, s_ad, content_images=content_images, content_prompt=content_prompt,
+                                  style_images=style_images, style_prompt=style_prompt, n_images=n_images,
+                                  n_noise=samples, batch_size=batch_size, device=device, dtype=dtype,
+                                  progress=progress_fn(), **settings)  # fmt: skip
+        if compare or use_judge:
+            from ..bench.judged_priors import judge_priors
+
+            judged = judge_priors(c_ad, s_ad, n=n_judge, device=device, progress=progress_fn(), **settings)
     main = judged if (use_judge and not compare) else noise
-    agreement = pm.compare(noise, judged) if (noise is not None and judged is not None) else None
+    agreement = compare_roles(noise, judged) if (noise is not None and judged is not None) else None
     if output:
-        pm.write_priors(main, output, force=force)
+        write_measured(main, output, force=force, inputs=(content, style))
     if plot:
-        pm.plot_roles(main, plot)
+        from ..bench.plots import plot_roles
+
+        plot_roles(main, plot)
     if as_json:
         doc = {"priors": main.to_dict(), "output": output, "plot": plot}
         if agreement is not None:

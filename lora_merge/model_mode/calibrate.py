@@ -21,13 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arch import ATTENTION_TARGETS
 from ..errors import UsageError
+from ..files import refuse_existing
+from ..input_models import save_stats
+from ..patterns import matches
 from .base_model import BaseModel
 from .images import resolve_images
 from .lora_layers import UNET_PREFIX
 
 #: the layers LoRA trainers target by default (diffusers/PEFT/kohya attention LoRAs)
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 @dataclass
@@ -51,15 +54,13 @@ def select_layers(
     """Canonical names (``unet.…``) of the layers to record: the UNet layers the adapters touch, or every
     attention projection (``to_q``/``to_k``/``to_v``/``to_out.0``) when no adapter is given; then
     filtered by ``pattern`` (see :mod:`lora_merge.patterns`)."""
-    from ..patterns import matches
-
     if adapters:
         names = list(dict.fromkeys(n for ad in adapters for n in ad.modules if n.startswith(prefix)))
         if not names:
             raise UsageError("the adapter(s) have no UNet layers to calibrate")
     else:
         names = [prefix + n for n, m in unet.named_modules()
-                 if isinstance(m, (nn.Linear, nn.Conv2d)) and n.endswith(DEFAULT_TARGETS)]  # fmt: skip
+                 if isinstance(m, (nn.Linear, nn.Conv2d)) and n.endswith(ATTENTION_TARGETS)]  # fmt: skip
     for n in names:
         try:
             mod = unet.get_submodule(n[len(prefix) :])
@@ -184,13 +185,8 @@ def calibrate(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Record and write the stats file; returns a summary (layers, counts, sizes)."""
-    from ..input_models import save_stats
-
     out = Path(output)
-    if out.exists() and not force:
-        from ..errors import OutputExistsError
-
-        raise OutputExistsError("output exists; pass --force to overwrite it", out)
+    refuse_existing(out, force, inputs=[getattr(ad, "source", None) for ad in adapters])
     if rank is not None and rank < 1:
         raise UsageError(f"--rank must be >= 1, got {rank}")
     names = select_layers(base.unet, adapters=adapters, pattern=layers)

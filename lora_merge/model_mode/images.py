@@ -15,15 +15,18 @@ from ..errors import UsageError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-#: named image sources (``"toyworld:content"``); a source takes the image size and returns
-#: ``N × 3 × H × W`` images in ``[-1, 1]``.  Plug-ins fill it, see :mod:`lora_merge.plugins`.
-_SOURCES: dict[str, Callable[[int], torch.Tensor]] = {}
+#: ``source(n, seed) -> (images, captions or None)``: ``N × 3 × H × W`` images in ``[-1, 1]``; ``n`` None asks
+#: for the source's default set
+ImageSource = Callable[[int | None, int], tuple[torch.Tensor, list[str] | None]]
+
+#: named image sources (``"toyworld:content"``); plug-ins fill it, see :mod:`lora_merge.plugins`
+_SOURCES: dict[str, ImageSource] = {}
 
 
-def register_image_source(name: str, source: Callable[[int], torch.Tensor]) -> None:
+def register_image_source(name: str, source: ImageSource) -> None:
     """Make ``name`` usable wherever reference images are expected (``--content-images NAME``).
-    ``source(size)`` returns the images; they are resized to ``size`` if they come back another size.
-    Names usually read ``plugin:concept``; a registered name takes precedence over a folder."""
+    ``source(n, seed)`` returns ``(images, captions)`` (captions may be None; they are the default prompts
+    of measured priors).  Names read ``plugin:concept``; a registered name takes precedence over a folder."""
     _SOURCES[name] = source
 
 
@@ -33,22 +36,45 @@ def image_source_names() -> list[str]:
     return sorted(_SOURCES)
 
 
+def is_image_source(spec: object) -> bool:
+    """Whether ``spec`` names a registered image source (plug-ins loaded)."""
+    if isinstance(spec, torch.Tensor) or spec is None:
+        return False
+    plugins.load_all()
+    return os.fspath(spec) in _SOURCES
+
+
+def load_image_source(
+    name: str, size: int, n: int | None = None, seed: int = 0
+) -> tuple[torch.Tensor, list[str] | None]:
+    """``(images resized to size × size, captions or None)`` from a registered source."""
+    plugins.load_all()
+    if name not in _SOURCES:
+        _unknown_source(name)
+        raise UsageError(f"no image source {name!r}; registered: {', '.join(sorted(_SOURCES)) or 'none'}")
+    imgs, captions = _SOURCES[name](n, seed)
+    if imgs.shape[-1] != size or imgs.shape[-2] != size:
+        imgs = F.interpolate(imgs, size=(size, size), mode="bilinear", align_corners=False)
+    return imgs, (None if captions is None else list(captions))
+
+
+def _unknown_source(text: str) -> None:
+    """A ``plugin:name`` that looks like a registered source but is not one is a usage error."""
+    scheme, sep, _ = text.partition(":")
+    same = sorted(n for n in _SOURCES if sep and n.startswith(scheme + ":"))
+    if same and not Path(text).is_dir():
+        raise UsageError(f"{text!r}: use {' or '.join(same)}")
+
+
 def resolve_images(spec: torch.Tensor | str | os.PathLike, size: int) -> torch.Tensor:
     """Reference images from a tensor, a registered source (the bundled toy world registers
     ``toyworld:content`` / ``toyworld:style``, the images its LoRAs were trained on) or a folder."""
     if isinstance(spec, torch.Tensor):
         return spec
     text = os.fspath(spec)
-    plugins.load_all()
-    if text in _SOURCES:
-        imgs = _SOURCES[text](size)
-        if imgs.shape[-1] != size or imgs.shape[-2] != size:
-            imgs = F.interpolate(imgs, size=(size, size), mode="bilinear", align_corners=False)
-        return imgs
-    scheme, sep, _ = text.partition(":")
-    same = sorted(n for n in _SOURCES if sep and n.startswith(scheme + ":"))
-    if same and not Path(text).is_dir():
-        raise UsageError(f"{text!r}: use {' or '.join(same)}")
+    if is_image_source(text):
+        return load_image_source(text, size)[0]
+    _unknown_source(text)
     return load_image_folder(text, size)
 
 

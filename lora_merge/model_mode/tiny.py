@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ..adapter import Adapter, LoraModule
+from ..arch import ATTENTION_TARGETS
 from .base_model import BaseModel
 
 TINY_UNET_CONFIG = {
@@ -28,7 +29,6 @@ TINY_UNET_CONFIG = {
     "attention_head_dim": 8,
     "norm_num_groups": 8,
 }
-ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def _word_seed(word: str, seed: int) -> int:

@@ -8,6 +8,9 @@ style LoRAs.  Needs the ``diffusers`` extra (diffusers, peft).
 >>> world = tw.load_base()
 >>> imgs = tw.sample(world, tw.JOINT_PROMPT, seeds=range(8), adapter=tw.bundled_loras()["style"])
 >>> tw.load_judge().predict(imgs)
+
+Its registrations (base model, reference images, priors table, architecture) are in :mod:`.plugin`; judged
+benchmarks on it are in :mod:`lora_merge.bench`.
 """
 from __future__ import annotations
 
@@ -15,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from .judge import Judge, load_judge
 from .model import ARCH, DATA_DIR, ToyWorld, load_base
-from .quality import evaluate, judge_images
 from .sampling import apply_lora, sample
 from .train import LORA_FILES, lora_training_set
 from .world import (
@@ -44,8 +47,6 @@ JOINT_PROMPT = "a sks object in zkz style"
 
 def reference_images(concept: str, n: int = 64, seed: int = 0) -> torch.Tensor:
     """The images the bundled LoRA of ``concept`` ("content" or "style") was trained on (seed 0)."""
-    from ..errors import UsageError
-
     if concept not in ("content", "style"):
         raise UsageError(f"concept must be 'content' or 'style', not {concept!r}")
     return lora_training_set(concept, n, seed)[0]
@@ -73,8 +74,6 @@ __all__ = [
     "apply_lora",
     "bundled_loras",
     "caption",
-    "evaluate",
-    "judge_images",
     "load_base",
     "load_judge",
     "parse_prompt",

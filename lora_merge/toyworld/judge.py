@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
+from ..files import atomic_write, atomic_write_json
 from . import world
 from .model import DATA_DIR
 
@@ -133,7 +134,7 @@ def per_class_accuracy(judge: Judge, n_per_class: int = 100, seed: int = 12345, 
 
 def train_judge(out: Path = DATA_DIR, steps: int = 1000, batch: int = 128, lr: float = 2e-3, seed: int = 0,
                 log: Callable[[str], None] = print) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -160,14 +161,10 @@ def train_judge(out: Path = DATA_DIR, steps: int = 1000, batch: int = 128, lr: f
     info = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "heldout_clean": clean, "heldout_augmented": aug}
     log(json.dumps(info, indent=1))
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "judge.safetensors.tmp"
-    save_file({k: v.to(torch.float16).contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    tmp.chmod(0o644)
+    state = {k: v.to(torch.float16).contiguous() for k, v in net.state_dict().items()}
+    atomic_write(out / "judge.safetensors", lambda fh: fh.write(save(state)))
     cfg = {"shapes": list(world.SHAPES), "styles": list(world.STYLES), "width": 32, "training": info}
-    tmp_json = out / "judge.json.tmp"
-    tmp_json.write_text(json.dumps(cfg, indent=2) + "\n")
-    tmp.replace(out / "judge.safetensors")
-    tmp_json.replace(out / "judge.json")
+    atomic_write_json(out / "judge.json", cfg)
     return out / "judge.safetensors"
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..files import atomic_write, atomic_write_json
 from . import world
 
 ARCH = "toyworld"
@@ -160,7 +161,7 @@ def load_base(device: str | torch.device = "cpu", path: str | Path | None = None
 
 
 def save_base(unet, text_encoder: TextEncoder, out: Path, extra: dict[str, Any] | None = None) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = {
@@ -171,14 +172,9 @@ def save_base(unet, text_encoder: TextEncoder, out: Path, extra: dict[str, Any] 
         "scheduler": SCHEDULER_CONFIG,
         **(extra or {}),
     }
-    def atomic(path: Path, write) -> None:  # readers (other processes) never see a half-written file
-        tmp = path.with_name(path.name + ".tmp")
-        write(tmp)
-        tmp.chmod(0o644)
-        tmp.replace(path)
-
+    # atomic: readers (other processes) never see a half-written file
     half = {k: v.detach().to(torch.float16).contiguous() for k, v in unet.state_dict().items()}
-    atomic(out / "unet.safetensors", lambda p: save_file(half, str(p), metadata={"format": "pt"}))
+    atomic_write(out / "unet.safetensors", lambda fh: fh.write(save(half, metadata={"format": "pt"})))
     te = {k: v.detach().to(torch.float16).contiguous() for k, v in text_encoder.state_dict().items()}
-    atomic(out / "text_encoder.safetensors", lambda p: save_file(te, str(p), metadata={"format": "pt"}))
-    atomic(out / "model.json", lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
+    atomic_write(out / "text_encoder.safetensors", lambda fh: fh.write(save(te, metadata={"format": "pt"})))
+    atomic_write_json(out / "model.json", cfg)

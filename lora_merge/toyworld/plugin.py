@@ -10,14 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..arch import register_arch
 from ..model_mode.base_model import BaseModel, register_base_model
 from ..model_mode.images import register_image_source
 from ..priors import priors_for_arch, register_priors
-from . import reference_images
 from .model import ARCH, load_base
+from .train import lora_training_set
 
 #: the toy world's UNet at its native 16 px: SDXL's block layout at 16 → 8 → 4
 BLOCK_RESOLUTIONS = {
@@ -30,6 +29,8 @@ BLOCK_RESOLUTIONS = {
     "up_blocks.2": 16,
 }
 NATIVE_LATENT = 16
+#: reference renders per concept by default (the bundled LoRAs' training set size)
+REFERENCE_IMAGES = 64
 
 
 def base_model(device: torch.device, dtype: torch.dtype) -> BaseModel:
@@ -54,11 +55,11 @@ def base_model(device: torch.device, dtype: torch.dtype) -> BaseModel:
 
 
 def _images(concept: str):
-    def source(size: int) -> torch.Tensor:
-        imgs = reference_images(concept)
-        if imgs.shape[-1] != size:
-            imgs = F.interpolate(imgs, size=(size, size), mode="bilinear", align_corners=False)
-        return imgs
+    """The renders the bundled LoRA of ``concept`` was trained on, with their training captions (64 by
+    default: the LoRAs' own set at seed 0)."""
+
+    def source(n: int | None, seed: int) -> tuple[torch.Tensor, list[str]]:
+        return lora_training_set(concept, REFERENCE_IMAGES if n is None else int(n), seed)
 
     return source
 

@@ -13,8 +13,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .. import load
 from ..adapter import Adapter
 from ..errors import UsageError
+from ..patterns import compile_pattern
 from .model import ToyWorld, ddim_scheduler
 
 DEFAULT_STEPS = 25
@@ -26,16 +28,12 @@ DEFAULT_GUIDANCE = 1.0
 def as_adapter(adapter: Adapter | str | os.PathLike) -> Adapter:
     if isinstance(adapter, Adapter):
         return adapter
-    from .. import load
-
     return load(adapter)
 
 
 def _group_factor(name: str, group_scales: Mapping[str, float] | None) -> float:
     if not group_scales:
         return 1.0
-    from ..patterns import compile_pattern
-
     f = 1.0
     for pattern, s in group_scales.items():
         if compile_pattern(pattern).search(name):

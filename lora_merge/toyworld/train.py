@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import save
+from ..adapter import Adapter, LoraModule
+from ..arch import ATTENTION_TARGETS
 from . import world
-from .model import DATA_DIR, TextEncoder, build_unet, ddpm_scheduler, save_base
+from .model import DATA_DIR, TextEncoder, build_unet, ddpm_scheduler, load_base, save_base
 
 Log = Callable[[str], None]
 
@@ -123,14 +126,7 @@ def train_base(out: Path = DATA_DIR / "base", steps: int = 1200, batch: int = 48
     return out
 
 
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
-
 # ------------------------------------------------------------------------------------------- LoRAs
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_RANK = 8
 LORA_FILES = {"content": "content_lora.safetensors", "style": "style_lora.safetensors"}
 
@@ -150,8 +146,6 @@ def lora_training_set(concept: str, n: int, seed: int) -> tuple[torch.Tensor, li
 
 def peft_to_adapter(state: dict[str, torch.Tensor], alpha: float, metadata: dict[str, str]):
     """PEFT's ``get_peft_model_state_dict`` of the UNet → a lora-merge Adapter with ``unet.``-prefixed names."""
-    from ..adapter import Adapter, LoraModule
-
     ad = Adapter(metadata=dict(metadata), dialect="diffusers")
     downs = {k[: -len(".lora_A.weight")]: v for k, v in state.items() if k.endswith(".lora_A.weight")}
     for mod, down in sorted(downs.items()):
@@ -167,14 +161,11 @@ def train_lora(concept: str, out: Path = DATA_DIR, steps: int = 400, batch: int 
     """DreamBooth-style PEFT LoRA (rank 8, every attention's to_q/k/v/out.0) on the bundled base UNet."""
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-    from .. import save
-    from .model import load_base
-
     torch.set_num_threads(1)
     g = _seed_all(seed)
     base = load_base()
     unet = copy.deepcopy(base.unet)
-    cfg = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=LORA_TARGETS, init_lora_weights=True)
+    cfg = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=list(ATTENTION_TARGETS), init_lora_weights=True)
     unet = inject_adapter_in_model(cfg, unet)
     unet.requires_grad_(False)
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
