@@ -39,7 +39,7 @@ SDXL_UNET_CONFIG = {
 
 _ATTN_PROJ = re.compile(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 
-# diffusers attention block -> SGM (kohya SDXL) block, see ../shared/reference/formats.md
+# diffusers attention block -> SGM (kohya SDXL) block, see docs/formats.md
 _SGM_ATTN = {
     "down_blocks.1.attentions.0": "input_blocks.4.1",
     "down_blocks.1.attentions.1": "input_blocks.5.1",
@@ -144,7 +144,7 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"{group:<40} {ours * 1e3:10.2f} ms / {base * 1e3:10.2f} ms = {ours / base:6.2f}x")
 
 
-# ---- merge benchmarks (issue 3) ----
+# ---- merge benchmarks ----
 @pytest.fixture(scope="session")
 def sdxl_merge_pair(tmp_path_factory, sdxl_layers) -> tuple[Path, Path]:
     """Two synthetic SDXL attention LoRAs (560 layers, rank 64, fp16, kohya SGM keys; alpha 32 and 64)."""

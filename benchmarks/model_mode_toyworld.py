@@ -1,4 +1,4 @@
-"""Toy-world measurement of model mode (issue 6): quality, merge time and trainable values of
+"""Toy-world measurement of model mode: quality, merge time and trainable values of
 
 * the LoRAs alone and the direct merge (references),
 * ``ziplora`` / ``duolora`` solved from the files alone (weight space, default input model),

@@ -1,4 +1,4 @@
-"""DuoLoRA / ZipLoRA from the files alone on a synthetic SDXL attention pair (issue 4).
+"""DuoLoRA / ZipLoRA from the files alone on a synthetic SDXL attention pair.
 
     OMP_NUM_THREADS=1 python -m pytest benchmarks/test_bench_duolora.py -q --benchmark-only
 

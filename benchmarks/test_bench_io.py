@@ -1,4 +1,4 @@
-"""I/O benchmarks (issue 2): header-only inspect and full reads of a synthetic SDXL-sized LoRA.
+"""I/O benchmarks: header-only inspect and full reads of a synthetic SDXL-sized LoRA.
 
     python -m pytest benchmarks/test_bench_io.py -q --benchmark-only
 

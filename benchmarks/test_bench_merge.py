@@ -1,4 +1,4 @@
-"""Merge benchmarks (issue 3) on a synthetic SDXL attention pair: 560 layers, rank 64, fp16.
+"""Merge benchmarks on a synthetic SDXL attention pair: 560 layers, rank 64, fp16.
 
     python -m pytest benchmarks/test_bench_merge.py -q --benchmark-only -s
 

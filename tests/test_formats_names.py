@@ -12,7 +12,7 @@ import lora_merge
 from lora_merge.adapter import Adapter, LoraModule
 from lora_merge.formats import names
 
-# the SGM ↔ diffusers table of ../shared/reference/formats.md, row by row
+# the SGM ↔ diffusers table of docs/formats.md, row by row
 SGM_TABLE = [
     ("input_blocks.4.1.transformer_blocks.0.attn1.to_q",
      "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
