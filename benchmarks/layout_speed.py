@@ -1,0 +1,114 @@
+"""Merge speed before and after a code change, measured in one run: the same merges timed with this
+checkout's ``lora_merge`` and with the one of another git revision, alternating, on a synthetic SDXL
+attention pair (560 layers, rank 64, fp16 kohya files; ``sdxl_pair.py``).
+
+    python benchmarks/layout_speed.py                      # against 14c2c64 (before the engine split)
+    python benchmarks/layout_speed.py --base REV --rounds 5 --json
+
+Each timing is one merge in a fresh process (imports excluded: the merge call alone, with
+``--threads 1`` so the two sides do not compete for the two cores), rounds alternate the two trees so
+machine load hits both alike, and the table reports the ratio of medians (after / before).  The output
+bytes of both trees are compared too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+CASES = {
+    "linear": {},
+    "linear --rank 64": {"rank": 64},
+    "ties --rank 32": {"strategy": "ties", "rank": 32},
+    "ziplora --steps 20": {"strategy": "ziplora", "params": {"steps": 20}},
+}
+
+TIMER = textwrap.dedent(
+    """
+    import hashlib, json, sys, time, torch
+    torch.set_num_threads(1)
+    import lora_merge as lm
+    a, b, out, kw = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    t0 = time.perf_counter()
+    lm.merge([a, b], out, dtype="fp16", threads=1, force=True, **kw)
+    dt = time.perf_counter() - t0
+    ad = lm.load(out)
+    h = hashlib.sha256()
+    for name in sorted(ad.modules):
+        m = ad.modules[name]
+        h.update(m.up.load().numpy().tobytes()); h.update(m.down.load().numpy().tobytes())
+    print(json.dumps({"seconds": dt, "tensors": h.hexdigest()}))
+    """
+)
+
+
+def _pair(folder: Path) -> tuple[Path, Path]:
+    sys.path.insert(0, str(HERE))
+    import lora_merge as lm
+    from sdxl_pair import sdxl_attention_layout, synthetic_pair
+
+    content, style = synthetic_pair(sdxl_attention_layout(), rank=64)
+    a, b = folder / "content.safetensors", folder / "style.safetensors"
+    import torch
+
+    lm.save(content, a, to="kohya", dtype=torch.float16)
+    lm.save(style, b, to="kohya", dtype=torch.float16)
+    return a, b
+
+
+def _time(tree: Path, a: Path, b: Path, out: Path, kw: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", TIMER, str(a), str(b), str(out), json.dumps(kw)],
+                         env=env, capture_output=True, text=True, check=True, cwd=out.parent)  # fmt: skip
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="14c2c64", help="git revision to compare against")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = tmp / "base"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(base), args.base], check=True)
+        try:
+            a, b = _pair(tmp)
+            rows = []
+            for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
+                kw = CASES[case]
+                times: dict[str, list[float]] = {"before": [], "after": []}
+                digests = {}
+                for _ in range(args.rounds):
+                    for side, tree in (("before", base), ("after", REPO)):
+                        r = _time(tree, a, b, tmp / f"{side}.safetensors", kw)
+                        times[side].append(r["seconds"])
+                        digests[side] = r["tensors"]
+                before, after = statistics.median(times["before"]), statistics.median(times["after"])
+                rows.append({"case": case, "before_s": before, "after_s": after, "ratio": after / before,
+                             "same_tensors": digests["before"] == digests["after"]})  # fmt: skip
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], check=False)
+    if args.json:
+        print(json.dumps({"base": args.base, "rounds": args.rounds, "rows": rows}, indent=2))
+        return
+    print(f"merge speed, this checkout vs {args.base} (median of {args.rounds} alternating rounds, 1 thread)")
+    print(f"{'case':<22} {'before s':>9} {'after s':>9} {'ratio':>7}  same tensors")
+    for r in rows:
+        print(f"{r['case']:<22} {r['before_s']:>9.3f} {r['after_s']:>9.3f} {r['ratio']:>7.3f}  {r['same_tensors']}")
+
+
+if __name__ == "__main__":
+    main()
