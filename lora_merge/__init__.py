@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from .adapter import Adapter, LoraModule, TensorRef
-from .api import convert, load, save
 from .errors import FormatError, LoraMergeError, MergeError, UnsupportedAdapterError, UsageError
+from .formats.api import convert, load, save
 
 from ._version import __version__
 

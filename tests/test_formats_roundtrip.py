@@ -12,7 +12,7 @@ from conftest import PEFT_DIRS, SD15_FILES, shared_fixture
 import lora_merge
 from lora_merge.adapter import Adapter, LoraModule
 from lora_merge.errors import OutputExistsError, UsageError
-from lora_merge.formats import WRITERS, detect_dialect
+from lora_merge.formats import detect_dialect, dialects
 from lora_merge.formats.safetensors_io import CheckedHandle
 
 LAYOUT_KEYS = {"lora_adapter_metadata", "lora_merge.kohya_names", "format"}
@@ -82,7 +82,7 @@ def test_bare_peft_file_without_config_warns(tmp_path):
 
 
 @pytest.mark.parametrize("fixture", ALL_FIXTURES)
-@pytest.mark.parametrize("to", WRITERS)
+@pytest.mark.parametrize("to", dialects())
 def test_every_fixture_every_writer_roundtrips_exactly(tmp_path, fixture, to):
     src = lora_merge.load(shared_fixture(fixture))
     out = _save(src, _out(tmp_path, to), to)
@@ -130,7 +130,7 @@ def _synthetic(rule="standard") -> Adapter:
     return ad
 
 
-@pytest.mark.parametrize("to", WRITERS)
+@pytest.mark.parametrize("to", dialects())
 @pytest.mark.parametrize("rule", ["standard", "rslora"])
 def test_synthetic_mixed_ranks_alphas_conv(tmp_path, to, rule):
     src = _synthetic(rule)

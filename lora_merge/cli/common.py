@@ -28,13 +28,28 @@ import click
 
 T = TypeVar("T")
 
-#: dialect names accepted by ``--format`` and ``--to`` (the reader/writer names)
-DIALECTS = ("kohya", "diffusers", "peft")
+class DialectChoice(click.Choice):
+    """``--format``/``--to``: the names of the registered dialects (:func:`lora_merge.formats.dialects`),
+    looked up when first needed so that importing a command does not import torch."""
+
+    def __init__(self) -> None:
+        super().__init__((), case_sensitive=False)
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from ..formats import dialects
+
+        return dialects()
+
+    @choices.setter
+    def choices(self, _value) -> None:  # click.Choice.__init__ assigns it
+        pass
+
 
 format_option = click.option(
     "--format",
     "fmt",
-    type=click.Choice(DIALECTS, case_sensitive=False),
+    type=DialectChoice(),
     default=None,
     help="Read the input as this dialect instead of auto-detecting it.",
 )

@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import click
 
-from .common import DIALECTS, allow_pickle_option, format_option, load_adapter, strict_option
+from .common import DialectChoice, allow_pickle_option, format_option, load_adapter, strict_option
 
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: the ``--dtype`` spellings offered here; :func:`lora_merge.files.parse_dtype` turns them into torch dtypes
+_DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 
 
 @click.command("convert", short_help="Rewrite an adapter in another dialect (ΔW unchanged).")
 @click.argument("src", metavar="IN", type=click.Path(path_type=str))
 @click.argument("dst", metavar="OUT", type=click.Path(path_type=str))
-@click.option("--to", "to", required=True, type=click.Choice(DIALECTS, case_sensitive=False),
+@click.option("--to", "to", required=True, type=DialectChoice(),
               help="Output dialect: kohya (A1111/ComfyUI), diffusers (lora_A/lora_B names) or peft (a folder).")
-@click.option("--dtype", type=click.Choice(sorted(_DTYPES)), default=None,
+@click.option("--dtype", type=click.Choice(_DTYPE_CHOICES), default=None,
               help="Cast the tensors on write (default: keep each tensor's dtype, so ΔW is unchanged).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists (never an input).")
 @format_option
@@ -26,11 +27,10 @@ def convert_cmd(src, dst, to, dtype, force, fmt, strict, allow_pickle):
     metadata is kept. OUT is a .safetensors file, or a folder for --to peft. Check the result with
     `lora-merge diff IN OUT --fail-above 1e-6`.
     """
-    import torch
+    from ..files import parse_dtype
+    from ..formats.api import save
 
-    import lora_merge
     adapter = load_adapter(src, fmt=fmt, strict=strict, allow_pickle=allow_pickle)
-    out = lora_merge.save(adapter, dst, to=to.lower(), force=force,
-                          dtype=getattr(torch, _DTYPES[dtype]) if dtype else None)
+    out = save(adapter, dst, to=to.lower(), force=force, dtype=parse_dtype(dtype))
     click.echo(f"wrote {out} ({to.lower()}, {len(adapter)} modules)", err=True)
 

@@ -1,10 +1,37 @@
-"""Readers and writers for every common LoRA dialect (see docs/formats.md)."""
+"""Readers and writers for every common LoRA dialect (see docs/formats.md).
+
+Each dialect is one :class:`Dialect` object in the registry (:mod:`lora_merge.formats.registry`); the
+built-ins are registered here, in the order that breaks detection ties: kohya, diffusers, PEFT.
+:mod:`lora_merge.formats.api` (``load``/``save``/``convert``) loops over the registry.
+"""
 from __future__ import annotations
 
-from .detect import DIALECTS, detect_dialect
+from . import diffusers, kohya, peft
+from .registry import (
+    Dialect,
+    Located,
+    Written,
+    detect_dialect,
+    dialects,
+    get_dialect,
+    register_dialect,
+    registered,
+)
 from .unsupported import check_supported, find_unsupported
 
-#: dialects :func:`lora_merge.save` can write
-WRITERS = ("kohya", "diffusers", "peft")
+for _dialect in (kohya.DIALECT, diffusers.DIALECT, peft.DIALECT):
+    register_dialect(_dialect)
+del _dialect
 
-__all__ = ["DIALECTS", "WRITERS", "check_supported", "detect_dialect", "find_unsupported"]
+__all__ = [
+    "Dialect",
+    "Located",
+    "Written",
+    "check_supported",
+    "detect_dialect",
+    "dialects",
+    "find_unsupported",
+    "get_dialect",
+    "register_dialect",
+    "registered",
+]

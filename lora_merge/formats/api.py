@@ -1,21 +1,23 @@
-"""Public Python API: :func:`load`, :func:`save`, :func:`convert`. The CLI is a thin layer over these."""
+"""Public Python API: :func:`load`, :func:`save`, :func:`convert` (re-exported as ``lora_merge.load`` …).
+The CLI is a thin layer over these.  They loop over the dialect registry (:mod:`lora_merge.formats`)
+and never name a dialect.
+"""
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, TensorRef
-from .errors import FormatError, OutputExistsError, PartialReadWarning, UsageError
-from .formats import WRITERS, check_supported, detect_dialect
-from .formats import diffusers as _diffusers
-from .formats import kohya as _kohya
-from .formats import peft as _peft
-from .formats.safetensors_io import _umask, lazy_refs, read_header, write_atomic
+from ..adapter import Adapter, TensorRef
+from ..errors import FormatError, OutputExistsError, PartialReadWarning, UsageError
+from ..files import atomic_write_text, refuse_existing
+from .registry import Located, detect_dialect, get_dialect, registered
+from .safetensors_io import lazy_refs, read_header, write_atomic
+from .unsupported import check_supported
+
+__all__ = ["convert", "load", "save"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _MAX_LISTED = 8
@@ -31,43 +33,25 @@ def load(path: str | os.PathLike, *, format: str | None = None, strict: bool = F
     (``.bin``/``.pt``/``.ckpt``) are refused unless ``allow_pickle`` (then read with
     ``torch.load(weights_only=True)``, never a full unpickle).
     """
-    if format is not None and format not in WRITERS:
-        raise UsageError(f"unknown format {format!r} (choose from {', '.join(WRITERS)})")
+    if format is not None:
+        get_dialect(format)
     p = Path(path)
     if not p.exists():
         raise FormatError("no such file or folder", p)
-    config: dict | None = None
-    weights = p
-    if p.is_dir():
-        cfg_path = p / _peft.CONFIG_NAME
-        weights = p / _peft.WEIGHTS_NAME
-        if not weights.exists() and (p / _peft.PICKLE_WEIGHTS_NAME).exists():
-            weights = p / _peft.PICKLE_WEIGHTS_NAME
-        if not weights.exists():
-            raise FormatError(f"folder has no {_peft.WEIGHTS_NAME} (not a PEFT adapter folder)", p)
-        if cfg_path.exists():
-            config = _peft.read_config(cfg_path)
-    else:
-        sibling = p.parent / _peft.CONFIG_NAME
-        if p.name in (_peft.WEIGHTS_NAME, _peft.PICKLE_WEIGHTS_NAME) and sibling.exists():
-            config = _peft.read_config(sibling)
+    by, found = _locate(p)
+    weights, config = found.weights, found.config
 
     refs, metadata = _read_tensors(weights, allow_pickle)
     check_supported(refs.keys(), weights, config)
     if format is None:
-        if config is not None:
-            format = "peft"
+        if by is not None and found.certain:
+            format = by
         else:
             try:
                 format = detect_dialect(refs.keys(), metadata)
             except FormatError as e:
                 raise FormatError(e.message, weights) from None
-    if format == "kohya":
-        ad = _kohya.read(refs, metadata, weights)
-    elif format == "diffusers":
-        ad = _diffusers.read(refs, metadata, weights)
-    else:
-        ad = _peft.read(refs, metadata, weights, config)
+    ad = get_dialect(format).read(refs, metadata, weights, config)
     ad.source = p
     if not ad.modules:
         raise FormatError(f"no {format} LoRA modules found ({len(refs)} tensors, none parsed)", weights)
@@ -79,6 +63,18 @@ def load(path: str | os.PathLike, *, format: str | None = None, strict: bool = F
             raise FormatError(msg, weights)
         warnings.warn(f"{weights}: {msg}", PartialReadWarning, stacklevel=2)
     return ad
+
+
+def _locate(p: Path) -> tuple[str | None, Located]:
+    """``(name, Located)`` of the first registered dialect that recognises ``p`` by its layout (a PEFT
+    folder, …); ``(None, Located(p, None))`` for a file none of them recognises."""
+    for d in registered():
+        hit = d.locate(p)
+        if hit is not None:
+            return d.name, hit
+    if p.is_dir():
+        raise FormatError("a folder, but no registered dialect reads folders", p)
+    return None, Located(p, None)
 
 
 def _read_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, TensorRef], dict[str, str]]:
@@ -106,29 +102,36 @@ def _read_pickle(path: Path) -> dict[str, TensorRef]:
 
 
 # ------------------------------------------------------------------------------------------------ save
-def _input_paths(adapter: Adapter) -> set[Path]:
-    """Every file or folder the adapter reads from (never to be written over)."""
+def _folder_files(folder: Path) -> list[Path]:
+    """The files a folder dialect keeps in ``folder`` (PEFT's weights and config)."""
+    return [folder / n for d in registered() for n in d.folder_files]
+
+
+def _input_files(adapter: Adapter) -> set[Path]:
+    """Every file the adapter reads from, and the companions of a folder it was read from (PEFT's
+    config): never to be written over."""
     out: set[Path] = set()
+    weights_names = {d.folder_files[0] for d in registered() if d.folder_files}
     if adapter.source is not None:
-        out.add(Path(adapter.source).resolve())
+        src = Path(adapter.source).resolve()
+        out.update(_folder_files(src) if src.is_dir() else [src])
     refs = [r for m in adapter for r in (m.down, m.up)] + list(adapter.extra_tensors.values())
     for r in refs:
         if r.handle is not None:
             f = Path(r.handle.path).resolve()
-            out.update((f, f.parent if f.name == _peft.WEIGHTS_NAME else f))
+            out.add(f)
+            if f.name in weights_names:
+                out.update(_folder_files(f.parent))
     return out
 
 
-def _guard(targets: list[Path], adapter: Adapter, force: bool, out: Path) -> None:
-    inputs = _input_paths(adapter)
-    for t in [out, *targets]:
-        rt = t.resolve()
-        if rt in inputs or any(rt == i / _peft.WEIGHTS_NAME or rt == i / _peft.CONFIG_NAME for i in inputs):
-            raise OutputExistsError("refusing to write over an input (choose another output path)", t)
-    if not force:
-        for t in targets:
-            if t.exists():
-                raise OutputExistsError("output exists; pass force=True / --force to overwrite", t)
+def _guard(targets: list[Path], adapter: Adapter, force: bool) -> None:
+    """Refuse to write any of ``targets`` over an input (even with ``force``), then over an existing file."""
+    inputs = _input_files(adapter)
+    for t in targets:
+        refuse_existing(t, True, inputs)
+    for t in targets:
+        refuse_existing(t, force)
 
 
 def save(
@@ -147,8 +150,7 @@ def save(
     file and renamed, so an error never leaves a partial file.
     """
     to = to or adapter.dialect or "diffusers"
-    if to not in WRITERS:
-        raise UsageError(f"unknown output format {to!r} (choose from {', '.join(WRITERS)})")
+    dialect = get_dialect(to, what="output format")
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str)
                                         for k, v in metadata.items()):
         raise UsageError("metadata must map strings to strings")
@@ -157,43 +159,31 @@ def save(
     if not adapter.modules:
         raise UsageError("adapter has no LoRA modules to write")
     out = Path(path)
-    if to == "peft":
+    if dialect.folder_files:
         if out.suffix == ".safetensors":
-            raise UsageError(f"{out}: a PEFT adapter is a folder; give a folder path, not a .safetensors "
-                             "file")
-        files = [out / _peft.WEIGHTS_NAME, out / _peft.CONFIG_NAME]
+            raise UsageError(f"{out}: a {dialect.label} adapter is a folder; give a folder path, not a "
+                             ".safetensors file")
         if out.exists() and not out.is_dir():
             raise OutputExistsError("output exists and is not a folder", out)
-        _guard(files, adapter, force, out)
-        tensors, md, cfg = _peft.write(adapter, dtype, metadata or {})
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(files[0], tensors, md)
-        _write_text_atomic(files[1], json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        return out
-    if out.is_dir():
-        raise OutputExistsError("output is a folder; give a .safetensors file path", out)
-    _guard([out], adapter, force, out)
-    if not out.parent.exists():
+        targets = [out / n for n in dialect.folder_files]
+    else:
+        if out.is_dir():
+            raise OutputExistsError("output is a folder; give a .safetensors file path", out)
+        targets = [out]
+    _guard(targets, adapter, force)
+    if not dialect.folder_files and not out.parent.exists():
         raise UsageError(f"{out}: folder {out.parent} does not exist")
-    if adapter.extra_tensors:
+    if adapter.extra_tensors and not dialect.keeps_extra_tensors:
         warnings.warn(f"{out}: the {to} dialect cannot hold modules_to_save tensors; not written: "
                       f"{', '.join(sorted(adapter.extra_tensors))}", UserWarning, stacklevel=2)
-    writer = _kohya.write if to == "kohya" else _diffusers.write
-    tensors, md = writer(adapter, dtype, metadata or {})
-    return write_atomic(out, tensors, md)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    written = dialect.write(adapter, dtype, metadata or {})
+    if dialect.folder_files:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(targets[0], written.tensors, written.metadata)
+        for name, text in written.files.items():
+            atomic_write_text(out / name, text)
+        return out
+    return write_atomic(out, written.tensors, written.metadata)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, format: str | None = None,

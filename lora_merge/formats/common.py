@@ -13,6 +13,10 @@ from ..errors import FormatError
 #: metadata keys that describe one file's layout; writers regenerate them, never copy them
 LAYOUT_METADATA_KEYS = ("lora_adapter_metadata", "lora_merge.kohya_names", "format")
 
+#: ``LoraConfig``'s defaults for ``r`` and ``lora_alpha`` (what a PEFT config or diffusers'
+#: ``lora_adapter_metadata`` means when it leaves them out)
+PEFT_DEFAULT_R, PEFT_DEFAULT_ALPHA = 8, 8
+
 
 def make_module(name: str, down: TensorRef | None, up: TensorRef | None, path, source_key: str,
                 alpha: float | None = None, scale_rule: str = "standard") -> LoraModule:
@@ -79,7 +83,7 @@ def lora_config_for(modules: list[tuple[str, LoraModule]], *, allow_rslora: bool
     rslora = allow_rslora and bool(modules) and all(m.scale_rule == "rslora" for _, m in modules)
     alphas = {n: (m.effective_alpha if rslora else standard_alpha(m)) for n, m in modules}
     ranks = {n: m.rank for n, m in modules}
-    r = collections.Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    r = collections.Counter(ranks.values()).most_common(1)[0][0] if ranks else PEFT_DEFAULT_R
     a = collections.Counter(alphas.values()).most_common(1)[0][0] if alphas else r
     return {
         "r": int(r),

@@ -13,12 +13,22 @@ from __future__ import annotations
 import functools
 import json
 import re
+from pathlib import Path
 
 import torch
 
 from ..adapter import Adapter, TensorRef
 from ..errors import FormatError
-from .common import carried_metadata, cast, lora_config_for, make_module, pattern_value, read_scalar
+from .common import (
+    PEFT_DEFAULT_ALPHA,
+    carried_metadata,
+    cast,
+    lora_config_for,
+    make_module,
+    pattern_value,
+    read_scalar,
+)
+from .registry import Located, Written
 
 METADATA_KEY = "lora_adapter_metadata"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior")
@@ -26,7 +36,6 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "trans
 _UNET_HEADS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "conv_norm_out",
                "time_embedding", "add_embedding")
 _TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
-_PEFT_DEFAULT_R, _PEFT_DEFAULT_ALPHA = 8, 8
 
 _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^(?P<m>.+?)(?P<proc>\.processor)?\.(?P<p>to_q|to_k|to_v|to_out)_lora\.(?P<r>down|up)\.weight$"),
@@ -124,7 +133,7 @@ def read(refs: dict[str, TensorRef], metadata: dict[str, str], path) -> Adapter:
             alpha: float | None = read_scalar(r, path, k)
         elif cfg is not None:
             a = pattern_value(cfg.get("alpha_pattern"), rel)
-            alpha = float(a if a is not None else cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
+            alpha = float(a if a is not None else cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA))
             rule = "rslora" if cfg.get("use_rslora") else "standard"
         else:
             alpha = None
@@ -138,8 +147,8 @@ def read(refs: dict[str, TensorRef], metadata: dict[str, str], path) -> Adapter:
     return ad
 
 
-def write(adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> tuple[dict, dict]:
-    """``(tensors, metadata)`` in the current diffusers dialect (``lora_A``/``lora_B``), alphas in
+def write(adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> Written:
+    """Tensors and metadata in the current diffusers dialect (``lora_A``/``lora_B``), alphas in
     ``lora_adapter_metadata`` so ``load_lora_weights`` reproduces every module's scale."""
     tensors: dict[str, torch.Tensor] = {}
     by_comp: dict[str, list] = {}
@@ -155,4 +164,30 @@ def write(adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str])
     md = carried_metadata(adapter, metadata)
     if flat:
         md[METADATA_KEY] = json.dumps(flat, indent=2, sort_keys=True)
-    return tensors, md
+    return Written(tensors, md)
+
+
+class DiffusersDialect:
+    """diffusers ``.safetensors`` files (``pipe.load_lora_weights``); reads all three generations."""
+
+    name = "diffusers"
+    label = "diffusers"
+    precedence = 2
+    folder_files: tuple[str, ...] = ()
+    keeps_extra_tensors = False
+
+    def claims(self, key: str) -> bool:
+        return parse_key(key) is not None
+
+    def locate(self, path: Path) -> Located | None:
+        return None
+
+    def read(self, refs: dict[str, TensorRef], metadata: dict[str, str], path: Path,
+             config: dict | None = None) -> Adapter:
+        return read(refs, metadata, path)
+
+    def write(self, adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> Written:
+        return write(adapter, dtype, metadata)
+
+
+DIALECT = DiffusersDialect()

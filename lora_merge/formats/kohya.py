@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -11,6 +12,7 @@ from ..adapter import Adapter, TensorRef
 from ..errors import FormatError
 from . import names
 from .common import carried_metadata, cast, make_module, read_scalar, standard_alpha
+from .registry import Located, Written
 
 NAME_MAP_KEY = "lora_merge.kohya_names"
 _SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
@@ -21,6 +23,14 @@ def _split(key: str) -> tuple[str, str] | None:
     if not dot or tail not in _SUFFIXES:
         return None
     return head, _SUFFIXES[tail]
+
+
+def claims(key: str) -> bool:
+    """A kohya key: ``<name>.lora_down.weight``/``.lora_up.weight``, or an ``.alpha`` of a kohya name."""
+    split = _split(key)
+    if split is None:
+        return False
+    return key.startswith((names.UNET_PREFIX, *names.TE_PREFIXES, "lora_")) or split[1] != "alpha"
 
 
 def read(refs: dict[str, TensorRef], metadata: dict[str, str], path) -> Adapter:
@@ -83,8 +93,8 @@ def _alpha_tensor(alpha: float) -> torch.Tensor:
     return t if float(t) == alpha else torch.tensor(alpha, dtype=torch.float64)
 
 
-def write(adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> tuple[dict, dict]:
-    """``(tensors, metadata)`` in the kohya dialect (SGM UNet names for SDXL, as kohya's sd-scripts write)."""
+def write(adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> Written:
+    """Tensors and metadata in the kohya dialect (SGM UNet names for SDXL, as kohya's sd-scripts write)."""
     sgm = _uses_sgm(adapter)
     te1 = sgm or any(n.startswith("text_encoder_2.") for n in adapter.modules)
     up_attn = frozenset(int(n.split(".")[2]) for n in adapter.modules
@@ -107,4 +117,30 @@ def write(adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str])
     md = carried_metadata(adapter, metadata)
     if name_map:
         md[NAME_MAP_KEY] = json.dumps(name_map, sort_keys=True)
-    return tensors, md
+    return Written(tensors, md)
+
+
+class KohyaDialect:
+    """kohya / A1111 ``.safetensors`` files (what ComfyUI and A1111 load)."""
+
+    name = "kohya"
+    label = "kohya"
+    precedence = 1
+    folder_files: tuple[str, ...] = ()
+    keeps_extra_tensors = False
+
+    def claims(self, key: str) -> bool:
+        return claims(key)
+
+    def locate(self, path: Path) -> Located | None:
+        return None
+
+    def read(self, refs: dict[str, TensorRef], metadata: dict[str, str], path: Path,
+             config: dict | None = None) -> Adapter:
+        return read(refs, metadata, path)
+
+    def write(self, adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> Written:
+        return write(adapter, dtype, metadata)
+
+
+DIALECT = KohyaDialect()

@@ -10,18 +10,19 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from pathlib import Path
 
 import torch
 
 from ..adapter import Adapter, TensorRef
 from ..errors import FormatError
-from .common import carried_metadata, cast, lora_config_for, make_module, pattern_value
+from .common import PEFT_DEFAULT_ALPHA, carried_metadata, cast, lora_config_for, make_module, pattern_value
+from .registry import Located, Written
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-_PEFT_DEFAULT_R, _PEFT_DEFAULT_ALPHA = 8, 8
 
 _LORA = re.compile(r"^(?P<m>.+)\.lora_(?P<r>A|B)(?:\.[A-Za-z0-9_-]+)?\.weight$")
 _SAVED = re.compile(r"^(?P<m>.+)\.modules_to_save\.[A-Za-z0-9_-]+\.(?P<p>[^.]+)$")
@@ -39,6 +40,24 @@ def read_config(path) -> dict:
     if not isinstance(cfg, dict):
         raise FormatError(f"{CONFIG_NAME} is not a JSON object", path)
     return cfg
+
+
+def locate(path: Path) -> Located | None:
+    """A PEFT folder (its weights, and its config when it has one), or an ``adapter_model.*`` file with
+    an ``adapter_config.json`` beside it; None for any other file."""
+    if path.is_dir():
+        weights = path / WEIGHTS_NAME
+        if not weights.exists() and (path / PICKLE_WEIGHTS_NAME).exists():
+            weights = path / PICKLE_WEIGHTS_NAME
+        if not weights.exists():
+            raise FormatError(f"folder has no {WEIGHTS_NAME} (not a PEFT adapter folder)", path)
+        cfg_path = path / CONFIG_NAME
+        config = read_config(cfg_path) if cfg_path.exists() else None
+        return Located(weights, config, certain=config is not None)
+    sibling = path.parent / CONFIG_NAME
+    if path.name in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME) and sibling.exists():
+        return Located(path, read_config(sibling))
+    return None
 
 
 def read(refs: dict[str, TensorRef], metadata: dict[str, str], path, config: dict | None) -> Adapter:
@@ -68,7 +87,7 @@ def read(refs: dict[str, TensorRef], metadata: dict[str, str], path, config: dic
     cfg = config or {}
     if config is None:
         warnings.warn(f"{path}: no {CONFIG_NAME} next to it; assuming alpha = r (scale 1) for every module",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=4)  # read ← PeftDialect.read ← formats.api.load ← caller
     rule = "rslora" if cfg.get("use_rslora") else "standard"
     ad = Adapter(dialect="peft", metadata=dict(metadata), config=dict(config) if config is not None else None,
                  dialect_variant="peft-folder" if config is not None else "peft-bare")
@@ -76,7 +95,7 @@ def read(refs: dict[str, TensorRef], metadata: dict[str, str], path, config: dic
         alpha: float | None = None
         if config is not None:
             a = pattern_value(cfg.get("alpha_pattern"), mod)
-            alpha = float(a if a is not None else cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
+            alpha = float(a if a is not None else cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA))
         src = (slot.get("down") or slot.get("up"))[0]  # type: ignore[index]
         ad.modules[mod] = make_module(mod, slot.get("down", (None, None))[1], slot.get("up", (None, None))[1],
                                       path, src, alpha, rule)
@@ -126,12 +145,39 @@ def build_config(adapter: Adapter) -> dict:
     return cfg
 
 
-def write(adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> tuple[dict, dict, dict]:
-    """``(tensors, metadata, config)`` for a PEFT folder."""
+def write(adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> Written:
+    """The folder's tensors and metadata, and its ``adapter_config.json`` as ``Written.files``."""
     tensors: dict[str, torch.Tensor] = {}
     for name, m in adapter.modules.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = cast(m.down.load(), dtype)
         tensors[f"{PREFIX}{name}.lora_B.weight"] = cast(m.up.load(), dtype)
     for name, t in adapter.extra_tensors.items():
         tensors[f"{PREFIX}{name}"] = cast(t.load(), dtype)
-    return tensors, carried_metadata(adapter, metadata), build_config(adapter)
+    config = json.dumps(build_config(adapter), indent=2, sort_keys=True) + "\n"
+    return Written(tensors, carried_metadata(adapter, metadata), {CONFIG_NAME: config})
+
+
+class PeftDialect:
+    """PEFT adapter folders (``PeftModel.from_pretrained``); also bare ``adapter_model.safetensors``."""
+
+    name = "peft"
+    label = "PEFT"
+    precedence = 0  # its prefix is unambiguous; its lora_A/lora_B suffixes would also parse as diffusers
+    folder_files = (WEIGHTS_NAME, CONFIG_NAME)
+    keeps_extra_tensors = True
+
+    def claims(self, key: str) -> bool:
+        return key.startswith(PREFIX)
+
+    def locate(self, path: Path) -> Located | None:
+        return locate(path)
+
+    def read(self, refs: dict[str, TensorRef], metadata: dict[str, str], path: Path,
+             config: dict | None = None) -> Adapter:
+        return read(refs, metadata, path, config)
+
+    def write(self, adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> Written:
+        return write(adapter, dtype, metadata)
+
+
+DIALECT = PeftDialect()

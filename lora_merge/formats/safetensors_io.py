@@ -10,7 +10,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from ..adapter import TensorRef, _SafetensorsHandle
 from ..errors import FormatError
+from ..files import atomic_write
 
 #: safetensors dtype tag -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -224,24 +224,9 @@ def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str], fh) -
             fh.write(t.reshape(-1).view(torch.uint8).numpy().data)  # the buffer itself, no copy
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write a safetensors file to a temp file in the same folder, then ``os.replace`` it into place."""
-    path = Path(path)
+    """Write a safetensors file through :func:`lora_merge.files.atomic_write` (a temp file in the same
+    folder, renamed into place; nothing is left behind on failure)."""
     ready = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            _serialize(ready, dict(metadata), fh)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    md = dict(metadata)
+    return atomic_write(path, lambda fh: _serialize(ready, md, fh))
