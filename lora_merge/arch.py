@@ -157,6 +157,14 @@ def sub_block_of(name: str) -> str | None:
     return f"{m.group(1)}.{m.group(2)}.{m.group(3)}" if m.group(2) else m.group(1)
 
 
+def block_sort_key(block: str) -> tuple[int, int, str]:
+    """UNet order of block names: ``down_blocks.*`` by index, ``mid_block``, then ``up_blocks.*``."""
+    head, _, rest = block.partition(".")
+    index = rest.split(".", 1)[0]
+    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(head, 3)
+    return (order, int(index) if index.isdigit() else 0, block)
+
+
 def block_of(name: str) -> str:
     """A grouping key for per-block tables: UNet sub-block, text-encoder layer, or the component."""
     sub = sub_block_of(name)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..arch import sub_block_of, unet_block_of
+from ..arch import block_sort_key, sub_block_of, unet_block_of
 from ..errors import UsageError
 from .table import ROLES, LayerPriors, PriorRule
 
@@ -66,14 +66,6 @@ class BlockGroup:
     modules: tuple[str, ...]
 
 
-def _block_sort_key(block: str) -> tuple[int, int, str]:
-    if block.startswith("down_blocks"):
-        return (0, int(block.split(".")[1]), block)
-    if block.startswith("mid_block"):
-        return (1, 0, block)
-    return (2, int(block.split(".")[1]), block)
-
-
 def group_modules(
     module_names: Iterable[str], resolutions: dict[str, int], granularity: str = "resolution"
 ) -> tuple[list[BlockGroup], list[str]]:
@@ -106,7 +98,7 @@ def group_modules(
     groups = [
         BlockGroup(
             name=key,
-            blocks=tuple(sorted(blocks_of[key], key=_block_sort_key)),
+            blocks=tuple(sorted(blocks_of[key], key=block_sort_key)),
             resolution=next(iter(res_of[key])) if len(res_of[key]) == 1 else None,
             modules=tuple(buckets[key]),
         )
@@ -115,7 +107,7 @@ def group_modules(
     if granularity == "resolution":
         groups.sort(key=lambda g: g.resolution or 0)
     else:
-        groups.sort(key=lambda g: (_block_sort_key(g.blocks[0]), g.name))
+        groups.sort(key=lambda g: (block_sort_key(g.blocks[0]), g.name))
     return groups, unprobed
 
 
