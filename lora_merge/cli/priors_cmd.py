@@ -8,9 +8,10 @@ when invoked.  (Decorating with ``@priors.command()`` also works, but only once 
 from __future__ import annotations
 
 import importlib
-import json
 
 import click
+
+from .common import print_json, stdout_console
 
 #: sub-command name -> "module:attribute" (lazy, like the top-level COMMANDS)
 SUBCOMMANDS: dict[str, str] = {
@@ -109,9 +110,8 @@ def priors(ctx: click.Context, arch: str | None, as_json: bool, save_path: str |
         data = lp.to_dict()
         if counts is not None:
             data["layers_by_role"] = counts
-        click.echo(json.dumps(data, indent=2))
+        print_json(data)
         return
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"layer priors: {lp.name or arch} ({lp.arch or 'any arch'})", caption=lp.source)
@@ -124,6 +124,6 @@ def priors(ctx: click.Context, arch: str | None, as_json: bool, save_path: str |
         t.add_row(r.pattern, "" if r.resolution is None else str(r.resolution),
                   f"[{colour[r.role]}]{r.role}[/]", f"{r.score:g}")  # fmt: skip
     t.add_row("(anything else)", "", f"[dim]{lp.default}[/]", "")
-    Console().print(t)
+    stdout_console().print(t)
     if not arch:
         click.echo(f"(built-in tables: {', '.join(builtin_priors())})")
