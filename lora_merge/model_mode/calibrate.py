@@ -26,6 +26,7 @@ from ..errors import UsageError
 from ..files import refuse_existing
 from ..input_models import save_stats
 from ..patterns import matches
+from ..progress import progress_bar
 from .base_model import BaseModel
 from .images import resolve_images
 from .lora_layers import UNET_PREFIX
@@ -150,7 +151,8 @@ def record_moments(
     gen = torch.Generator().manual_seed(int(seed))
     total = sum(((lat.shape[0] * samples) + batch_size - 1) // batch_size for _, lat, _ in work)
     try:
-        with _bar(progress, total) as advance, torch.no_grad():
+        done = 0
+        with progress_bar("calibrating", enabled=progress) as bar, torch.no_grad():
             for role, lat, cond in work:
                 state["role"] = role
                 rep = lat.repeat_interleave(samples, dim=0)
@@ -160,7 +162,9 @@ def record_moments(
                         chunk.device
                     )
                     base.predict(base.add_noise(chunk, noise, t), t, cond)
-                    advance()
+                    done += 1
+                    if bar is not None:
+                        bar(done, total, role)
     finally:
         for h in handles:
             h.remove()
@@ -223,25 +227,3 @@ def _low_rank(sigma: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     lam, v = torch.linalg.eigh(0.5 * (sigma + sigma.T).double())
     k = min(k, lam.shape[0])
     return v[:, -k:].flip(1).float(), lam[-k:].flip(0).clamp_min(0).float()
-
-
-class _bar:
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.prog = Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn(), console=Console(stderr=True), transient=True)  # fmt: skip
-        task = self.prog.add_task("", total=self.total)
-        self.prog.start()
-        return lambda: self.prog.update(task, advance=1)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.prog.stop()
-        return False

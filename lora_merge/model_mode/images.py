@@ -15,8 +15,8 @@ from ..errors import UsageError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-#: ``source(n, seed) -> (images, captions or None)``: ``N × 3 × H × W`` images in ``[-1, 1]``; ``n`` None asks
-#: for the source's default set
+#: ``source(n, seed) -> (images, captions or None)``: ``N × 3 × H × W`` images in ``[-1, 1]``; ``n`` None
+#: asks for the source's default set
 ImageSource = Callable[[int | None, int], tuple[torch.Tensor, list[str] | None]]
 
 #: named image sources (``"toyworld:content"``); plug-ins fill it, see :mod:`lora_merge.plugins`

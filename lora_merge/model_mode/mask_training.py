@@ -34,6 +34,7 @@ from ..arch import sub_block_of, unet_block_resolutions
 from ..errors import UsageError
 from ..masks import prior_init
 from ..priors import load_priors, priors_from_resolutions
+from ..progress import progress_bar
 from ..strategies.base import LayerContext
 from .base_model import BaseModel
 from .images import resolve_images
@@ -381,7 +382,7 @@ def train_masks(
         initial = _evaluate(objective, eval_set, accelerator)
         gen = torch.Generator().manual_seed(cfg.seed * 1009 + accelerator.process_index + 1)
         history: list[dict[str, float]] = []
-        with _progress_bar(progress and accelerator.is_local_main_process, cfg.steps) as bar:
+        with progress_bar("training masks", enabled=progress and accelerator.is_local_main_process) as bar:
             for step in range(int(cfg.steps)):
                 batch = _sample(data, base, cfg.batch_size, gen)
                 with accelerator.autocast():
@@ -391,7 +392,9 @@ def train_masks(
                 optimizer.step()
                 row = {"step": step + 1, **{k: float(v.detach()) for k, v in terms.items()}}
                 history.append(row)
-                bar(row)
+                if bar is not None:
+                    losses = " ".join(f"{k}={row[k]:.4g}" for k in ("total", *TERMS) if k in row)
+                    bar(step + 1, int(cfg.steps), losses)
         final = _evaluate(objective, eval_set, accelerator)
         accelerator.wait_for_everyone()
         masks = loras.masks()
@@ -449,34 +452,3 @@ def _evaluate(objective: nn.Module, batches: list[dict[str, torch.Tensor]], acce
             for k, v in objective(b).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
     return {k: v / len(batches) for k, v in sums.items()}
-
-
-class _progress_bar:
-    """A rich progress bar that shows the current loss terms (no-op when disabled)."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda row: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.prog = Progress(
-            TextColumn("training masks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("{task.description}"), console=Console(stderr=True), transient=True,
-        )  # fmt: skip
-        self.task = self.prog.add_task("", total=self.total)
-        self.prog.start()
-
-        def update(row: dict[str, float]) -> None:
-            desc = " ".join(f"{k}={row[k]:.4g}" for k in ("total", *TERMS) if k in row)
-            self.prog.update(self.task, advance=1, description=desc)
-
-        return update
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.prog.stop()
-        return False
