@@ -86,25 +86,20 @@ def measure(content, style, base, content_images, content_prompt, style_images, 
     console = stderr_console()
     settings = {"granularity": granularity, "scale": scale, "seed": seed, "margin": margin, "floor": floor}
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from ..progress import progress_bar
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=as_json) as bar:
-
-        def progress_fn():
-            task = bar.add_task("", total=None)
-            return lambda done, total, desc: bar.update(task, completed=done, total=total, description=desc)
-
-        noise = judged = None
-        if compare or not use_judge:
+    noise = judged = None
+    if compare or not use_judge:
+        with progress_bar("noise measure", enabled=not as_json) as bar:
             noise = noise_measure(base, c_ad, s_ad, content_images=content_images, content_prompt=content_prompt,
                                   style_images=style_images, style_prompt=style_prompt, n_images=n_images,
                                   n_noise=samples, batch_size=batch_size, device=device, dtype=dtype,
-                                  progress=progress_fn(), **settings)  # fmt: skip
-        if compare or use_judge:
-            from ..bench.judged_priors import judge_priors
+                                  progress=bar, **settings)  # fmt: skip
+    if compare or use_judge:
+        from ..bench.judged_priors import judge_priors
 
-            judged = judge_priors(c_ad, s_ad, n=n_judge, device=device, progress=progress_fn(), **settings)
+        with progress_bar("judged experiment", enabled=not as_json) as bar:
+            judged = judge_priors(c_ad, s_ad, n=n_judge, device=device, progress=bar, **settings)
     main = judged if (use_judge and not compare) else noise
     agreement = compare_roles(noise, judged) if (noise is not None and judged is not None) else None
     if output:
