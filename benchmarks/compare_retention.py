@@ -4,7 +4,7 @@
 
 Pairs: the two real SD 1.5 style LoRAs of ../shared/fixtures (Pokémon + Rick and Morty, rank 4, 128
 modules), and a synthetic pair with the same 128 SD 1.5 module shapes at rank 8 whose style input
-directions overlap the content LoRA's by half.  Metric (lora_merge.fidelity): per layer content and
+directions overlap the content LoRA's by half.  Metric (lora_merge.analysis.fidelity): per layer content and
 style retention under the ``subspace`` input model, then the mean over layers of each and of
 ``min(content, style)`` ("joint").  Input 1 = content, input 2 = style.
 """
@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 import lora_merge as lm
-from lora_merge.fidelity import evaluate
+from lora_merge.analysis.fidelity import evaluate
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sdxl_pair import synthetic_pair

@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 import lora_merge
-from lora_merge.inspect import summarize
+from lora_merge.analysis.inspection import summarize
 
 
 def _inspect(path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lora_merge.adapter import Adapter, LoraModule
-from lora_merge.diff import diff_adapters, exceeds, extra_tensors_differ
+from lora_merge.analysis.diff import diff_adapters, exceeds, extra_tensors_differ
 
 NAMES = [
     "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",

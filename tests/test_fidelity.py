@@ -1,11 +1,11 @@
-"""The layer fidelity metric (lora_merge.fidelity) against dense computations."""
+"""The layer fidelity metric (lora_merge.analysis.fidelity) against dense computations."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from lora_merge.adapter import Adapter, LoraModule
-from lora_merge.fidelity import evaluate, retention
+from lora_merge.analysis.fidelity import evaluate, retention
 from lora_merge.input_models import IdentityModel, save_stats
 from lora_merge.strategies import LayerInput
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_merge.adapter import Adapter, LoraModule, TensorRef
-from lora_merge.inspect import parse_kohya_value, split_metadata, summarize
+from lora_merge.analysis.inspection import parse_kohya_value, split_metadata, summarize
 
 Q = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 K2 = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"

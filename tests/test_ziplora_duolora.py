@@ -11,8 +11,8 @@ from conftest import REPO, shared_fixture
 
 import lora_merge as lm
 from lora_merge.adapter import Adapter, LoraModule
+from lora_merge.analysis.fidelity import evaluate, retention
 from lora_merge.errors import OutputExistsError
-from lora_merge.fidelity import evaluate, retention
 from lora_merge.strategies import LayerContext, LayerInput, get_strategy
 
 BLOCKS = ["unet.down_blocks.1.attentions.0", "unet.down_blocks.2.attentions.0", "unet.mid_block.attentions.0",

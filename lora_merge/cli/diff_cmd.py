@@ -39,7 +39,7 @@ def diff_cmd(a, b, top, fail_above, as_json, fmt, strict, allow_pickle):
     in A or only in B, rank/alpha/shape changes, per-block aggregates and the most different modules.
     The same adapter written in two dialects diffs to ~0.
     """
-    from lora_merge.diff import diff_adapters, exceeds, extra_tensors_differ
+    from lora_merge.analysis.diff import diff_adapters, exceeds, extra_tensors_differ
 
     ad_a = load_adapter(a, fmt=fmt, strict=strict, allow_pickle=allow_pickle)
     ad_b = load_adapter(b, fmt=fmt, strict=strict, allow_pickle=allow_pickle)

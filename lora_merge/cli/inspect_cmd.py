@@ -38,8 +38,8 @@ def inspect_cmd(files, show_modules, as_json, fmt, strict, allow_pickle):
     Reads only the file header unless --modules is given. With several files, a bad file prints an
     error line and the others are still shown; the exit code is then non-zero.
     """
+    from lora_merge.analysis.inspection import summarize
     from lora_merge.errors import LoraMergeError
-    from lora_merge.inspect import summarize
 
     results: list[dict[str, Any]] = []
     first_error: LoraMergeError | None = None
@@ -158,7 +158,7 @@ def _render_metadata(s: dict[str, Any], console) -> None:
     for k, v in md["other"].items():
         rows.append(("metadata", k, _show(v)))
     if s["config"]:
-        from lora_merge.inspect import CONFIG_FIELDS
+        from lora_merge.analysis.inspection import CONFIG_FIELDS
 
         for k in CONFIG_FIELDS:
             if k in s["config"] and s["config"][k] not in (None, {}, []):

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from . import arch, linalg
-from .adapter import Adapter, LoraModule
+from .. import arch, linalg
+from ..adapter import Adapter, LoraModule
 
 #: below this (‖X−Y‖²/(‖X‖²+‖Y‖²)) the Gram formula has cancelled too much: recompute via the core
 _CANCELLATION = 1e-6
@@ -33,12 +33,9 @@ def _factors64(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
     return b * m.scale, a
 
 
-def _gram_norm2(p: torch.Tensor, q: torch.Tensor) -> float:
-    return float(((p.T @ p) * (q @ q.T)).sum().clamp_min(0))
-
-
-def _inner(p1, q1, p2, q2) -> float:
-    return float(((p1.T @ p2) * (q1 @ q2.T)).sum())
+def _norm2(p: torch.Tensor, q: torch.Tensor) -> float:
+    """‖P Q‖²_F from the Gram matrices (:func:`lora_merge.linalg.inner_product` of the module with itself)."""
+    return max(linalg.inner_product(p, q, p, q), 0.0)
 
 
 def difference_norm(p1, q1, p2, q2) -> float:
@@ -80,8 +77,8 @@ def compare_modules(ma: LoraModule, mb: LoraModule) -> dict[str, Any]:
         return row
     pa, qa = _factors64(ma)
     pb, qb = _factors64(mb)
-    na2, nb2 = _gram_norm2(pa, qa), _gram_norm2(pb, qb)
-    inner = _inner(pa, qa, pb, qb)
+    na2, nb2 = _norm2(pa, qa), _norm2(pb, qb)
+    inner = linalg.inner_product(pa, qa, pb, qb)
     d2 = na2 + nb2 - 2.0 * inner
     if pa.shape == pb.shape and torch.equal(pa, pb) and torch.equal(qa, qb):
         diff = 0.0  # identical factors (e.g. the same file twice)
@@ -115,8 +112,7 @@ def _rel(diff: float, norm_a: float) -> float:
 
 
 def _module_norm(m: LoraModule) -> float:
-    p, q = _factors64(m)
-    return math.sqrt(_gram_norm2(p, q))
+    return linalg.frobenius_norm(*_factors64(m))
 
 
 def _compare_extra(a: Adapter, b: Adapter) -> dict[str, Any]:

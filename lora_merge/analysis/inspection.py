@@ -13,8 +13,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from . import arch, linalg
-from .adapter import Adapter, LoraModule
+from .. import arch, linalg
+from ..adapter import Adapter, LoraModule
+from ..files import dtype_name
 
 #: metadata key under which lora-merge stores the exact merge recipe (JSON)
 RECIPE_KEY = "lora_merge.recipe"
@@ -36,10 +37,6 @@ CONFIG_FIELDS = (
 
 # kohya values that look numeric but are identifiers
 _KOHYA_STRING_SUFFIXES = ("_hash", "_name", "_comment", "_title", "_commit", "_version", "_id")
-
-
-def dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def parse_kohya_value(key: str, value: str) -> Any:
