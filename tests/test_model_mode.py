@@ -10,15 +10,11 @@ import pytest
 import torch
 
 from lora_merge import masks as M
-from lora_merge.errors import UsageError
 from lora_merge.engine import Plan
-from lora_merge.model_mode.solver import train_config
-from lora_merge.strategies import get_strategy
-from lora_merge.strategies.pair_masks import check_model_inputs, check_weights_mode, fold_masks
+from lora_merge.errors import UsageError
 from lora_merge.model_mode.base_model import load_base_model
 from lora_merge.model_mode.images import load_image_folder
 from lora_merge.model_mode.lora_layers import MaskedLoraLayer, attach_loras
-from lora_merge.model_mode.tiny import random_lora, tiny_base_model
 from lora_merge.model_mode.mask_training import (
     MaskObjective,
     TrainConfig,
@@ -29,7 +25,11 @@ from lora_merge.model_mode.mask_training import (
     similarity_term,
     train_masks,
 )
+from lora_merge.model_mode.solver import train_config
+from lora_merge.model_mode.tiny import random_lora, tiny_base_model
+from lora_merge.strategies import get_strategy
 from lora_merge.strategies.base import LayerInput
+from lora_merge.strategies.pair_masks import check_model_inputs, check_weights_mode, fold_masks
 
 
 @pytest.fixture(scope="module")
