@@ -28,9 +28,10 @@ def load(path: str | os.PathLike, *, format: str | None = None, strict: bool = F
          allow_pickle: bool = False) -> Adapter:
     """Read a LoRA file or PEFT folder; tensors stay lazy (only the header is read).
 
-    ``format`` forces ``"kohya"``, ``"diffusers"`` or ``"peft"``. Keys that do not parse are reported
-    with a :class:`PartialReadWarning` (a :class:`FormatError` when ``strict``). Pickle files
-    (``.bin``/``.pt``/``.ckpt``) are refused unless ``allow_pickle`` (then read with
+    ``format`` forces a registered dialect (``"kohya"``, ``"diffusers"``, ``"peft"``, …); otherwise a
+    dialect that recognises the path's layout (a PEFT folder) reads it, or the keys vote.  Keys that do
+    not parse are reported with a :class:`PartialReadWarning` (a :class:`FormatError` when ``strict``).
+    Pickle files (``.bin``/``.pt``/``.ckpt``) are refused unless ``allow_pickle`` (then read with
     ``torch.load(weights_only=True)``, never a full unpickle).
     """
     if format is not None:
