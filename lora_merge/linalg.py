@@ -4,6 +4,8 @@ Nothing here forms a dense ``d_out × d_in`` matrix unless its name says so.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -284,7 +286,7 @@ def frobenius_norm(up: torch.Tensor, down: torch.Tensor) -> float:
     """‖B A‖_F without forming BA: ``sqrt(Σ (BᵀB) ⊙ (A Aᵀ))``."""
     up, down = _f32(up), _f32(down)
     g = (up.T @ up) * (down @ down.T)
-    return float(g.sum().clamp_min(0).sqrt())
+    return math.sqrt(float(g.sum().clamp_min(0)))  # math.sqrt rounds correctly; a 0-d tensor's sqrt may not
 
 
 def inner_product(up1: torch.Tensor, down1: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor) -> float:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from . import register
-from .base import LayerContext, LayerInput, LayerResult, MergeStrategy, Param
-from .taskvectors import contributing, dare_drop, disjoint_merge, unweighted_taus, weighted_sum, zero_layer
-from .ties import DIVIDE, SIGN
+from .base import LayerContext, LayerInput, Param
+from .taskvectors import contributing, dare_drop
+from .ties import DIVIDE, SIGN, SparsifyThenCombine
 
 
 @register
-class Dare(MergeStrategy):
+class Dare(SparsifyThenCombine):
     name = "dare"
     description = "DARE: randomly drop 1−density of each ΔW's entries, rescale by 1/density, then combine."
     reference = "Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)"
@@ -30,13 +30,9 @@ class Dare(MergeStrategy):
         DIVIDE,
     )
 
-    def merge_layer(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> LayerResult:
-        taus, weights = unweighted_taus(inputs)
-        if not taus:
-            return zero_layer(inputs)
+    def sparsify(self, taus: list, inputs: Sequence[LayerInput], ctx: LayerContext) -> list:
         # one stream per input position, seeded from (seed, layer): reproducible and order-independent
-        positions = contributing(inputs)
-        taus = [dare_drop(t, self.density, ctx.generator(f"input{i}")) for t, i in zip(taus, positions)]
-        if self.variant == "ties":
-            return LayerResult(dense=disjoint_merge(taus, weights, self.sign, self.divide))
-        return LayerResult(dense=weighted_sum(taus, weights))
+        return [dare_drop(t, self.density, ctx.generator(f"input{i}")) for t, i in zip(taus, contributing(inputs))]
+
+    def combination(self) -> str:
+        return self.variant

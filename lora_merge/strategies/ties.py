@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from . import register
 from .base import LayerContext, LayerInput, LayerResult, MergeStrategy, Param
-from .taskvectors import disjoint_merge, prune, unweighted_taus, zero_layer
+from .taskvectors import disjoint_merge, prune, unweighted_taus, weighted_sum, zero_layer
 
 SIGN = Param(
     "sign",
@@ -25,8 +25,29 @@ DIVIDE = Param(
 )
 
 
+class SparsifyThenCombine(MergeStrategy):
+    """The task-arithmetic family (mergekit's generalized task arithmetic): each input's unweighted ΔW
+    τ_i is sparsified (:meth:`sparsify`), then the weighted τ_i are combined by TIES sign election +
+    disjoint mean (``ties``) or summed (``linear``), as :meth:`combination` says."""
+
+    def sparsify(self, taus: list, inputs: Sequence[LayerInput], ctx: LayerContext) -> list:
+        raise NotImplementedError
+
+    def combination(self) -> str:
+        return "ties"
+
+    def merge_layer(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> LayerResult:
+        taus, weights = unweighted_taus(inputs)
+        if not taus:
+            return zero_layer(inputs)
+        taus = self.sparsify(taus, inputs, ctx)
+        if self.combination() == "ties":
+            return LayerResult(dense=disjoint_merge(taus, weights, self.sign, self.divide))  # elect, merge
+        return LayerResult(dense=weighted_sum(taus, weights))
+
+
 @register
-class Ties(MergeStrategy):
+class Ties(SparsifyThenCombine):
     name = "ties"
     description = "TIES: trim each ΔW to its top-density entries, elect signs, average the agreeing ones."
     reference = "Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)"
@@ -39,9 +60,5 @@ class Ties(MergeStrategy):
         DIVIDE,
     )
 
-    def merge_layer(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> LayerResult:
-        taus, weights = unweighted_taus(inputs)
-        if not taus:
-            return zero_layer(inputs)
-        taus = [prune(t, self.density) for t in taus]  # trim
-        return LayerResult(dense=disjoint_merge(taus, weights, self.sign, self.divide))  # elect, merge
+    def sparsify(self, taus: list, inputs: Sequence[LayerInput], ctx: LayerContext) -> list:
+        return [prune(t, self.density) for t in taus]  # trim
