@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-from pathlib import Path
 
 import torch
 
@@ -28,7 +27,7 @@ from .common import (
     pattern_value,
     read_scalar,
 )
-from .registry import Located, Written
+from .registry import FileDialect, Written
 
 METADATA_KEY = "lora_adapter_metadata"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior")
@@ -167,27 +166,6 @@ def write(adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str])
     return Written(tensors, md)
 
 
-class DiffusersDialect:
-    """diffusers ``.safetensors`` files (``pipe.load_lora_weights``); reads all three generations."""
-
-    name = "diffusers"
-    label = "diffusers"
-    precedence = 2
-    folder_files: tuple[str, ...] = ()
-    keeps_extra_tensors = False
-
-    def claims(self, key: str) -> bool:
-        return parse_key(key) is not None
-
-    def locate(self, path: Path) -> Located | None:
-        return None
-
-    def read(self, refs: dict[str, TensorRef], metadata: dict[str, str], path: Path,
-             config: dict | None = None) -> Adapter:
-        return read(refs, metadata, path)
-
-    def write(self, adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> Written:
-        return write(adapter, dtype, metadata)
-
-
-DIALECT = DiffusersDialect()
+#: diffusers ``.safetensors`` files (``pipe.load_lora_weights``); reads all three generations.
+DIALECT = FileDialect(name="diffusers", label="diffusers", precedence=2,
+                      claimer=lambda key: parse_key(key) is not None, reader=read, writer=write)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 
@@ -12,7 +11,7 @@ from ..adapter import Adapter, TensorRef
 from ..errors import FormatError
 from . import names
 from .common import carried_metadata, cast, make_module, read_scalar, standard_alpha
-from .registry import Located, Written
+from .registry import FileDialect, Written
 
 NAME_MAP_KEY = "lora_merge.kohya_names"
 _SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
@@ -120,27 +119,6 @@ def write(adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str])
     return Written(tensors, md)
 
 
-class KohyaDialect:
-    """kohya / A1111 ``.safetensors`` files (what ComfyUI and A1111 load)."""
-
-    name = "kohya"
-    label = "kohya"
-    precedence = 1
-    folder_files: tuple[str, ...] = ()
-    keeps_extra_tensors = False
-
-    def claims(self, key: str) -> bool:
-        return claims(key)
-
-    def locate(self, path: Path) -> Located | None:
-        return None
-
-    def read(self, refs: dict[str, TensorRef], metadata: dict[str, str], path: Path,
-             config: dict | None = None) -> Adapter:
-        return read(refs, metadata, path)
-
-    def write(self, adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> Written:
-        return write(adapter, dtype, metadata)
-
-
-DIALECT = KohyaDialect()
+#: kohya / A1111 ``.safetensors`` files (what ComfyUI and A1111 load).
+DIALECT = FileDialect(name="kohya", label="kohya", precedence=1, claimer=claims, reader=read,
+                      writer=write)

@@ -9,7 +9,7 @@ it never names a dialect.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -84,6 +84,34 @@ class Dialect(Protocol):
     def write(self, adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> Written:
         """The adapter's tensors (cast to ``dtype`` unless None), metadata and extra files."""
         ...
+
+
+@dataclass(frozen=True)
+class FileDialect:
+    """A :class:`Dialect` of single ``.safetensors`` files made from three functions: ``claims(key)``,
+    ``reader(refs, metadata, path)`` and ``writer(adapter, dtype, metadata) -> Written``."""
+
+    name: str
+    label: str
+    precedence: int
+    claimer: Callable[[str], bool]
+    reader: Callable[[dict[str, TensorRef], dict[str, str], Path], Adapter]
+    writer: Callable[[Adapter, torch.dtype | None, dict[str, str]], Written]
+    folder_files: tuple[str, ...] = ()
+    keeps_extra_tensors: bool = False
+
+    def claims(self, key: str) -> bool:
+        return self.claimer(key)
+
+    def locate(self, path: Path) -> Located | None:
+        return None
+
+    def read(self, refs: dict[str, TensorRef], metadata: dict[str, str], path: Path,
+             config: dict | None = None) -> Adapter:
+        return self.reader(refs, metadata, path)
+
+    def write(self, adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> Written:
+        return self.writer(adapter, dtype, metadata)
 
 
 _REGISTRY: dict[str, Dialect] = {}
