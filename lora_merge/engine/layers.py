@@ -22,7 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from .. import linalg
 from ..adapter import LoraModule
-from ..fidelity import retention
+from ..analysis.fidelity import retention
 from ..strategies import LayerInput, LayerResult, MergeStrategy, PlannedLayer
 from .plan import Plan
 from .recipe import ProgressFn
@@ -66,6 +66,14 @@ class LayerRun:
     threads: int | None = None
     with_retention: bool = False  # per-layer retention of input 1 and 2 in the report (two inputs)
     progress: ProgressFn | None = None
+
+
+def _one_thread() -> None:
+    """A worker's first act: one torch (OpenMP, MKL) thread.  ``torch.set_num_threads`` on the main thread
+    does not reach a new thread's OpenMP setting until torch lazily copies it there on the thread's first
+    parallel op; a GEMM before that ran with every core, rounding its sums differently from ``--threads
+    1`` (``dare`` layers differed in the last bits)."""
+    torch.set_num_threads(1)
 
 
 Job = tuple[Callable[..., tuple[dict[str, Any], LoraModule]], tuple]
@@ -123,7 +131,7 @@ class _Loop:
 
     def loop(self, workers: int) -> None:
         pending: deque = deque()  # (name, future) in plan order; at most 2 per worker in flight
-        pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+        pool = ThreadPoolExecutor(max_workers=workers, initializer=_one_thread) if workers > 1 else None
         try:
             for layer in self.plan.layers():
                 (fn, args), heavy = self.job(layer)
