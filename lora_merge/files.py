@@ -7,31 +7,57 @@ and every "may I write here?" question through :func:`refuse_existing`.
   interrupt the temporary file is removed and ``path`` is untouched.
 - ``refuse_existing(path, force, inputs)``: one exception, one message.  An input (after resolving links
   and ``..``) is refused even with ``force``; an existing path is refused without it.
+- ``output_transaction()``: every :func:`atomic_write` inside it keeps its temporary file until the
+  outermost transaction ends; then all are renamed into place together (an interrupt that arrives during
+  the renames is held until they are done), or, on any exception or interrupt, all are removed along with
+  the folders the transaction created.  A merge's adapter, sidecars and report appear together or not
+  at all.
+- ``check_output_folder(path)``: the folder a file will be written in exists, is a folder and is
+  writable (one-line :class:`UsageError` otherwise), checked before any work.
+- ``open_input(path)``: opens a regular file for reading and nothing else (a FIFO or a device would
+  block or never end).
+- ``note_interrupt()`` / ``interrupted()``: the CLI's signal handler records SIGINT/SIGTERM here, so an
+  interrupt that some C code swallowed still stops the run (:func:`check_interrupt`) and a transaction
+  never commits after one.
 - ``DTYPES`` / ``parse_dtype``: the one table of dtype names the CLI, recipes and the API accept.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import mmap
 import os
+import signal
+import stat
 import tempfile
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-from .errors import OutputExistsError, UsageError
+from .errors import FormatError, Interrupted, OutputExistsError, UsageError
 
 __all__ = [
     "DTYPES",
     "atomic_write",
     "atomic_write_json",
     "atomic_write_text",
+    "check_interrupt",
+    "check_output_folder",
+    "clear_interrupt",
     "dtype_name",
     "input_sha256",
+    "interrupted",
+    "make_dirs",
+    "note_interrupt",
+    "open_input",
+    "outputs_committed",
+    "output_transaction",
     "parse_dtype",
     "refuse_existing",
 ]
@@ -72,20 +98,195 @@ def _umask() -> int:
     return mask
 
 
+# ---------------------------------------------------------------- interrupts
+
+_INTERRUPT = threading.Event()
+
+
+def note_interrupt() -> None:
+    """Record that the process was asked to stop (the CLI's SIGINT/SIGTERM handler calls this)."""
+    _INTERRUPT.set()
+
+
+def interrupted() -> bool:
+    return _INTERRUPT.is_set()
+
+
+def clear_interrupt() -> None:
+    _INTERRUPT.clear()
+
+
+def check_interrupt() -> None:
+    """Raise :class:`~lora_merge.errors.Interrupted` if an interrupt was recorded (one that C code
+    swallowed, too)."""
+    if _INTERRUPT.is_set():
+        raise Interrupted
+
+
+# ---------------------------------------------------------------- transactions
+
+
+class _Transaction:
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, Path]] = []  # (temporary file, final path), in write order
+        self.created: list[Path] = []  # folders this transaction made (outermost first)
+
+    def rollback(self) -> None:
+        for tmp, _ in self.pending:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self.pending.clear()
+        for folder in reversed(self.created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: never a folder that holds something else
+        self.created.clear()
+
+    def commit(self) -> None:
+        global _COMMITTED
+        check_interrupt()  # an interrupt some C code swallowed still means: write nothing
+        with _signals_held(redeliver=False):  # a signal during the renames is too late: the work is done
+            for i, (tmp, final) in enumerate(self.pending):
+                try:
+                    os.replace(tmp, final)
+                except OSError as e:
+                    self.pending = self.pending[i:]
+                    raise UsageError(f"cannot write: {e.strerror or e}", final) from None
+            self.pending.clear()
+            self.created.clear()
+            _COMMITTED = True
+
+
+_TXN: _Transaction | None = None
+_TXN_LOCK = threading.Lock()
+_COMMITTED = False  # the last outermost transaction renamed its files into place
+
+
+def outputs_committed() -> bool:
+    """Whether the last outermost :func:`output_transaction` has put its files in place (an interrupt
+    after that point is too late to undo the command; the CLI's handler then ignores it)."""
+    return _COMMITTED
+
+
+@contextlib.contextmanager
+def output_transaction() -> Iterator[None]:
+    """Everything :func:`atomic_write` writes inside appears at the end, together, or not at all (nested
+    transactions join the outermost one)."""
+    global _TXN, _COMMITTED
+    with _TXN_LOCK:
+        outer = _TXN is None
+        if outer:
+            _TXN = _Transaction()
+            _COMMITTED = False
+        txn = _TXN
+    if not outer:
+        yield
+        return
+    try:
+        yield
+        txn.commit()
+    except BaseException:
+        txn.rollback()
+        raise
+    finally:
+        with _TXN_LOCK:
+            _TXN = None
+
+
+@contextlib.contextmanager
+def _signals_held(redeliver: bool = True) -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while renames run (only the main thread can swap handlers).  With
+    ``redeliver`` a signal that came meanwhile is raised again once they are done; without, it is
+    dropped (the caller has finished its work)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
+        except (ValueError, OSError):  # pragma: no cover - not the main interpreter
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            if handler is not None:  # None: installed outside Python; leave ours (it only records)
+                signal.signal(sig, handler)
+        if redeliver:
+            for sig in dict.fromkeys(held):
+                signal.raise_signal(sig)
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """``mkdir -p path``; inside a transaction, the folders it creates are removed again on rollback
+    (when empty)."""
+    path = Path(path)
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create folder: {e.strerror or e}", path) from None
+    txn = _TXN
+    if txn is not None:
+        txn.created.extend(reversed(missing))
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, *, create: bool = False) -> None:
+    """Raise a one-line :class:`UsageError` unless ``path`` can be written: its folder exists (with
+    ``create``, the nearest existing ancestor, for folders we will create), is a folder and is writable;
+    ``path`` itself is not a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError("is a folder; give a file path", path)
+    folder = path.parent
+    if create:
+        while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+            folder = folder.parent
+    if not folder.exists():
+        raise UsageError(f"folder {folder} does not exist", path)
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder", path)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"folder {folder} is not writable", path)
+
+
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any], *, mode: str = "wb") -> Path:
-    """Write ``path`` through ``write_fn(fh)`` on a temporary file in the same folder, then rename it."""
+    """Write ``path`` through ``write_fn(fh)`` on a temporary file in the same folder, then rename it (at
+    the end of the enclosing :func:`output_transaction`, if any)."""
     path = Path(path)
     if not path.parent.is_dir():
         raise UsageError(f"folder {path.parent} does not exist", path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise OutputExistsError("is a folder; give a file path", path)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
-            write_fn(fh)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise UsageError(f"cannot write in folder {path.parent}: {e.strerror or e}", path) from None
+    txn = _TXN
+    try:
+        try:
+            with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+                write_fn(fh)
+            os.chmod(tmp, 0o666 & ~_umask())
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG):
+                raise UsageError(f"cannot write: {e.strerror}", path) from None
+            raise
+        if txn is not None:
+            txn.pending.append((tmp, path))
+        else:
+            with _signals_held():
+                os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if txn is None or (tmp, path) not in txn.pending:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
     return path
 
@@ -118,11 +319,33 @@ def refuse_existing(
         raise OutputExistsError("exists; pass --force to overwrite it", out)
 
 
+def open_input(path: str | os.PathLike) -> IO[bytes]:
+    """Open ``path`` for reading if it is a regular file; a FIFO, socket or device is a
+    :class:`FormatError` (opened without blocking, checked with ``fstat`` before any read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise FormatError(f"cannot read file: {e.strerror or e}", path) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a socket"
+                    if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+            raise FormatError(f"not a regular file ({kind}); refusing to read it", path)
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _hash_file(path: Path) -> str:
     """sha256 of a file, hashed from a read-only mapping (no copies; 13% less CPU than chunked reads,
     ``python benchmarks/refactor_facts.py hashing``)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         if os.fstat(f.fileno()).st_size == 0:
             return h.hexdigest()
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:

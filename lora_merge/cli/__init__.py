@@ -3,10 +3,18 @@
 Sub-commands live in their own modules and are imported only when invoked, so ``lora-merge --help``
 does not pay for importing torch.  User errors (:class:`~lora_merge.errors.LoraMergeError`) print as
 one line on stderr and exit with the error's code; no traceback.
+
+SIGINT (Ctrl-C) and SIGTERM, at any moment after start-up, end the process with one line
+``interrupted`` and exit code 130, and leave no output: the files a command writes are renamed into place
+together at the very end (:func:`lora_merge.files.output_transaction`), and removed if the command stops
+before that.  The handler also records the signal, so an interrupt that some C code swallows still
+stops the run.  A signal that arrives after the outputs are in place is too late and is ignored.
 """
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 import warnings
 
@@ -49,26 +57,105 @@ def cli() -> None:
     """Inspect, convert, diff and merge LoRA adapters (kohya/A1111, diffusers, PEFT)."""
 
 
-def main(argv: list[str] | None = None) -> None:
-    from ..errors import LoraMergeError
+#: commands whose written files all appear at the end of the command, together (or none on an error or an
+#: interrupt); the others (bench, demo, toyworld, priors, calibrate) read back files they wrote, so each
+#: of their files is written atomically on its own
+TRANSACTIONAL = frozenset({"convert", "diff", "inspect", "merge", "strategies"})
 
+_STATE = {"transaction": False}
+
+
+def _files():
+    """``lora_merge.files`` if it was imported (it imports torch; the handler must not)."""
+    return sys.modules.get("lora_merge.files")
+
+
+def _on_signal(signum, frame) -> None:
+    files = _files()
+    if files is not None:
+        if _STATE["transaction"] and files.outputs_committed():
+            return  # the outputs are in place: too late to interrupt
+        files.note_interrupt()
+    errors = sys.modules.get("lora_merge.errors")
+    raise errors.Interrupted if errors is not None else KeyboardInterrupt
+
+
+def _install_handlers() -> dict:
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, _on_signal)
+        except (ValueError, OSError):  # not the main thread (the CLI called from a worker)
+            pass
+    return old
+
+
+def _command_name(argv: list[str] | None) -> str | None:
+    args = sys.argv[1:] if argv is None else argv
+    return next((a for a in args if not a.startswith("-")), None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script (``argv`` None: the process ends here, the handlers stay) or an in-process call
+    (the caller's handlers come back afterwards)."""
+    old = _install_handlers()
+    try:
+        _main(argv)
+    finally:
+        if argv is not None:
+            for sig, handler in old.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+            _STATE["transaction"] = False
+
+
+def _interrupted() -> None:
+    click.echo("interrupted", err=True)
+    sys.exit(130)
+
+
+def _main(argv: list[str] | None) -> None:
+    try:
+        from ..errors import Interrupted, LoraMergeError
+        from ..files import clear_interrupt, interrupted, output_transaction
+    except KeyboardInterrupt:
+        _interrupted()
+    clear_interrupt()
     warnings.formatwarning = _format_warning
     try:
-        cli.main(args=argv, prog_name="lora-merge", standalone_mode=False)
+        if _command_name(argv) in TRANSACTIONAL:
+            _STATE["transaction"] = True
+            with output_transaction():
+                cli.main(args=argv, prog_name="lora-merge", standalone_mode=False)
+        else:
+            cli.main(args=argv, prog_name="lora-merge", standalone_mode=False)
+        if interrupted() and not (_STATE["transaction"] and _files().outputs_committed()):
+            raise Interrupted  # swallowed somewhere on the way; nothing was written
     except LoraMergeError as exc:
         if exc.exit_code == 0:  # NotMainProcess: a helper process of a multi-process run, done
             sys.exit(0)
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort as exc:
+        click.echo("interrupted" if isinstance(exc.__cause__, KeyboardInterrupt) else "aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    except (KeyboardInterrupt, Interrupted):
+        if _STATE["transaction"] and _files().outputs_committed():
+            sys.exit(0)
+        _interrupted()
     except BrokenPipeError:
+        _silence_stdout()
         sys.exit(0)
     sys.exit(0)
+
+
+def _silence_stdout() -> None:
+    """After EPIPE, point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
