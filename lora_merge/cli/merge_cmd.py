@@ -124,6 +124,10 @@ def _parse_param(spec: str) -> tuple[str, str]:
     help="Keep input N's (1-based) PEFT modules_to_save tensors when the inputs' differ.",
 )
 @click.option("--report", type=click.Path(), default=None, help="Write a per-layer JSON report here.")
+@click.option(
+    "--record-paths", is_flag=True, default=False,
+    help="Record the inputs' full paths in the merged file's recipe (default: file names and sha256 only).",
+)
 @click.option("--arch", default=None, help="Override the guessed architecture (sdxl, sd1, ...).")
 @click.option("--param", "param", multiple=True, metavar="NAME=VALUE", help="Any strategy parameter by name.")
 @click.option(
@@ -168,7 +172,7 @@ def merge(**kw: Any) -> None:
         strategy=strategy, params=given, output=kw["output"], rank=kw["rank"], to=kw["to"], dtype=kw["dtype"],
         seed=kw["seed"], keep_heads_from=kw["keep_heads_from"], report=kw["report"], arch=kw["arch"],
         weights=_split_weights(kw["weights"]), layer_weights=list(kw["weight"]) or None,
-        force=kw["force"] or None,
+        force=kw["force"] or None, record_paths=kw["record_paths"] or None,
     )  # fmt: skip
     options = MergeOptions.from_dict(data).with_overrides(device=kw["device"], threads=kw["threads"])
     show = kw["progress"] if kw["progress"] is not None else (sys.stderr.isatty() and not kw["as_json"])

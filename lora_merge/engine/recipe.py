@@ -20,6 +20,7 @@ Recipe-file keys (all optional; command-line flags override them)::
     dtype: fp16
     seed: 0
     force: false
+    record_paths: false                 # full input paths in the merged file (default: names only)
     keep_heads_from: 1                  # 1-based, as --keep-heads-from
     arch: sdxl
     report: report.json
@@ -48,7 +49,7 @@ from ..formats.api import load
 from ..patterns import compile_pattern
 from ..strategies import MergeStrategy, available_strategies, get_strategy
 
-__all__ = ["RECIPE_KEYS", "MergeOptions", "Recipe", "parse_layer_weight", "read_recipe_file"]
+__all__ = ["RECIPE_KEYS", "MergeOptions", "Recipe", "parse_layer_weight", "read_recipe_file", "recorded_name"]
 
 #: metadata key of the recipe in a merged file
 METADATA_KEY = "lora_merge.recipe"
@@ -57,6 +58,15 @@ METADATA_KEY = "lora_merge.recipe"
 ProgressFn = Callable[[int, int, str], None]
 
 Input = str | os.PathLike | Adapter
+
+
+def recorded_name(path: str | os.PathLike) -> str:
+    """How a merged file names an input without leaking the user's folders: the file name (a PEFT
+    folder's name; ``folder/adapter_model.safetensors`` for a file inside one)."""
+    p = Path(os.fspath(path))
+    if p.name.startswith("adapter_model.") and p.parent.name:
+        return f"{p.parent.name}/{p.name}"
+    return p.name or os.fspath(path)
 
 
 def parse_layer_weight(spec: str) -> tuple[str, float | list[float]]:
@@ -122,6 +132,8 @@ class Recipe:
     keep_heads_from: int | None = None  # 1-based
     arch: str | None = None
     report: str | None = None
+    #: record the inputs' full paths in the merged file (default: file names only, see :func:`recorded_name`)
+    record_paths: bool = False
     sha256: tuple[str | None, ...] = ()
 
     # ------------------------------------------------------------------ construction
@@ -151,8 +163,9 @@ class Recipe:
         for k in ("rank", "seed", "keep_heads_from"):
             if data.get(k) is not None:
                 kw[k] = _int(data[k], k, path)
-        if data.get("force") is not None:
-            kw["force"] = bool(data["force"])
+        for k in ("force", "record_paths"):
+            if data.get(k) is not None:
+                kw[k] = bool(data[k])
         return cls(**kw)
 
     @classmethod

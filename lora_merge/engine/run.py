@@ -28,7 +28,7 @@ from ..strategies.base import call_prepare
 from .layers import LayerRun, run_layers, worker_count
 from .output import InputHasher, adapter_metadata, check_sidecars, write_report, write_sidecars
 from .plan import Plan
-from .recipe import MergeOptions, Recipe
+from .recipe import MergeOptions, Recipe, recorded_name
 
 __all__ = ["MergeResult", "merge", "run_merge"]
 
@@ -88,9 +88,11 @@ def _merge_loaded(recipe: Recipe, options: MergeOptions, strat: MergeStrategy, a
     first = adapters[0]
     merged = Adapter(modules=modules, extra_tensors=heads, dialect=first.dialect,
                      config=dict(first.config) if first.config else None)
-    recorded = recipe.to_metadata(names, hasher.results(), [ad.dialect for ad in adapters], strat.config,
+    shown = [os.fspath(p) if recipe.record_paths else recorded_name(p) if p is not None else nm
+             for p, nm in zip(paths, names)]  # fmt: skip
+    recorded = recipe.to_metadata(shown, hasher.results(), [ad.dialect for ad in adapters], strat.config,
                                   arch=plan.arch, to=recipe.to or first.dialect, version=__version__)
-    merged.metadata = adapter_metadata(merged, recorded, names)
+    merged.metadata = adapter_metadata(merged, recorded, shown)
     report = {"recipe": recorded, "layers": layer_info, "strategy": strat.report()}
     written = None
     if recipe.output is not None:
