@@ -222,3 +222,51 @@ def guess_arch(adapter: Adapter) -> str | None:
     if any(n.startswith("unet.down_blocks.0.attentions") for n in names):
         return "sd1"
     return None
+
+
+def is_diffusion_adapter(adapter: Adapter) -> bool:
+    """Whether the adapter's modules belong to a diffusion pipeline (UNet, text encoders, transformer)."""
+    def diffusion(n: str) -> bool:
+        comp = component_of(n)
+        if comp == "transformer":  # SD3/FLUX blocks, not GPT-2's transformer.h.N
+            return "transformer_blocks" in n or "double_blocks" in n
+        return comp != "model" or unet_block_of(n) is not None
+
+    return any(diffusion(n) for n in adapter.modules)
+
+
+def arch_family(adapter: Adapter) -> tuple[str, frozenset[str] | None, str]:
+    """What :func:`check_same_arch` compares: ``(kind, possible archs, label)``.
+
+    ``kind`` is ``"diffusion"`` or ``"model"`` (any other model, e.g. a PEFT adapter of GPT-2);
+    ``possible archs`` is None when the modules do not tell (a small partial LoRA), else the set of
+    architectures the adapter can belong to (``{"sd1", "sd2"}`` when only SDXL is ruled out); the label
+    names it in a message."""
+    if not is_diffusion_adapter(adapter):
+        base = (adapter.config or {}).get("base_model_name_or_path")
+        return "model", None, str(base) if base else "a non-diffusion model"
+    guess = guess_arch(adapter)
+    plugins.load_all()
+    if guess is None or guess not in ARCH_NAMES:  # None, or a PEFT config's base_model_name_or_path
+        return "diffusion", None, "an unknown diffusion model"
+    strong = guess
+    if guess == "sd1" and not any(n.endswith(("attn2.to_k", "attn2.to_v")) for n in adapter.modules):
+        # guessed from the block layout only: SD 2.x has the same blocks (SDXL has no down_blocks.0 attentions)
+        return "diffusion", frozenset({"sd1", "sd2"}), "Stable Diffusion 1.x/2.x"
+    return "diffusion", frozenset({strong}), arch_name(strong)
+
+
+def mixed_arch_problem(adapters: list[Adapter], names: list[str]) -> str | None:
+    """A one-line description of the first pair of inputs whose architectures differ, or None.
+
+    Two diffusion LoRAs are compatible when their possible architectures overlap (an unknown one is
+    compatible with every one); two adapters of non-diffusion models are compared by their module names
+    and shapes only; a diffusion LoRA and an adapter of another model never are."""
+    fams = [arch_family(ad) for ad in adapters]
+    for i in range(len(fams)):
+        for j in range(i + 1, len(fams)):
+            (ki, ai, li), (kj, aj, lj) = fams[i], fams[j]
+            if ki != kj or (ai is not None and aj is not None and not ai & aj):
+                return (f"input {i + 1} ({names[i]}) is a LoRA for {li} but input {j + 1} ({names[j]}) is for "
+                        f"{lj}; LoRAs of different base models cannot be merged")
+    return None

@@ -141,8 +141,11 @@ def test_sd1_with_sdxl_is_a_clear_error(tmp_path, capsys):
     xl = _sdxl_like(tmp_path / "xl.safetensors")
     code, _, err = run([sd1, xl, "-o", tmp_path / "o.safetensors"], capsys)
     assert code == MergeError.exit_code
-    assert "attn2.to_k" in err and "640×768" in err and "640×2048" in err and "Traceback" not in err
+    assert "Stable Diffusion 1.x" in err and "Stable Diffusion XL" in err and "Traceback" not in err
     assert not (tmp_path / "o.safetensors").exists()
+    code, _, err = run([sd1, xl, "-o", tmp_path / "o.safetensors", "--allow-mixed-arch"], capsys)
+    assert code == MergeError.exit_code  # forced past the architecture check, the shapes still differ
+    assert "attn2.to_k" in err and "640×768" in err and "640×2048" in err and "Traceback" not in err
 
 
 def test_existing_output_refused_untouched_and_force(tmp_path, capsys):

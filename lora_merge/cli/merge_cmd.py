@@ -129,6 +129,10 @@ def _parse_param(spec: str) -> tuple[str, str]:
     help="Record the inputs' full paths in the merged file's recipe (default: file names and sha256 only).",
 )
 @click.option("--arch", default=None, help="Override the guessed architecture (sdxl, sd1, ...).")
+@click.option(
+    "--allow-mixed-arch", is_flag=True, default=False,
+    help="Merge inputs whose detected base models differ (refused by default; for a misdetected input).",
+)
 @click.option("--param", "param", multiple=True, metavar="NAME=VALUE", help="Any strategy parameter by name.")
 @click.option(
     "--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal)."
@@ -173,6 +177,7 @@ def merge(**kw: Any) -> None:
         seed=kw["seed"], keep_heads_from=kw["keep_heads_from"], report=kw["report"], arch=kw["arch"],
         weights=_split_weights(kw["weights"]), layer_weights=list(kw["weight"]) or None,
         force=kw["force"] or None, record_paths=kw["record_paths"] or None,
+        allow_mixed_arch=kw["allow_mixed_arch"] or None,
     )  # fmt: skip
     options = MergeOptions.from_dict(data).with_overrides(device=kw["device"], threads=kw["threads"])
     show = kw["progress"] if kw["progress"] is not None else (sys.stderr.isatty() and not kw["as_json"])

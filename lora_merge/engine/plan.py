@@ -45,6 +45,7 @@ class Plan:
         seed: int = 0,
         device: torch.device | str = "cpu",
         rank: int | None = None,
+        allow_mixed_arch: bool = False,
     ):
         self.adapters = list(adapters)
         self.names = list(names)
@@ -55,6 +56,10 @@ class Plan:
         self.seed = int(seed)
         self.device = torch.device(device)
         self.rank = rank
+        if not allow_mixed_arch:
+            problem = arch_facts.mixed_arch_problem(self.adapters, self.names)
+            if problem:
+                raise MergeError(problem + " (--allow-mixed-arch merges them anyway)")
         self.modules = self._line_up()
         if not self.modules:
             raise MergeError("the inputs contain no LoRA modules to merge")
@@ -76,10 +81,13 @@ class Plan:
                     first = (i, m)
                 elif m.weight_shape != first[1].weight_shape:
                     j, fm = first
+                    fam_j, fam_i = (arch_facts.arch_family(self.adapters[k])[2] for k in (j, i))
+                    guess = (f"input {j + 1} looks like {fam_j}, input {i + 1} like {fam_i}"
+                             if fam_i != fam_j else "e.g. SD 1.x and SD 2.x, or SD 1.x and SDXL")
                     raise MergeError(
                         f"module {name} has weight shape {_shape(fm.weight_shape)} in input {j + 1} "
                         f"({self.names[j]}) but {_shape(m.weight_shape)} in input {i + 1} ({self.names[i]}); "
-                        "are these LoRAs for different base models (e.g. SD 1.x and SDXL)?"
+                        f"are these LoRAs for different base models ({guess})?"
                     )
         return list(order)
 

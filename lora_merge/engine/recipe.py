@@ -21,6 +21,7 @@ Recipe-file keys (all optional; command-line flags override them)::
     seed: 0
     force: false
     record_paths: false                 # full input paths in the merged file (default: names only)
+    allow_mixed_arch: false             # merge inputs whose detected base models differ
     keep_heads_from: 1                  # 1-based, as --keep-heads-from
     arch: sdxl
     report: report.json
@@ -134,6 +135,8 @@ class Recipe:
     report: str | None = None
     #: record the inputs' full paths in the merged file (default: file names only, see :func:`recorded_name`)
     record_paths: bool = False
+    #: merge inputs whose detected base models differ (refused by default)
+    allow_mixed_arch: bool = False
     sha256: tuple[str | None, ...] = ()
 
     # ------------------------------------------------------------------ construction
@@ -163,7 +166,7 @@ class Recipe:
         for k in ("rank", "seed", "keep_heads_from"):
             if data.get(k) is not None:
                 kw[k] = _int(data[k], k, path)
-        for k in ("force", "record_paths"):
+        for k in ("force", "record_paths", "allow_mixed_arch"):
             if data.get(k) is not None:
                 kw[k] = bool(data[k])
         return cls(**kw)
@@ -281,7 +284,7 @@ class Recipe:
                     version: str) -> dict[str, Any]:
         """The ``lora_merge.recipe`` dict a merged file records: a recipe that replays the merge (every
         strategy parameter resolved, weights and dialect filled in)."""
-        return {
+        out = {
             "inputs": [{"path": nm, "sha256": h, "dialect": d} for nm, h, d in zip(names, hashes, dialects)],
             "strategy": self.strategy,
             "params": dict(strategy_config),
@@ -295,6 +298,9 @@ class Recipe:
             "keep_heads_from": self.keep_heads_from,
             "version": version,
         }
+        if self.allow_mixed_arch:  # recorded only when set (older recipes replay byte for byte)
+            out["allow_mixed_arch"] = True
+        return out
 
 
 #: every key a recipe file may hold: the recipe's settings, the run options and the version

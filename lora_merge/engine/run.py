@@ -19,14 +19,15 @@ import torch
 
 from .._version import __version__
 from ..adapter import Adapter
-from ..errors import UsageError
-from ..files import dtype_name, refuse_existing
+from ..errors import OutputExistsError, UsageError
+from ..files import check_output_folder, dtype_name, make_dirs, output_transaction, refuse_existing
 from ..formats.api import load, save
+from ..formats.registry import get_dialect
 from ..progress import ProgressFn, progress_bar
 from ..strategies import MergeStrategy
 from ..strategies.base import call_prepare
 from .layers import LayerRun, run_layers, worker_count
-from .output import InputHasher, adapter_metadata, check_sidecars, write_report, write_sidecars
+from .output import InputHasher, adapter_metadata, sidecar_path, write_report, write_sidecars
 from .plan import Plan
 from .recipe import MergeOptions, Recipe, recorded_name
 
@@ -46,13 +47,51 @@ def _paths(inputs: Sequence[Any]) -> list[Path | None]:
             else Path(x) for x in inputs]  # fmt: skip
 
 
-def _check_outputs(recipe: Recipe, strategy: MergeStrategy, inputs: list[Path | None], force: bool) -> None:
+def _output_files(recipe: Recipe, dialect: str | None) -> tuple[list[Path], bool]:
+    """The files the adapter output will be (a folder dialect's files inside its folder) and whether the
+    output is a folder; ``dialect`` None: not known yet (before the inputs are read)."""
+    out = Path(recipe.output)
+    d = get_dialect(dialect, what="output format") if dialect is not None else None
+    if d is None and out.is_dir():
+        return [], True  # a folder dialect's folder, presumably: its files are checked once it is known
+    if d is not None and d.folder_files:
+        if out.suffix == ".safetensors":
+            raise UsageError(f"{out}: a {d.label} adapter is a folder; give a folder path, not a .safetensors "
+                             "file (or pick another format with --to)")
+        if out.exists() and not out.is_dir():
+            raise OutputExistsError("output exists and is not a folder", out)
+        return [out / n for n in d.folder_files], True
+    return [out], False
+
+
+def _check_outputs(recipe: Recipe, strategy: MergeStrategy, inputs: list[Path | None], force: bool,
+                   dialect: str | None = None) -> None:
+    """Every path the merge will write: not an input (even with ``force``), not an existing file
+    (without it), not one another, in a folder that exists and is writable — before any work."""
+    targets: list[tuple[Path, bool]] = []  # (path, in a folder the writer creates)
     if recipe.output is not None:
         out = Path(recipe.output)
-        refuse_existing(out, force, inputs)
-        check_sidecars(strategy, out, force, inputs)
+        files, folder = _output_files(recipe, dialect)
+        targets += [(f, folder) for f in files]
+        if folder:
+            refuse_existing(out, True, inputs)
+        targets += [(sidecar_path(out, suffix), False) for suffix in getattr(strategy, "sidecar_suffixes", ())]
     if recipe.report is not None:
-        refuse_existing(recipe.report, force, inputs)
+        targets.append((Path(recipe.report), False))
+    seen: dict[Path, Path] = {}
+    for path, _ in targets:
+        key = path.resolve()
+        if key in seen:
+            raise UsageError(f"{path}: also the path of another output of this merge ({seen[key]})")
+        seen[key] = path
+    if recipe.output is not None and recipe.report is not None and Path(recipe.report).resolve() == Path(
+            recipe.output).resolve():  # a folder output and a report onto that folder
+        raise UsageError(f"{recipe.report}: --report is the merged output's path")
+    for path, _ in targets:
+        refuse_existing(path, True, inputs)
+    for path, creates in targets:
+        refuse_existing(path, force)
+        check_output_folder(path, create=creates)
 
 
 def run_merge(recipe: Recipe, options: MergeOptions | None = None, *,
@@ -64,14 +103,16 @@ def run_merge(recipe: Recipe, options: MergeOptions | None = None, *,
     recipe.validate(strat)
     dev = options.torch_device()
     recipe.verify_inputs()
-    _check_outputs(recipe, strat, _paths(recipe.inputs), recipe.force)  # fail before any work
+    # fail before any work: the paths first (with the output dialect once the inputs' headers are read)
+    _check_outputs(recipe, strat, _paths(recipe.inputs), recipe.force, recipe.to)
     adapters = [x if isinstance(x, Adapter) else load(x) for x in recipe.inputs]
     paths = _paths([ad if isinstance(x, Adapter) else x for x, ad in zip(recipe.inputs, adapters)])
-    _check_outputs(recipe, strat, paths, recipe.force)
+    _check_outputs(recipe, strat, paths, recipe.force, recipe.to or adapters[0].dialect or "diffusers")
     names = [os.fspath(p) if p is not None else ad.display_name for p, ad in zip(paths, adapters)]
     hasher = InputHasher(paths, worker_count(None, torch.device("cpu")))
     try:
-        return _merge_loaded(recipe, options, strat, adapters, paths, names, dev, hasher)
+        with output_transaction():  # the adapter, its sidecars and the report appear together, or none
+            return _merge_loaded(recipe, options, strat, adapters, paths, names, dev, hasher)
     finally:
         hasher.close()
 
@@ -79,7 +120,8 @@ def run_merge(recipe: Recipe, options: MergeOptions | None = None, *,
 def _merge_loaded(recipe: Recipe, options: MergeOptions, strat: MergeStrategy, adapters: list[Adapter],
                   paths: list[Path | None], names: list[str], dev: torch.device, hasher: InputHasher) -> MergeResult:
     plan = Plan(adapters, names, weights=recipe.resolved_weights(), layer_weights=recipe.resolved_layer_weights(),
-                arch=recipe.arch, seed=recipe.seed, device=dev, rank=recipe.rank)  # fmt: skip
+                arch=recipe.arch, seed=recipe.seed, device=dev, rank=recipe.rank,
+                allow_mixed_arch=recipe.allow_mixed_arch)  # fmt: skip
     heads = plan.merged_heads(recipe.keep_heads_from)
     call_prepare(strat, plan, plan.legacy_context())
     run = LayerRun(out_dtype=recipe.out_dtype, threads=options.threads, progress=options.progress,
@@ -96,6 +138,8 @@ def _merge_loaded(recipe: Recipe, options: MergeOptions, strat: MergeStrategy, a
     report = {"recipe": recorded, "layers": layer_info, "strategy": strat.report()}
     written = None
     if recipe.output is not None:
+        if _output_files(recipe, recipe.to or first.dialect or "diffusers")[1]:
+            make_dirs(recipe.output)  # a folder output: removed again if the merge stops before the end
         written = Path(save(merged, recipe.output, to=recipe.to, dtype=recipe.out_dtype, force=recipe.force))
         merged.source = written
         write_sidecars(strat, written, recorded, recipe.force, paths)
