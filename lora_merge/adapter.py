@@ -21,6 +21,8 @@ from typing import Literal
 
 import torch
 
+from .errors import FormatError
+
 ModuleKind = Literal["linear", "conv", "conv1x1"]
 ScaleRule = Literal["standard", "rslora"]
 
@@ -72,6 +74,13 @@ class _SafetensorsHandle:
             self._storage = None
 
 
+def _short(key: str | None, limit: int = 120) -> str:
+    """A tensor key for a message: quoted, and cut to ``limit`` characters (a header may hold huge names)."""
+    if key is None:
+        return "(in memory)"
+    return repr(key) if len(key) <= limit else repr(key[:limit]) + f"… ({len(key):,} characters)"
+
+
 @dataclass
 class TensorRef:
     """A tensor that is either in memory or stored under ``key`` in a safetensors file."""
@@ -91,7 +100,16 @@ class TensorRef:
         return cls(shape=tuple(int(s) for s in shape), dtype=dtype, key=key, handle=handle)
 
     def load(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> torch.Tensor:
-        t = self.tensor if self.tensor is not None else self.handle.get(self.key)  # type: ignore[union-attr]
+        """The tensor (cast/moved when asked).  A floating-point tensor read from a file with a NaN or an
+        infinity is a :class:`FormatError` naming the file and the tensor: no LoRA holds one, and every
+        command would otherwise pass it on (into a merged file) or fail deep inside ``torch.linalg``.
+        (In-memory tensors are the caller's; the merge checks its results.)"""
+        if self.tensor is not None:
+            t = self.tensor
+        else:
+            t = self.handle.get(self.key)  # type: ignore[union-attr]
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                raise FormatError(f"tensor {_short(self.key)} holds NaN or infinite values", self.handle.path)
         if dtype is not None or device is not None:
             t = t.to(dtype=dtype or t.dtype, device=device or t.device)
         return t

@@ -22,6 +22,8 @@ from threadpoolctl import threadpool_limits
 
 from .. import linalg
 from ..adapter import LoraModule
+from ..errors import MergeError
+from ..files import check_interrupt
 from ..analysis.fidelity import retention
 from ..strategies import LayerInput, LayerResult, MergeStrategy, PlannedLayer
 from .plan import Plan
@@ -123,6 +125,11 @@ class _Loop:
         return (self.finish, (layer, layer_in, result)), heavy
 
     def store(self, name: str, info: dict, mod: LoraModule) -> None:
+        for t in (mod.up.tensor, mod.down.tensor):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise MergeError(f"module {name}: the merged factors are not finite (the inputs' values are too "
+                                 f"large for the arithmetic or for {str(self.run.out_dtype).removeprefix('torch.')}"
+                                 " output; try --dtype fp32)")
         self.info[name] = info
         self.modules[name] = mod
         self.done += 1
@@ -134,26 +141,39 @@ class _Loop:
         pool = ThreadPoolExecutor(max_workers=workers, initializer=_one_thread) if workers > 1 else None
         try:
             for layer in self.plan.layers():
-                (fn, args), heavy = self.job(layer)
+                check_interrupt()  # an interrupt that C code swallowed still stops the loop
+                (fn, args), heavy = _numerics(layer.ctx.name, self.job, layer)
                 if pool is None or not heavy:  # a cast or a copy is not worth a hand-off
                     while pending:  # keep plan order
                         name, fut = pending.popleft()
-                        self.store(name, *fut.result())
-                    self.store(layer.ctx.name, *fn(*args))
+                        self.store(name, *_numerics(name, fut.result))
+                    self.store(layer.ctx.name, *_numerics(layer.ctx.name, fn, *args))
                 else:
                     pending.append((layer.ctx.name, pool.submit(fn, *args)))
                     while pending and (len(pending) > 2 * workers or pending[0][1].done()):
                         name, fut = pending.popleft()
-                        self.store(name, *fut.result())
+                        self.store(name, *_numerics(name, fut.result))
                 del fn, args
             while pending:
                 name, fut = pending.popleft()
-                self.store(name, *fut.result())
+                self.store(name, *_numerics(name, fut.result))
         finally:
             if pool is not None:
                 for _, fut in pending:
                     fut.cancel()
                 pool.shutdown(wait=True)
+
+
+def _numerics(name: str, fn: Callable, *args):
+    """``fn(*args)``, with a failure of ``torch.linalg`` (values that overflow its arithmetic) as a
+    :class:`MergeError` naming the module."""
+    try:
+        return fn(*args)
+    except torch.linalg.LinAlgError as e:
+        msg = str(e).strip().splitlines()
+        raise MergeError(f"module {name}: the linear algebra failed on its values "
+                         f"({msg[0][:200] if msg else type(e).__name__}); are the inputs' values finite and "
+                         "of a sane size?") from None
 
 
 def run_layers(plan: Plan, strategy: MergeStrategy, run: LayerRun) -> tuple[dict[str, LoraModule], dict[str, dict]]:
