@@ -268,6 +268,20 @@ def refactor_dense(delta: torch.Tensor, rank: int | None = None, split: str = "s
     return split_factors(u[:, :k], s[:k], vh[:k], split)
 
 
+def refactor_dense_error(delta: torch.Tensor, rank: int | None = None,
+                         split: str = "sqrt") -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """:func:`refactor_dense` that also returns the relative Frobenius error of the kept factors,
+    ``‖ΔW − B A‖_F / ‖ΔW‖_F = sqrt(Σ_{i≥k} σ_i² / Σ σ_i²)`` (0 for a zero update), and ``‖ΔW‖_F``."""
+    delta = _f32(delta)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    k = numerical_rank(s, delta.shape) if rank is None else min(int(rank), s.shape[0])
+    s64 = s.double() ** 2
+    total = float(s64.sum())
+    err = math.sqrt(float(s64[k:].sum()) / total) if total > 0 else 0.0
+    up, down = split_factors(u[:, :k], s[:k], vh[:k], split)
+    return up, down, err, math.sqrt(total)
+
+
 def numerical_rank(s: torch.Tensor, shape: tuple[int, ...]) -> int:
     """How many of the singular values ``s`` of a ``shape`` matrix are above ``max(shape)·eps·σ_max``
     (the ``numpy.linalg.matrix_rank`` tolerance, ``eps`` of ``s``'s dtype); 0 for no values."""

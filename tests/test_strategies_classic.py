@@ -126,7 +126,8 @@ def test_svd_full_rank_is_exact_and_truncates():
 def test_ties_matches_dense_reference(sign, divide):
     ins = [make(1, r=3, alpha=6.0), make(2, r=5), make(3, r=2, alpha=1.0)]
     w = [0.9, -0.4, 0.6]
-    res = lm.merge(ins, strategy="ties", weights=w, params={"density": 0.3, "sign": sign, "divide": divide})
+    res = lm.merge(ins, strategy="ties", weights=w, params={"density": 0.3, "sign": sign, "divide": divide},
+                   full_rank=True)
     for n in NAMES:
         taus = [ref_trim(tau(x[n]), 0.3) for x in ins]
         close(got(res, n), ref_disjoint(taus, w, sign, divide), 1e-4)
@@ -135,8 +136,8 @@ def test_ties_matches_dense_reference(sign, divide):
 def test_ties_sign_choice_matters():
     ins = [make(1), make(2)]
     w = [1.0, -3.0]
-    a = lm.merge(ins, strategy="ties", weights=w, params={"density": 1.0, "sign": "weighted"})
-    b = lm.merge(ins, strategy="ties", weights=w, params={"density": 1.0, "sign": "unweighted"})
+    a = lm.merge(ins, strategy="ties", weights=w, params={"density": 1.0, "sign": "weighted"}, full_rank=True)
+    b = lm.merge(ins, strategy="ties", weights=w, params={"density": 1.0, "sign": "unweighted"}, full_rank=True)
     assert not torch.allclose(got(a, N1), got(b, N1))
 
 
@@ -153,7 +154,8 @@ def ref_dare_mask(seed, name, i, shape, density):
 def test_dare_matches_dense_reference(variant):
     ins = [make(1, r=3, alpha=6.0), make(2, r=5)]
     w = [0.7, 0.5]
-    res = lm.merge(ins, strategy="dare", weights=w, seed=11, params={"density": 0.4, "variant": variant})
+    res = lm.merge(ins, strategy="dare", weights=w, seed=11, params={"density": 0.4, "variant": variant},
+                   full_rank=True)
     for n in NAMES:
         taus = [tau(x[n]) * ref_dare_mask(11, n, i, (16, 12), 0.4) / 0.4 for i, x in enumerate(ins)]
         ref = sum(wi * t for wi, t in zip(w, taus)) if variant == "linear" else ref_disjoint(taus, w)
@@ -182,7 +184,7 @@ def test_dare_density_zero_is_zero_not_nan():
 def test_magnitude_prune_keeps_top_entries_of_weighted_sum():
     a, b = make(1, alpha=2.0), make(2)
     w = [0.5, 1.5]
-    res = lm.merge([a, b], strategy="magnitude-prune", weights=w, params={"density": 0.25})
+    res = lm.merge([a, b], strategy="magnitude-prune", weights=w, params={"density": 0.25}, full_rank=True)
     for n in NAMES:
         total = w[0] * tau(a[n]) + w[1] * tau(b[n])
         close(got(res, n), ref_trim(total, 0.25), 1e-4)

@@ -98,6 +98,11 @@ def _parse_param(spec: str) -> tuple[str, str]:
     "never a dense SVD).",
 )
 @click.option(
+    "--full-rank", is_flag=True, default=False,
+    help="ties, dare, magnitude-prune: store the dense result exactly (every direction; ~100x larger files). "
+    "Default: re-factored to the sum of the input ranks, the relative error reported.",
+)
+@click.option(
     "--to", default=None, help="Output dialect: kohya, diffusers or peft (default: the first input's)."
 )
 @click.option(
@@ -177,7 +182,7 @@ def merge(**kw: Any) -> None:
         seed=kw["seed"], keep_heads_from=kw["keep_heads_from"], report=kw["report"], arch=kw["arch"],
         weights=_split_weights(kw["weights"]), layer_weights=list(kw["weight"]) or None,
         force=kw["force"] or None, record_paths=kw["record_paths"] or None,
-        allow_mixed_arch=kw["allow_mixed_arch"] or None,
+        allow_mixed_arch=kw["allow_mixed_arch"] or None, full_rank=kw["full_rank"] or None,
     )  # fmt: skip
     options = MergeOptions.from_dict(data).with_overrides(device=kw["device"], threads=kw["threads"])
     show = kw["progress"] if kw["progress"] is not None else (sys.stderr.isatty() and not kw["as_json"])
@@ -199,6 +204,8 @@ def _print(result, as_json: bool) -> None:
         "num_params": result.adapter.num_params,
         "strategy_report": result.report["strategy"],
     }
+    if result.report.get("dense"):
+        summary["dense"] = result.report["dense"]
     if as_json:
         print_json(summary)
         return

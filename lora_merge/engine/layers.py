@@ -29,7 +29,8 @@ from ..strategies import LayerInput, LayerResult, MergeStrategy, PlannedLayer
 from .plan import Plan
 from .recipe import ProgressFn
 
-__all__ = ["REFACTOR_TOL", "LayerRun", "finish_layer", "run_layers", "worker_count"]
+__all__ = ["REFACTOR_TOL", "LayerRun", "dense_default_rank", "finish_dense", "finish_layer", "run_layers",
+           "worker_count"]
 
 #: relative accuracy a re-factorization needs for an output dtype: a quarter of its unit roundoff (the
 #: rounding of the stored factors is then the larger error); fp32 and fp64 outputs get fp64 Gram matrices
@@ -60,6 +61,23 @@ def finish_layer(result: LayerResult, rank: int | None, tol: float = 0.0) -> tup
     return up, down, False
 
 
+def dense_default_rank(layer_in: list[LayerInput]) -> int:
+    """The rank a dense result (``ties``, ``dare``, ``magnitude-prune``) is re-factored to without
+    ``--rank``/``--full-rank``: the sum of the contributing inputs' ranks (what ``linear`` writes)."""
+    return max(1, sum(x.rank for x in layer_in if x.present and x.coeff != 0.0))
+
+
+def finish_dense(dense: torch.Tensor, layer_in: list[LayerInput], rank: int | None,
+                 full_rank: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Factors of a dense result: ``--rank K``, every non-negligible direction (``full_rank``) or, by
+    default, :func:`dense_default_rank`; with the relative error of what was kept and ‖ΔW‖_F (so the run
+    can report the error over all modules)."""
+    k = rank if rank is not None else None if full_rank else dense_default_rank(layer_in)
+    up, down, err, norm = linalg.refactor_dense_error(dense.float(), k)
+    rule = "rank" if rank is not None else "full" if full_rank else "sum"
+    return up, down, {"dense_rank_rule": rule, "dense_rel_error": err, "dense_norm": norm}
+
+
 @dataclass
 class LayerRun:
     """What the loop needs besides the plan and the strategy."""
@@ -67,6 +85,8 @@ class LayerRun:
     out_dtype: torch.dtype
     threads: int | None = None
     with_retention: bool = False  # per-layer retention of input 1 and 2 in the report (two inputs)
+    #: dense results keep every non-negligible direction (else: --rank, or the sum of the input ranks)
+    full_rank: bool = False
     progress: ProgressFn | None = None
 
 
@@ -96,8 +116,13 @@ class _Loop:
 
     # -- per-layer work (pure tensor work: may run on a worker thread)
     def finish(self, layer: PlannedLayer, layer_in: list[LayerInput], result: LayerResult):
-        up, down, refactored = finish_layer(result, self.plan.rank, self.tol)
-        info = {"rank": int(up.shape[1]), "weights": list(layer.coeffs), **result.info}
+        dense_info: dict[str, Any] = {}
+        if result.dense is not None:
+            up, down, dense_info = finish_dense(result.dense, layer_in, self.plan.rank, self.run.full_rank)
+            refactored = True
+        else:
+            up, down, refactored = finish_layer(result, self.plan.rank, self.tol)
+        info = {"rank": int(up.shape[1]), "weights": list(layer.coeffs), **result.info, **dense_info}
         if refactored:
             info["refactored"] = True
         if self.run.with_retention:

@@ -16,6 +16,7 @@ Recipe-file keys (all optional; command-line flags override them)::
     layer_weights: ["up_blocks.0.attentions.1=0", ...]   # or {pattern: w} or [[pattern, w], ...]
     params: {density: 0.4}              # strategy parameters; may also be given at the top level
     rank: 32
+    full_rank: false                    # ties/dare/magnitude-prune: keep every direction (large files)
     to: kohya
     dtype: fp16
     seed: 0
@@ -126,6 +127,8 @@ class Recipe:
     weights: tuple[float, ...] | None = None
     layer_weights: tuple[tuple[str, float | tuple[float, ...]], ...] = ()
     rank: int | None = None
+    #: dense strategies (ties, dare, magnitude-prune) keep every direction instead of the sum of the input ranks
+    full_rank: bool = False
     to: str | None = None
     dtype: str | None = None
     seed: int = 0
@@ -166,7 +169,7 @@ class Recipe:
         for k in ("rank", "seed", "keep_heads_from"):
             if data.get(k) is not None:
                 kw[k] = _int(data[k], k, path)
-        for k in ("force", "record_paths", "allow_mixed_arch"):
+        for k in ("force", "record_paths", "allow_mixed_arch", "full_rank"):
             if data.get(k) is not None:
                 kw[k] = bool(data[k])
         return cls(**kw)
@@ -236,6 +239,8 @@ class Recipe:
         self.resolved_layer_weights()
         if self.rank is not None and (int(self.rank) != self.rank or self.rank < 1):
             raise UsageError(f"--rank must be a positive integer, got {self.rank!r}")
+        if self.rank is not None and self.full_rank:
+            raise UsageError("--rank and --full-rank exclude each other")
         parse_dtype(self.dtype)
         k = self.keep_heads_from
         if k is not None and not 1 <= k <= n:
@@ -298,8 +303,9 @@ class Recipe:
             "keep_heads_from": self.keep_heads_from,
             "version": version,
         }
-        if self.allow_mixed_arch:  # recorded only when set (older recipes replay byte for byte)
-            out["allow_mixed_arch"] = True
+        for key in ("full_rank", "allow_mixed_arch"):  # recorded only when set (older recipes replay byte for byte)
+            if getattr(self, key):
+                out[key] = True
         return out
 
 

@@ -22,6 +22,7 @@ from ..adapter import Adapter
 from ..errors import OutputExistsError, UsageError
 from ..files import check_output_folder, dtype_name, make_dirs, output_transaction, refuse_existing
 from ..formats.api import load, save
+from ..formats.layout import align_inputs
 from ..formats.registry import get_dialect
 from ..progress import ProgressFn, progress_bar
 from ..strategies import MergeStrategy
@@ -31,7 +32,32 @@ from .output import InputHasher, adapter_metadata, sidecar_path, write_report, w
 from .plan import Plan
 from .recipe import MergeOptions, Recipe, recorded_name
 
-__all__ = ["MergeResult", "merge", "run_merge"]
+__all__ = ["DenseRefactorWarning", "MergeResult", "dense_summary", "merge", "run_merge"]
+
+
+class DenseRefactorWarning(UserWarning):
+    """A dense strategy's result (ties, dare, magnitude-prune) was re-factored to a lower rank by default."""
+
+
+def dense_summary(layer_info: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """How the dense results were stored: the rank rule, the ranks, and the relative Frobenius error
+    ``‖ΔW − B A‖/‖ΔW‖`` of the worst module and over all modules together; None without dense layers."""
+    dense = {n: i for n, i in layer_info.items() if "dense_rel_error" in i}
+    if not dense:
+        return None
+    worst = max(dense, key=lambda n: dense[n]["dense_rel_error"])
+    num = sum((i["dense_rel_error"] * i["dense_norm"]) ** 2 for i in dense.values())
+    den = sum(i["dense_norm"] ** 2 for i in dense.values())
+    ranks = [i["rank"] for i in dense.values()]
+    return {
+        "rank_rule": next(iter(dense.values()))["dense_rank_rule"],
+        "modules": len(dense),
+        "rank_min": min(ranks),
+        "rank_max": max(ranks),
+        "rel_error_overall": (num / den) ** 0.5 if den > 0 else 0.0,
+        "rel_error_max": dense[worst]["dense_rel_error"],
+        "worst_module": worst,
+    }
 
 
 @dataclass
@@ -119,14 +145,25 @@ def run_merge(recipe: Recipe, options: MergeOptions | None = None, *,
 
 def _merge_loaded(recipe: Recipe, options: MergeOptions, strat: MergeStrategy, adapters: list[Adapter],
                   paths: list[Path | None], names: list[str], dev: torch.device, hasher: InputHasher) -> MergeResult:
+    adapters = align_inputs(adapters, recipe.to or adapters[0].dialect, recipe.arch)  # one DiT layout
     plan = Plan(adapters, names, weights=recipe.resolved_weights(), layer_weights=recipe.resolved_layer_weights(),
                 arch=recipe.arch, seed=recipe.seed, device=dev, rank=recipe.rank,
                 allow_mixed_arch=recipe.allow_mixed_arch)  # fmt: skip
     heads = plan.merged_heads(recipe.keep_heads_from)
     call_prepare(strat, plan, plan.legacy_context())
     run = LayerRun(out_dtype=recipe.out_dtype, threads=options.threads, progress=options.progress,
-                   with_retention=recipe.report is not None and len(adapters) == 2)
+                   with_retention=recipe.report is not None and len(adapters) == 2, full_rank=recipe.full_rank)
     modules, layer_info = run_layers(plan, strat, run)
+    dense = dense_summary(layer_info)
+    if dense is not None and dense["rank_rule"] == "sum" and dense["rel_error_max"] > 1e-6:
+        ranks = (f"{dense['rank_min']}" if dense["rank_min"] == dense["rank_max"]
+                 else f"{dense['rank_min']}–{dense['rank_max']}")
+        warnings.warn(DenseRefactorWarning(
+            f"{strat.name}: the merged ΔW of each layer is dense (full rank); stored at the sum of the inputs' "
+            f"ranks (rank {ranks}), relative error ‖ΔW−BA‖/‖ΔW‖ "
+            f"{dense['rel_error_overall']:.3g} over all modules, {dense['rel_error_max']:.3g} at worst "
+            f"({dense['worst_module']}); --rank K to choose the rank, --full-rank to keep every direction "
+            "(exact, but every layer at full rank: hundreds of MB for an SD UNet)"), stacklevel=3)  # fmt: skip
     first = adapters[0]
     merged = Adapter(modules=modules, extra_tensors=heads, dialect=first.dialect,
                      config=dict(first.config) if first.config else None)
@@ -136,6 +173,8 @@ def _merge_loaded(recipe: Recipe, options: MergeOptions, strat: MergeStrategy, a
                                   arch=plan.arch, to=recipe.to or first.dialect, version=__version__)
     merged.metadata = adapter_metadata(merged, recorded, shown)
     report = {"recipe": recorded, "layers": layer_info, "strategy": strat.report()}
+    if dense is not None:
+        report["dense"] = dense
     written = None
     if recipe.output is not None:
         if _output_files(recipe, recipe.to or first.dialect or "diffusers")[1]:
