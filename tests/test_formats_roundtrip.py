@@ -84,6 +84,8 @@ def test_bare_peft_file_without_config_warns(tmp_path):
 @pytest.mark.parametrize("fixture", ALL_FIXTURES)
 @pytest.mark.parametrize("to", dialects())
 def test_every_fixture_every_writer_roundtrips_exactly(tmp_path, fixture, to):
+    if to == "comfyui" and fixture.startswith("peft/"):
+        pytest.skip("the comfyui dialect holds diffusion models only")
     src = lora_merge.load(shared_fixture(fixture))
     out = _save(src, _out(tmp_path, to), to)
     back = lora_merge.load(out)
@@ -140,7 +142,7 @@ def test_synthetic_mixed_ranks_alphas_conv(tmp_path, to, rule):
     for name, m in src.modules.items():
         b = back[name]
         assert b.kind == m.kind and b.rank == m.rank
-        exact = rule == "standard" or to != "kohya"  # kohya has no rsLoRA: alpha·√r is rounded once
+        exact = rule == "standard" or to not in ("kohya", "comfyui")  # no rsLoRA there: alpha·√r rounded once
         if exact:
             assert b.scale == m.scale and torch.equal(b.delta(), m.delta()), name
         else:

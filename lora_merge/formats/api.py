@@ -13,6 +13,7 @@ import torch
 from ..adapter import Adapter, TensorRef
 from ..errors import FormatError, OutputExistsError, PartialReadWarning, UsageError
 from ..files import atomic_write_text, refuse_existing
+from .layout import align
 from .registry import Located, detect_dialect, get_dialect, registered
 from .safetensors_io import lazy_refs, read_header, write_atomic
 from .unsupported import check_supported
@@ -177,7 +178,7 @@ def save(
     if adapter.extra_tensors and not dialect.keeps_extra_tensors:
         warnings.warn(f"{out}: the {to} dialect cannot hold modules_to_save tensors; not written: "
                       f"{', '.join(sorted(adapter.extra_tensors))}", UserWarning, stacklevel=2)
-    written = dialect.write(adapter, dtype, metadata or {})
+    written = dialect.write(align(adapter, dialect.name), dtype, metadata or {})
     if dialect.folder_files:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(targets[0], written.tensors, written.metadata)

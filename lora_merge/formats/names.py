@@ -26,6 +26,9 @@ gate_proj up_proj down_proj
 input_blocks middle_block output_blocks in_layers out_layers emb_layers skip_connection time_embed label_emb
 q_lin k_lin v_lin out_lin lin1 lin2 c_attn c_proj c_fc lm_head embed_tokens
 query_key_value dense_h_to_4h dense_4h_to_h
+double_blocks single_blocks img_attn txt_attn img_mlp txt_mlp img_mod txt_mod img_in txt_in time_in vector_in
+guidance_in in_layer out_layer final_layer adaLN_modulation cross_attn k_img v_img text_embedding
+time_projection patch_embedding
 """
 COMPOUNDS: frozenset[tuple[str, ...]] = frozenset(tuple(w.split("_")) for w in _COMPOUND_WORDS.split())
 _MAX_WORDS = max(len(c) for c in COMPOUNDS)
@@ -35,6 +38,10 @@ TE_PREFIXES = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te
 #: canonical component → kohya prefix (SDXL files use lora_te1_ for the first text encoder)
 COMPONENT_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_",
                     "transformer": "lora_transformer_"}
+#: first components of DiT paths in their native layout (Flux's ``double_blocks``, Wan's ``blocks``) that
+#: kohya sd-scripts / musubi-tuner write under ``lora_unet_``; their canonical component is ``transformer``
+DIT_NATIVE_HEADS = frozenset({"double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in",
+                              "guidance_in", "final_layer", "blocks", "single_transformer_blocks"})
 
 
 def _restore_dots(flat: str) -> str:
@@ -164,6 +171,8 @@ def kohya_to_canonical(lora_name: str) -> tuple[str, bool] | None:
     """``lora_unet_…``/``lora_te…_`` → ``(canonical module path, was_sgm)``; None for unknown prefixes."""
     if lora_name.startswith(UNET_PREFIX):
         path = _restore_dots(lora_name[len(UNET_PREFIX):])
+        if path.split(".", 1)[0] in DIT_NATIVE_HEADS:
+            return f"transformer.{path}", False
         if is_sgm(path):
             mapped = sgm_to_diffusers(path)
             return (f"unet.{mapped}", True) if mapped is not None else None
@@ -188,6 +197,8 @@ def canonical_to_kohya(name: str, *, sgm: bool = False, te1: bool = False,
         return UNET_PREFIX + rest.replace(".", "_")
     if comp == "text_encoder":
         return ("lora_te1_" if te1 else "lora_te_") + rest.replace(".", "_")
+    if comp == "transformer" and rest.split(".", 1)[0] in DIT_NATIVE_HEADS - {"single_transformer_blocks"}:
+        return UNET_PREFIX + rest.replace(".", "_")
     if comp in COMPONENT_PREFIX:
         return COMPONENT_PREFIX[comp] + rest.replace(".", "_")
     return "lora_" + name.replace(".", "_")

@@ -1,0 +1,109 @@
+"""Architecture facts of DiT families (FLUX.1, SD3/3.5, Wan 2.x, Qwen-Image) and their detection.
+
+The block counts and hidden sizes are those of the diffusers model classes' default configs
+(``FluxTransformer2DModel``: 19 double-stream and 38 single-stream blocks, hidden 3072;
+``SD3Transformer2DModel``; ``WanTransformer3DModel``: 40 blocks, hidden 5120 (14B);
+``QwenImageTransformer2DModel``: 60 blocks, hidden 3072).  ``tests/test_dit_arch.py`` builds each class
+on the meta device (no weights) and checks these numbers and every module name the dialects use.
+:func:`family_summary` is what ``inspect`` shows for a DiT LoRA: family, blocks touched, layout.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .. import arch
+from ..adapter import Adapter
+from . import flux
+from .layout import layout_of
+
+__all__ = ["FAMILIES", "DitFacts", "family_summary", "meta_model"]
+
+
+@dataclass(frozen=True)
+class DitFacts:
+    name: str
+    display: str
+    diffusers_class: str
+    #: block list name → number of blocks in the default (full-size) config
+    blocks: dict[str, int]
+    hidden: int
+
+
+FAMILIES: dict[str, DitFacts] = {
+    "flux": DitFacts("flux", "FLUX.1", "FluxTransformer2DModel",
+                     {"transformer_blocks": 19, "single_transformer_blocks": 38}, 3072),
+    "sd3": DitFacts("sd3", "Stable Diffusion 3 / 3.5", "SD3Transformer2DModel", {"transformer_blocks": 18}, 1152),
+    "wan": DitFacts("wan", "Wan 2.x", "WanTransformer3DModel", {"blocks": 40}, 5120),
+    "qwen-image": DitFacts("qwen-image", "Qwen-Image", "QwenImageTransformer2DModel",
+                           {"transformer_blocks": 60}, 3072),
+}
+
+_WAN = re.compile(r"^transformer\.blocks\.\d+\.(self_attn|cross_attn|attn1|attn2|ffn)\.")
+_QWEN = re.compile(r"^transformer\.transformer_blocks\.\d+\.(img_mlp|txt_mlp|img_mod|txt_mod)\.")
+_FLUX_DIFF_DOUBLE = re.compile(r"^transformer\.transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|add_q_proj)$")
+
+
+def _is_qwen(ad: Adapter) -> bool:
+    return any(_QWEN.match(n) for n in ad.modules)
+
+
+def _is_wan(ad: Adapter) -> bool:
+    return any(_WAN.match(n) for n in ad.modules)
+
+
+def _is_flux(ad: Adapter) -> bool:
+    names = ad.modules
+    if any(flux.is_native(n) or n.startswith("transformer.single_transformer_blocks.") for n in names):
+        return True
+    if any("guidance_embedder" in n for n in names):
+        return True
+    # double blocks only: Flux and SD3 share these names; Flux's hidden size is 3072 (SD3.5 large 2432,
+    # SD3/3.5 medium 1536)
+    return not _is_qwen(ad) and any(_FLUX_DIFF_DOUBLE.match(n) and m.in_features == 3072
+                                    for n, m in names.items())
+
+
+for _name, _detect in (("qwen-image", _is_qwen), ("wan", _is_wan), ("flux", _is_flux)):
+    arch.register_arch(_name, FAMILIES[_name].display, detect=_detect)
+arch.ARCH_NAMES.setdefault("sd3", FAMILIES["sd3"].display)
+
+
+def meta_model(family: str, **config):
+    """The family's diffusers model built on the meta device from its default config (``config``
+    overrides fields); no weights are read or allocated.  Needs diffusers and accelerate."""
+    import accelerate
+    import diffusers
+
+    cls = getattr(diffusers, FAMILIES[family].diffusers_class)
+    with accelerate.init_empty_weights():
+        return cls(**config)
+
+
+_BLOCK = re.compile(r"^transformer\.(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|"
+                    r"blocks)\.(\d+)\.")
+_DISPLAY_LIST = {"double_blocks": "double", "transformer_blocks": "double", "single_blocks": "single",
+                 "single_transformer_blocks": "single", "blocks": "blocks"}
+
+
+def family_summary(adapter: Adapter, family: str | None = None) -> dict | None:
+    """``{"family", "blocks": {"double": n, …}, "layout", "layout_note"}`` for a DiT LoRA, else None."""
+    family = family or arch.guess_arch(adapter)
+    if family not in FAMILIES:
+        return None
+    touched: dict[str, set[int]] = {}
+    for n in adapter.modules:
+        m = _BLOCK.match(n)
+        if m:
+            lst = _DISPLAY_LIST[m.group(1)] if family == "flux" else m.group(1)
+            touched.setdefault(lst, set()).add(int(m.group(2)))
+    lay = layout_of(adapter)
+    out = {"family": family, "family_name": FAMILIES[family].display,
+           "blocks": {k: len(v) for k, v in sorted(touched.items())},
+           "blocks_in_model": dict(FAMILIES[family].blocks)}
+    if family == "flux":
+        kind = lay[1] if lay else "diffusers"
+        out["layout"] = kind
+        out["attention"] = {"native": "fused", "diffusers": "split", "mixed": "mixed"}[kind]
+        out["layout_note"] = flux.LAYOUT.describe[kind]
+    return out

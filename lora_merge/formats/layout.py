@@ -1,0 +1,106 @@
+"""Module layouts of DiT families, and aligning adapters to the layout a dialect writes.
+
+A transformer family can be named two ways: in its **native** layout (the original model's module
+names, e.g. Flux's ``double_blocks.N.img_attn.qkv`` with fused q/k/v, or Wan's ``blocks.N.self_attn.q``)
+or in the **diffusers** layout (``transformer_blocks.N.attn.to_q`` …).  kohya/musubi and ComfyUI files
+use the native one, diffusers and PEFT files the diffusers one.  A family registers a :class:`Layout`
+(:func:`register_layout`) with two exact converters; :func:`align` rewrites an adapter to the layout a
+dialect writes (:data:`DIALECT_LAYOUT`), and the merge engine aligns every input the same way before the
+strategy sees a layer.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..adapter import Adapter, TensorRef
+
+__all__ = ["DIALECT_LAYOUT", "DerivedRef", "Layout", "align", "align_inputs", "family_of", "layout_of", "layouts",
+           "register_layout"]
+
+
+class DerivedRef(TensorRef):
+    """A tensor computed on demand from other refs (a slice, a stack, a block placement): lazy like a
+    :class:`TensorRef` in a file, and tied to that file (``handle``) so outputs never overwrite it."""
+
+    def __init__(self, shape, dtype, fn: Callable[[], "object"], source: TensorRef | None = None):
+        super().__init__(shape=tuple(int(s) for s in shape), dtype=dtype, key=None,
+                         handle=source.handle if source is not None else None)
+        self._fn = fn
+
+    def load(self, dtype=None, device=None):
+        t = self._fn()
+        if dtype is not None or device is not None:
+            t = t.to(dtype=dtype or t.dtype, device=device or t.device)
+        return t
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One family's two namings: ``detect(adapter)`` says whether an adapter belongs to the family and in
+    which layout (``"native"``, ``"diffusers"``, ``"mixed"`` or None), ``to_native`` / ``to_diffusers``
+    rewrite it exactly (ΔW of every weight unchanged)."""
+
+    family: str
+    detect: Callable[[Adapter], str | None]
+    to_native: Callable[[Adapter], Adapter]
+    to_diffusers: Callable[[Adapter], Adapter]
+    #: how ``inspect`` describes each layout ("fused qkv / linear1", …)
+    describe: dict[str, str]
+
+
+_LAYOUTS: dict[str, Layout] = {}
+
+#: the layout each dialect writes DiT families in (dialects not listed keep the adapter's own layout)
+DIALECT_LAYOUT: dict[str, str] = {"kohya": "native", "comfyui": "native", "diffusers": "diffusers",
+                                  "peft": "diffusers"}
+
+
+def register_layout(layout: Layout) -> Layout:
+    _LAYOUTS[layout.family] = layout
+    return layout
+
+
+def layouts() -> tuple[Layout, ...]:
+    return tuple(_LAYOUTS.values())
+
+
+def family_of(adapter: Adapter) -> tuple[Layout, str] | None:
+    """``(Layout, "native"|"diffusers"|"mixed")`` of the first family that recognises the adapter."""
+    for lay in _LAYOUTS.values():
+        got = lay.detect(adapter)
+        if got is not None:
+            return lay, got
+    return None
+
+
+def layout_of(adapter: Adapter) -> tuple[str, str] | None:
+    """``(family, layout)`` or None when no registered family recognises the adapter."""
+    hit = family_of(adapter)
+    return None if hit is None else (hit[0].family, hit[1])
+
+
+def align(adapter: Adapter, dialect: str | None, *, layout: str | None = None,
+          family: str | None = None) -> Adapter:
+    """The adapter in the layout ``dialect`` writes (or ``layout`` when given); the adapter itself when it
+    is already there, belongs to no registered family, or the dialect has no preference.  ``family``
+    (``--arch flux``) forces the family instead of detecting it."""
+    want = layout or DIALECT_LAYOUT.get(dialect or "")
+    if want is None:
+        return adapter
+    if family in _LAYOUTS:
+        lay = _LAYOUTS[family]
+        return lay.to_native(adapter) if want == "native" else lay.to_diffusers(adapter)
+    hit = family_of(adapter)
+    if hit is None:
+        return adapter
+    lay, have = hit
+    if have == want:
+        return adapter
+    return lay.to_native(adapter) if want == "native" else lay.to_diffusers(adapter)
+
+
+def align_inputs(adapters: list[Adapter], dialect: str | None, family: str | None = None) -> list[Adapter]:
+    """Every merge input in the layout of the output dialect, so a kohya Flux LoRA (fused qkv) and a
+    diffusers one (split q/k/v) line up module by module (exactly: see :mod:`lora_merge.formats.flux`)."""
+    return [align(ad, dialect, family=family) for ad in adapters]
