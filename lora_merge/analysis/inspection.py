@@ -16,6 +16,7 @@ from typing import Any
 from .. import arch, linalg
 from ..adapter import Adapter, LoraModule
 from ..files import dtype_name
+from ..formats.dit_arch import family_summary
 
 #: metadata key under which lora-merge stores the exact merge recipe (JSON)
 RECIPE_KEY = "lora_merge.recipe"
@@ -158,14 +159,14 @@ def module_row(m: LoraModule, *, with_stats: bool = True) -> dict[str, Any]:
     return row
 
 
-def summarize(adapter: Adapter, *, modules: bool = False, progress=None) -> dict[str, Any]:
+def summarize(adapter: Adapter, *, modules: bool = False, progress=None, arch_name: str | None = None) -> dict[str, Any]:
     """Everything ``inspect`` reports about ``adapter`` as a JSON-able dict.
 
     ``modules=True`` adds ``"modules"``: one row per module with ‖ΔW‖_F and effective rank (loads
     the tensors).  ``progress`` is an optional callable wrapping the module iterable (a progress bar).
     """
     mods = list(adapter)
-    guess = arch.guess_arch(adapter)
+    guess = arch_name or arch.guess_arch(adapter)
     blocks: dict[str, dict[str, Any]] = {}
     for m in mods:
         blk = blocks.setdefault(arch.block_of(m.name), {"modules": 0, "params": 0, "ranks": set(), "kinds": set()})
@@ -191,6 +192,7 @@ def summarize(adapter: Adapter, *, modules: bool = False, progress=None) -> dict
         "dialect_variant": adapter.dialect_variant,
         "architecture": guess,
         "architecture_name": arch.ARCH_NAMES.get(guess, guess) if guess else None,
+        "dit": family_summary(adapter, guess),
         "num_modules": len(mods),
         "num_params": adapter.num_params,
         "lora_params": sum(m.num_params for m in mods),

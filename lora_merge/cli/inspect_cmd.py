@@ -27,11 +27,13 @@ from .common import (
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--modules", "show_modules", is_flag=True,
               help="Add a per-module table with ‖ΔW‖_F and effective rank (loads the tensors).")
+@click.option("--arch", "arch_name", default=None, metavar="ARCH",
+              help="Force the architecture (flux, sd3, wan, qwen-image, sdxl, sd1) instead of guessing it.")
 @json_option
 @format_option
 @strict_option
 @allow_pickle_option
-def inspect_cmd(files, show_modules, as_json, fmt, strict, allow_pickle):
+def inspect_cmd(files, show_modules, arch_name, as_json, fmt, strict, allow_pickle):
     """Show dialect, architecture, modules per block, ranks/alphas, dtypes, size and metadata of
     each FILE (a .safetensors file or a PEFT adapter folder).
 
@@ -47,7 +49,7 @@ def inspect_cmd(files, show_modules, as_json, fmt, strict, allow_pickle):
         try:
             adapter = load_adapter(f, fmt=fmt, strict=strict, allow_pickle=allow_pickle)
             prog = progress(f"norms of {f}") if show_modules else None
-            summary = summarize(adapter, modules=show_modules, progress=prog)
+            summary = summarize(adapter, modules=show_modules, progress=prog, arch_name=arch_name)
         except LoraMergeError as exc:
             if len(files) == 1:
                 raise
@@ -89,6 +91,12 @@ def render(s: dict[str, Any], console=None) -> None:
         arch += f" [{s['architecture']}]"
     grid.add_row("dialect", dialect)
     grid.add_row("architecture", arch)
+    dit = s.get("dit")
+    if dit:
+        blocks = ", ".join(f"{k} {v}/{m}" for (k, v), m in zip(dit["blocks"].items(), dit["blocks_in_model"].values()))
+        grid.add_row("blocks", blocks or "-")
+        if dit.get("layout"):
+            grid.add_row("layout", f"{dit['layout']}: {dit['layout_note']}")
     grid.add_row("file size", human_bytes(s["file_size"]))
     grid.add_row("modules", f"{s['num_modules']}  ("
                  + ", ".join(f"{k} {v}" for k, v in s["components"].items()) + ")")

@@ -77,6 +77,14 @@ def standard_alpha(m: LoraModule) -> float:
     return m.effective_alpha
 
 
+def _pattern(name: str, all_names) -> str:
+    r"""The rank/alpha pattern key of ``name``: PEFT matches ``(.*\.)?(key)$``, so a name that is the dotted
+    tail of another (Flux's top-level ``proj_out`` and ``single_transformer_blocks.0.proj_out``) is
+    anchored with ``^``."""
+    key = re.escape(name)
+    return "^" + key if any(o.endswith("." + name) for o in all_names) else key
+
+
 def lora_config_for(modules: list[tuple[str, LoraModule]], *, allow_rslora: bool = True) -> dict:
     """LoraConfig fields (``r``, ``lora_alpha``, patterns, ``use_rslora``, ``target_modules``) that reproduce
     every module's scale exactly. ``modules`` are ``(name relative to the model, module)``."""
@@ -88,8 +96,8 @@ def lora_config_for(modules: list[tuple[str, LoraModule]], *, allow_rslora: bool
     return {
         "r": int(r),
         "lora_alpha": num(a),
-        "rank_pattern": {re.escape(n): int(v) for n, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(n): num(v) for n, v in alphas.items() if v != a},
+        "rank_pattern": {_pattern(n, ranks): int(v) for n, v in ranks.items() if v != r},
+        "alpha_pattern": {_pattern(n, ranks): num(v) for n, v in alphas.items() if v != a},
         "use_rslora": rslora,
         "target_modules": sorted(n for n, _ in modules),
     }
