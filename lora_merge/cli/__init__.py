@@ -62,7 +62,7 @@ def cli() -> None:
 #: of their files is written atomically on its own
 TRANSACTIONAL = frozenset({"convert", "diff", "inspect", "merge", "strategies"})
 
-_STATE = {"transaction": False}
+_STATE = {"transaction": False, "signalled": False}
 
 
 def _files():
@@ -71,13 +71,12 @@ def _files():
 
 
 def _on_signal(signum, frame) -> None:
-    files = _files()
-    if files is not None:
-        if _STATE["transaction"] and files.outputs_committed():
-            return  # the outputs are in place: too late to interrupt
-        files.note_interrupt()
-    errors = sys.modules.get("lora_merge.errors")
-    raise errors.Interrupted if errors is not None else KeyboardInterrupt
+    files = _files()  # possibly still being imported: only what it already defines
+    if _STATE["transaction"] and getattr(files, "outputs_committed", lambda: False)():
+        return  # the outputs are in place: too late to interrupt
+    _STATE["signalled"] = True  # passed on to files.note_interrupt once it is imported
+    getattr(files, "note_interrupt", lambda: None)()
+    raise getattr(sys.modules.get("lora_merge.errors"), "Interrupted", KeyboardInterrupt)
 
 
 def _install_handlers() -> dict:
@@ -98,6 +97,7 @@ def _command_name(argv: list[str] | None) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     """The console script (``argv`` None: the process ends here, the handlers stay) or an in-process call
     (the caller's handlers come back afterwards)."""
+    _STATE["signalled"] = False
     old = _install_handlers()
     try:
         _main(argv)
@@ -117,10 +117,15 @@ def _interrupted() -> None:
 def _main(argv: list[str] | None) -> None:
     try:
         from ..errors import Interrupted, LoraMergeError
-        from ..files import clear_interrupt, interrupted, output_transaction
-    except KeyboardInterrupt:
-        _interrupted()
+        from ..files import clear_interrupt, interrupted, note_interrupt, output_transaction
+    except BaseException as exc:  # an interrupt while these (and torch) are imported
+        if type(exc).__name__ in ("Interrupted", "KeyboardInterrupt"):
+            _interrupted()
+        raise
     clear_interrupt()
+    if _STATE["signalled"]:  # a signal during the imports above, swallowed by torch's C start-up code
+        note_interrupt()
+        _interrupted()
     warnings.formatwarning = _format_warning
     try:
         if _command_name(argv) in TRANSACTIONAL:
