@@ -29,17 +29,13 @@ def _kohya_pair(name, r=2, d=4):
 
 
 UNSUPPORTED = [
-    ("LyCORIS LoHa", {"lora_unet_a_to_q.hada_w1_a": _z(4, 2), "lora_unet_a_to_q.hada_w1_b": _z(2, 4),
-                      "lora_unet_a_to_q.hada_w2_a": _z(4, 2), "lora_unet_a_to_q.hada_w2_b": _z(2, 4),
-                      "lora_unet_a_to_q.alpha": torch.tensor(1.0)}, "hada_w1_a, hada_w1_b, hada_w2_a, …"),
-    ("LyCORIS LoKr", {"lora_unet_a_to_q.lokr_w1": _z(2, 2), "lora_unet_a_to_q.lokr_w2": _z(2, 2)}, "lokr_w1"),
     ("LyCORIS Tucker LoCon",
      {**_kohya_pair("lora_unet_a_conv1"), "lora_unet_a_conv1.lora_mid.weight": _z(2, 2, 3, 3)}, "lora_mid"),
     ("DoRA", {**_kohya_pair("lora_unet_a_to_q"), "lora_unet_a_to_q.dora_scale": _z(1, 4)}, "dora_scale"),
     ("DoRA", {"unet.a.to_q.lora_A.weight": _z(2, 4), "unet.a.to_q.lora_B.weight": _z(4, 2),
               "unet.a.to_q.lora_magnitude_vector": _z(4)}, "lora_magnitude_vector"),
-    ("LyCORIS full-weight diff",
-     {"lora_unet_a_to_q.diff": _z(4, 4), "lora_unet_a_to_q.diff_b": _z(4)}, "diff"),
+    ("bias delta (diff_b)",
+     {"lora_unet_a_to_q.diff": _z(4, 4), "lora_unet_a_to_q.diff_b": _z(4)}, "diff_b"),
     ("OFT", {"lora_unet_a_to_q.oft_blocks": _z(2, 2, 2)}, "oft_blocks"),
     ("LyCORIS GLoRA", {"lora_unet_a_to_q.a1.weight": _z(2, 4), "lora_unet_a_to_q.a2.weight": _z(4, 2),
                        "lora_unet_a_to_q.b1.weight": _z(2, 4), "lora_unet_a_to_q.b2.weight": _z(4, 2)}, "a1"),
@@ -60,10 +56,9 @@ def test_not_plain_lora_is_named(tmp_path, kind, tensors, shown):
     assert ei.value.exit_code != 0
 
 
-def test_loha_message_exact(tmp_path):
+def test_tucker_locon_message_exact(tmp_path):  # (LoHa/LoKr are read now: tests/test_lycoris.py)
     p = _write(tmp_path, UNSUPPORTED[0][1], name="x.safetensors")
-    expected = (r"x\.safetensors: LyCORIS LoHa adapter \(hada_w1_a, hada_w1_b, hada_w2_a, …\), "
-                r"not a plain LoRA$")
+    expected = r"x\.safetensors: LyCORIS Tucker LoCon adapter \(lora_mid\), not a plain LoRA$"
     with pytest.raises(UnsupportedAdapterError, match=expected):
         lora_merge.load(p)
 

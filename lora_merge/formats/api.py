@@ -14,6 +14,7 @@ from ..adapter import Adapter, TensorRef
 from ..errors import FormatError, OutputExistsError, PartialReadWarning, UsageError
 from ..files import atomic_write_text, refuse_existing
 from .layout import align
+from .lycoris import has_lycoris, needs_rank
 from .registry import Located, detect_dialect, get_dialect, registered
 from .safetensors_io import lazy_refs, read_header, write_atomic
 from .unsupported import check_supported
@@ -178,6 +179,8 @@ def save(
     if adapter.extra_tensors and not dialect.keeps_extra_tensors:
         warnings.warn(f"{out}: the {to} dialect cannot hold modules_to_save tensors; not written: "
                       f"{', '.join(sorted(adapter.extra_tensors))}", UserWarning, stacklevel=2)
+    if has_lycoris(adapter):
+        raise needs_rank(adapter, "write it as a LoRA")
     written = dialect.write(align(adapter, dialect.name), dtype, metadata or {})
     if dialect.folder_files:
         out.mkdir(parents=True, exist_ok=True)

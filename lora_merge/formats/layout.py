@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..adapter import Adapter, TensorRef
+from ..errors import UsageError
 
 __all__ = ["DIALECT_LAYOUT", "DerivedRef", "Layout", "align", "align_inputs", "family_of", "layout_of", "layouts",
            "register_layout"]
@@ -100,7 +101,14 @@ def align(adapter: Adapter, dialect: str | None, *, layout: str | None = None,
     return lay.to_native(adapter) if want == "native" else lay.to_diffusers(adapter)
 
 
-def align_inputs(adapters: list[Adapter], dialect: str | None, family: str | None = None) -> list[Adapter]:
+def align_inputs(adapters: list[Adapter], dialect: str | None, family: str | None = None,
+                 rank: int | None = None) -> list[Adapter]:
     """Every merge input in the layout of the output dialect, so a kohya Flux LoRA (fused qkv) and a
-    diffusers one (split q/k/v) line up module by module (exactly: see :mod:`lora_merge.formats.flux`)."""
+    diffusers one (split q/k/v) line up module by module (exactly: see :mod:`lora_merge.formats.flux`).
+    An input with LyCORIS modules (exact dense ΔW, full rank) needs ``rank`` (``--rank``)."""
+    for ad in adapters:
+        if rank is None and any(getattr(m, "lycoris_type", None) for m in ad):
+            kinds = sorted({m.lycoris_type for m in ad if getattr(m, "lycoris_type", None)})  # type: ignore
+            raise UsageError(f"{ad.display_name}: holds {'/'.join(kinds)} modules, whose ΔW is not a low-rank "
+                             "B·A; give --rank K to merge it (each merged layer is re-factored to rank K)")
     return [align(ad, dialect, family=family) for ad in adapters]

@@ -1,4 +1,5 @@
-"""Recognise adapters that are not plain LoRA (LyCORIS LoHa/LoKr/Tucker/GLoRA/full diff, DoRA, OFT, IA3, ...).
+"""Recognise adapters lora-merge cannot read (LyCORIS Tucker LoCon/GLoRA, bias deltas, DoRA, OFT, IA3, ...).
+LoHa, LoKr and full ``diff`` modules are read by :mod:`lora_merge.formats.lycoris`.
 
 They are refused with one line naming what was found, never half-read.
 """
@@ -10,11 +11,9 @@ from ..errors import UnsupportedAdapterError
 
 #: (display name, regex on the key's last components) — first match wins
 _MARKERS: list[tuple[str, re.Pattern[str]]] = [
-    ("LyCORIS LoHa", re.compile(r"\.(hada_w[12]_[ab]|hada_t[12])(\.|$)")),
-    ("LyCORIS LoKr", re.compile(r"\.(lokr_w[12](_[ab])?|lokr_t[12])(\.|$)")),
     ("LyCORIS Tucker LoCon", re.compile(r"\.(lora_mid)(\.|$)")),
     ("DoRA", re.compile(r"\.(dora_scale|lora_magnitude_vector)(\.|$)")),
-    ("LyCORIS full-weight diff", re.compile(r"\.(diff|diff_b)$")),
+    ("bias delta (diff_b)", re.compile(r"\.(diff_b)$")),
     ("OFT", re.compile(r"\.(oft_blocks|oft_r|oft_s|oft_diag)(\.|$)")),
     ("BOFT", re.compile(r"\.(boft_R|boft_s)(\.|$)")),
     ("LyCORIS GLoRA", re.compile(r"\.(a1|a2|b1|b2)\.weight$")),
@@ -49,11 +48,16 @@ def check_supported(keys, path=None, config: dict | None = None) -> None:
         if ptype != "LORA":
             raise UnsupportedAdapterError(f"PEFT {ptype} adapter (peft_type {ptype}), not a plain LoRA", path)
         if config.get("use_dora"):
-            raise UnsupportedAdapterError("DoRA adapter (use_dora: true), not a plain LoRA", path)
+            raise UnsupportedAdapterError("DoRA adapter (use_dora: true): its update depends on the base model's "
+                                          "weights, which the file does not hold; not a plain LoRA", path)
     hit = find_unsupported(keys)
     if hit is None:
         return
     kind, names = hit
+    if kind == "DoRA":
+        raise UnsupportedAdapterError(
+            f"DoRA adapter ({', '.join(names)}): its update W' = m·(W+ΔW)/‖W+ΔW‖ − W depends on the base model's "
+            "weights W, which the file does not hold; not a plain LoRA", path)
     shown = ", ".join(names[:_MAX_SHOWN]) + (", …" if len(names) > _MAX_SHOWN else "")
     what = "adapter" if not kind.startswith("LoRA with") else "file"
     raise UnsupportedAdapterError(f"{kind} {what} ({shown}), not a plain LoRA", path)
