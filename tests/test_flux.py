@@ -283,3 +283,13 @@ def test_flux_file_merged_with_an_sdxl_file_is_refused(tmp_path, capsys):
     assert code != 0 and not out.exists()
     line = err.strip().splitlines()[-1]
     assert "a_kohya.safetensors" in line and "sdxl.safetensors" in line, err
+
+
+def test_diff_lines_up_a_fused_kohya_file_with_its_split_diffusers_conversion(tmp_path, capsys):
+    a, _ = _tiny_pair(tmp_path)
+    d = lora_merge.save(lora_merge.load(a), tmp_path / "a_diffusers.safetensors", to="diffusers")
+    code, out, err = cli(["diff", a, d, "--json"], capsys)
+    assert code == 0, err
+    s = json.loads(out)
+    assert not s["only_in_a"] and not s["only_in_b"] and s["max_rel_diff"] < 1e-6
+    assert any(r["name"].endswith("attn.to_q") for r in s["modules"])

@@ -209,3 +209,18 @@ def test_dora_is_refused_with_the_reason(tmp_path):
 
 def test_lycoris_module_is_a_lora_module_with_exact_factors():
     assert issubclass(LycorisModule, lora_merge.LoraModule)
+
+
+def test_diff_shows_lycoris_against_its_lora_conversion(tmp_path, capsys):
+    p = _flux_lokr(tmp_path)
+    out = tmp_path / "lora.safetensors"
+    code, _, err = cli(["convert", p, out, "--to", "comfyui", "--rank", "6"], capsys)
+    assert code == 0, err
+    _, rep = to_lora(lora_merge.load(p), 6)
+    code, o, err = cli(["diff", p, out, "--json"], capsys)
+    assert code == 0, err
+    d = json.loads(o)
+    assert not d["only_in_a"] and not d["only_in_b"]
+    rows = {r["name"]: r["rel_diff"] for r in d["modules"]}
+    for name, e in rep["per_module"].items():
+        assert rows[name] == pytest.approx(e, rel=1e-3, abs=1e-5)

@@ -22,6 +22,7 @@ import torch
 
 from .. import arch, linalg
 from ..adapter import Adapter, LoraModule
+from ..formats.layout import align, layout_of
 
 #: below this (‖X−Y‖²/(‖X‖²+‖Y‖²)) the Gram formula has cancelled too much: recompute via the core
 _CANCELLATION = 1e-6
@@ -143,6 +144,8 @@ def diff_adapters(a: Adapter, b: Adapter, *, top: int = 10, progress=None) -> di
     and ``max_rel_diff`` over the common LoRA modules (inf when a module's shape changed).
     ``progress`` optionally wraps the iterable of common module names (a progress bar).
     """
+    if layout_of(a) != layout_of(b):  # e.g. a kohya Flux LoRA (fused qkv) and a diffusers one (split q/k/v)
+        a, b = align(a, None, layout="diffusers"), align(b, None, layout="diffusers")
     names_a, names_b = set(a.modules), set(b.modules)
     common = [n for n in a.modules if n in names_b]
     it = progress(common) if progress is not None else common
