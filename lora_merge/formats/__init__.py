@@ -6,7 +6,7 @@ built-ins are registered here, in the order that breaks detection ties: kohya, d
 """
 from __future__ import annotations
 
-from . import comfyui, diffusers, dit_arch, flux, kohya, layout, lycoris, peft
+from . import comfyui, diffusers, dit_arch, flux, kohya, layout, lycoris, peft, wan
 from .registry import (
     Dialect,
     Located,

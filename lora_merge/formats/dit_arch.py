@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .. import arch
 from ..adapter import Adapter
-from . import flux
+from . import flux, wan
 from .layout import layout_of
 
 __all__ = ["FAMILIES", "DitFacts", "family_summary", "meta_model"]
@@ -44,8 +44,17 @@ _QWEN = re.compile(r"^transformer\.transformer_blocks\.\d+\.(img_mlp|txt_mlp|img
 _FLUX_DIFF_DOUBLE = re.compile(r"^transformer\.transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|add_q_proj)$")
 
 
+_DOUBLE_INDEX = re.compile(r"^transformer\.transformer_blocks\.(\d+)\.attn\.")
+
+
 def _is_qwen(ad: Adapter) -> bool:
-    return any(_QWEN.match(n) for n in ad.modules)
+    """Qwen-Image's own module names, or attention of hidden size 3072 in a block FLUX.1 does not have (≥ 19)."""
+    if any(_QWEN.match(n) for n in ad.modules):
+        return True
+    if any(n.startswith("transformer.single_transformer_blocks.") for n in ad.modules):
+        return False
+    return any((m := _DOUBLE_INDEX.match(n)) and int(m.group(1)) >= 19 and mod.in_features == 3072
+               for n, mod in ad.modules.items())
 
 
 def _is_wan(ad: Adapter) -> bool:
@@ -106,4 +115,8 @@ def family_summary(adapter: Adapter, family: str | None = None) -> dict | None:
         out["layout"] = kind
         out["attention"] = {"native": "fused", "diffusers": "split", "mixed": "mixed"}[kind]
         out["layout_note"] = flux.LAYOUT.describe[kind]
+    elif lay is not None and lay[0] == family:
+        out["layout"] = lay[1]
+        out["attention"] = "split"
+        out["layout_note"] = wan.LAYOUT.describe[lay[1]] if family == "wan" else lay[1]
     return out

@@ -41,7 +41,8 @@ COMPONENT_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_enco
 #: first components of DiT paths in their native layout (Flux's ``double_blocks``, Wan's ``blocks``) that
 #: kohya sd-scripts / musubi-tuner write under ``lora_unet_``; their canonical component is ``transformer``
 DIT_NATIVE_HEADS = frozenset({"double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in",
-                              "guidance_in", "final_layer", "blocks", "single_transformer_blocks"})
+                              "guidance_in", "final_layer", "blocks", "single_transformer_blocks",
+                              "transformer_blocks"})
 
 
 def _restore_dots(flat: str) -> str:
@@ -197,7 +198,8 @@ def canonical_to_kohya(name: str, *, sgm: bool = False, te1: bool = False,
         return UNET_PREFIX + rest.replace(".", "_")
     if comp == "text_encoder":
         return ("lora_te1_" if te1 else "lora_te_") + rest.replace(".", "_")
-    if comp == "transformer" and rest.split(".", 1)[0] in DIT_NATIVE_HEADS - {"single_transformer_blocks"}:
+    if comp == "transformer" and rest.split(".", 1)[0] in DIT_NATIVE_HEADS - {"single_transformer_blocks",
+                                                                               "transformer_blocks"}:
         return UNET_PREFIX + rest.replace(".", "_")
     if comp in COMPONENT_PREFIX:
         return COMPONENT_PREFIX[comp] + rest.replace(".", "_")

@@ -1,0 +1,90 @@
+"""SD3/3.5, Wan 2.x and Qwen-Image: facts from the diffusers classes on the meta device, detection, and
+round trips through every LoRA dialect on synthetic files built from the full configs' module names."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lora_merge
+from lora_merge.formats import dit_arch, wan
+from lora_merge.formats.layout import layout_of
+
+pytest.importorskip("diffusers")
+pytest.importorskip("accelerate")
+
+
+def _linears(model):
+    return {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+@pytest.mark.parametrize("family,blocks", [("sd3", {"transformer_blocks": 18}), ("wan", {"blocks": 40}),
+                                           ("qwen-image", {"transformer_blocks": 60})])
+def test_facts_match_the_diffusers_model_on_the_meta_device(family, blocks):
+    model = dit_arch.meta_model(family)
+    facts = dit_arch.FAMILIES[family]
+    assert facts.blocks == blocks
+    for lst, n in blocks.items():
+        assert len(getattr(model, lst)) == n
+    assert model.config.num_attention_heads * model.config.attention_head_dim == facts.hidden
+
+
+def _lora_file(path, shapes, key, rank=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for j, (name, (o, i)) in enumerate(shapes.items()):
+        down, up, alpha = key(name)
+        sd[down] = torch.randn(rank, i, generator=g)
+        sd[up] = torch.randn(o, rank, generator=g)
+        if alpha:
+            sd[alpha] = torch.tensor(float(1 + j % 4))
+    save_file(sd, str(path))
+    return path
+
+
+def _roundtrip_all(tmp_path, src, family):
+    ad = lora_merge.load(src)
+    assert lora_merge.arch.guess_arch(ad) == family and not ad.unparsed_keys
+    ref = {m.name: m for m in (wan.LAYOUT.to_diffusers(ad) if family == "wan" else ad)}
+    for to in ("diffusers", "peft", "kohya", "comfyui"):
+        out = tmp_path / (to if to == "peft" else f"{to}.safetensors")
+        lora_merge.save(ad, out, to=to)
+        back = lora_merge.load(out)
+        assert lora_merge.arch.guess_arch(back) == family, to
+        mods = wan.LAYOUT.to_diffusers(back) if family == "wan" else back
+        assert set(mods.modules) == set(ref), to
+        for m in mods:
+            r = ref[m.name]
+            assert m.scale == r.scale and all(torch.equal(x, y) for x, y in zip(m.factors(), r.factors())), (to, m.name)
+    return ad
+
+
+def test_wan_musubi_comfyui_and_diffusers_names_roundtrip_exactly(tmp_path):
+    model = dit_arch.meta_model("wan")
+    lin = _linears(model)
+    shapes = {n: s for n, s in lin.items() if n.startswith("blocks.") and wan.diffusers_to_native("transformer." + n)}
+    assert len(shapes) == 40 * 10  # q, k, v, o of both attentions and the two FFN layers, per block
+    # musubi-tuner / kohya: lora_unet_blocks_0_self_attn_q
+    def kohya_key(n):
+        k = "lora_unet_" + wan.diffusers_to_native("transformer." + n)[len("transformer."):].replace(".", "_")
+        return f"{k}.lora_down.weight", f"{k}.lora_up.weight", f"{k}.alpha"
+    ad = _roundtrip_all(tmp_path, _lora_file(tmp_path / "musubi.safetensors", shapes, kohya_key), "wan")
+    assert layout_of(ad) == ("wan", "native")
+    assert dit_arch.family_summary(ad)["blocks"] == {"blocks": 40}
+    # ComfyUI: diffusion_model.blocks.0.self_attn.q
+    def comfy_key(n):
+        k = "diffusion_model." + wan.diffusers_to_native("transformer." + n)[len("transformer."):]
+        return f"{k}.lora_down.weight", f"{k}.lora_up.weight", f"{k}.alpha"
+    ad2 = lora_merge.load(_lora_file(tmp_path / "c.safetensors", shapes, comfy_key))
+    assert ad2.dialect == "comfyui" and set(ad2.modules) == set(ad.modules)
+
+
+def test_sd3_and_qwen_image_diffusers_names_roundtrip_exactly(tmp_path):
+    for family in ("sd3", "qwen-image"):
+        lin = _linears(dit_arch.meta_model(family))
+        shapes = {n: s for n, s in lin.items() if n.startswith("transformer_blocks.") and ".attn." in n}
+        d = tmp_path / family
+        d.mkdir()
+        key = lambda n: (f"transformer.{n}.lora_A.weight", f"transformer.{n}.lora_B.weight", None)  # noqa: E731
+        ad = _roundtrip_all(d, _lora_file(d / "src.safetensors", shapes, key), family)
+        assert dit_arch.family_summary(ad)["family"] == family
