@@ -165,12 +165,18 @@ def test_our_kohya_flux_reader_matches_diffusers_converter(tmp_path):
     theirs = _convert_kohya_flux_lora_to_diffusers(load_file(str(path)))
     ours = {m.name: m for m in flux.to_diffusers(lora_merge.load(path))}
     assert {k.rsplit(".", 2)[0] for k in theirs} == set(ours)
+    # and diffusers' converter reads what our kohya writer writes (from the split diffusers layout) alike
+    ours_kohya = lora_merge.save(flux.to_diffusers(lora_merge.load(path)), tmp_path / "ours.safetensors", to="kohya")
+    theirs_of_ours = _convert_kohya_flux_lora_to_diffusers(load_file(str(ours_kohya)))
+    assert theirs_of_ours.keys() == theirs.keys()
     g = torch.Generator().manual_seed(9)
     for name, m in ours.items():  # ΔW·X for a random X (the dense ΔW of 300 full-size modules is slow)
         x = torch.randn(m.in_features, 3, generator=g)
         b, a = m.factors()
         want = theirs[f"{name}.lora_B.weight"] @ (theirs[f"{name}.lora_A.weight"] @ x)
         torch.testing.assert_close(m.scale * (b @ (a @ x)), want, rtol=1e-5, atol=1e-6)
+        want2 = theirs_of_ours[f"{name}.lora_B.weight"] @ (theirs_of_ours[f"{name}.lora_A.weight"] @ x)
+        torch.testing.assert_close(want2, want, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- diffusers loads what we write

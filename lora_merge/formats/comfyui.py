@@ -15,6 +15,7 @@ import torch
 
 from ..adapter import Adapter, TensorRef
 from ..errors import FormatError
+from .. import arch
 from . import names
 from .common import carried_metadata, cast, make_module, read_scalar, standard_alpha
 from .registry import FileDialect, Written
@@ -81,6 +82,9 @@ def comfy_name(canonical: str, up_attn: frozenset[int] = frozenset({0, 1})) -> s
 
 
 def write(adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> Written:
+    if arch.guess_arch(adapter) == "sd3":
+        raise FormatError("ComfyUI names SD3/3.5 modules in the MMDiT layout (joint_blocks.N.x_block.attn.qkv, "
+                          "fused), which lora-merge does not write; write kohya or diffusers", adapter.display_name)
     tensors: dict[str, torch.Tensor] = {}
     up_attn = frozenset(int(n.split(".")[2]) for n in adapter.modules
                         if n.startswith("unet.up_blocks.") and ".attentions." in n) or frozenset({0, 1})

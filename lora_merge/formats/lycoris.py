@@ -350,10 +350,9 @@ def to_lora(adapter: Adapter, rank: int, *, max_error: float | None = None,
             out.modules[m.name] = m
             continue
         d = m.delta(torch.float32)
-        up, down = linalg.refactor_dense(d, rank)
-        err2 = float(torch.linalg.matrix_norm(d - up @ down) ** 2)
-        n2 = float(torch.linalg.matrix_norm(d) ** 2)
-        per[m.name] = (err2 / n2) ** 0.5 if n2 > 0 else 0.0
+        up, down, err, norm = linalg.refactor_dense_error(d, rank)  # truncated SVD: the best rank-K
+        err2, n2 = (err * norm) ** 2, norm**2
+        per[m.name] = err
         num, den = num + err2, den + n2
         st = dtype or (m.parts[next(iter(m.parts))].dtype if isinstance(m, LycorisModule) else m.dtype)
         out.modules[m.name] = LoraModule.from_factors(m.name, up, down, m.weight_shape, st)
