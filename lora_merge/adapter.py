@@ -135,6 +135,13 @@ class LoraModule:
     #: original key prefix in the source file (for messages and diffs)
     source_key: str | None = None
 
+    def __post_init__(self) -> None:
+        # one rule for every command: a rank-0 module (empty factors) is an error naming the file and module
+        if self.down is not None and len(self.down.shape) >= 1 and self.down.shape[0] == 0:
+            where = self.down.handle.path if self.down.handle is not None else None
+            raise FormatError(f"module {_short(self.source_key or self.name)}: rank 0 (empty LoRA factors); "
+                              "no LoRA has one — remove the module's tensors", where)
+
     # ---- shape facts (from the header only) ----
     @property
     def rank(self) -> int:
