@@ -2,6 +2,7 @@
 LoRA of rank K with its error (and --max-error), merge, and bad shapes."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -224,3 +225,50 @@ def test_diff_shows_lycoris_against_its_lora_conversion(tmp_path, capsys):
     rows = {r["name"]: r["rel_diff"] for r in d["modules"]}
     for name, e in rep["per_module"].items():
         assert rows[name] == pytest.approx(e, rel=1e-3, abs=1e-5)
+
+
+# ---------------------------------------------------------------- DoRA with the base weights
+def test_peft_dora_is_exact_with_base_weights(tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = torch.nn.Sequential()
+    base.add_module("lin", torch.nn.Linear(8, 6, bias=False))
+    w0 = base.lin.weight.detach().clone()
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lin"], use_dora=True, init_lora_weights=False)
+    model = peft.get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "magnitude" in n:
+                p.mul_(1.5)
+    folder = tmp_path / "dora"
+    model.save_pretrained(folder)
+    want = model.merge_and_unload().lin.weight.detach() - w0
+    bw = tmp_path / "base.safetensors"
+    save_file({"lin.weight": w0}, str(bw))
+    with pytest.raises(lora_merge.errors.UnsupportedAdapterError, match="base model"):
+        lora_merge.load(folder)
+    ad = lora_merge.load(folder, base_weights=bw)
+    assert ad["lin"].lycoris_type == "DoRA" and not ad.unparsed_keys
+    torch.testing.assert_close(ad["lin"].delta(), want, rtol=1e-5, atol=1e-6)
+    out = tmp_path / "lora.safetensors"
+    code, _, err = cli(["convert", folder, out, "--to", "diffusers", "--rank", "6", "--base-weights", bw], capsys)
+    assert code == 0, err
+    torch.testing.assert_close(lora_merge.load(out)["lin"].delta(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_kohya_dora_scale_per_input_column(tmp_path):
+    g = _g(6)
+    a, b, w, mag = torch.randn(2, 5, generator=g), torch.randn(4, 2, generator=g), torch.randn(4, 5, generator=g), \
+        torch.rand(1, 5, generator=g) + 0.5
+    p = _file(tmp_path, {"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": a,
+                         "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": b,
+                         "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(4.0),
+                         "lora_unet_double_blocks_0_img_attn_proj.dora_scale": mag}, "dora.safetensors")
+    bw = _file(tmp_path, {"double_blocks.0.img_attn_proj.weight": w}, "bad_base.safetensors")
+    with pytest.raises(FormatError, match="no base weight"):
+        lora_merge.load(p, base_weights=bw)
+    bw = _file(tmp_path, {"double_blocks.0.img_attn.proj.weight": w}, "base.safetensors")
+    ad = lora_merge.load(p, base_weights=bw)
+    new = w + 2.0 * b @ a
+    want = mag * new / new.norm(dim=0, keepdim=True) - w
+    torch.testing.assert_close(ad["transformer.double_blocks.0.img_attn.proj"].delta(), want)

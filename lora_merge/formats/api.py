@@ -13,6 +13,7 @@ import torch
 from ..adapter import Adapter, TensorRef
 from ..errors import FormatError, OutputExistsError, PartialReadWarning, UsageError
 from ..files import atomic_write_text, refuse_existing
+from .dora import apply_dora, is_dora_key
 from .layout import align
 from .lycoris import has_lycoris, needs_rank
 from .registry import Located, detect_dialect, get_dialect, registered
@@ -27,12 +28,14 @@ _MAX_LISTED = 8
 
 # ------------------------------------------------------------------------------------------------ load
 def load(path: str | os.PathLike, *, format: str | None = None, strict: bool = False,
-         allow_pickle: bool = False) -> Adapter:
+         allow_pickle: bool = False, base_weights: str | os.PathLike | None = None) -> Adapter:
     """Read a LoRA file or PEFT folder; tensors stay lazy (only the header is read).
 
     ``format`` forces a registered dialect (``"kohya"``, ``"diffusers"``, ``"peft"``, …); otherwise a
     dialect that recognises the path's layout (a PEFT folder) reads it, or the keys vote.  Keys that do
     not parse are reported with a :class:`PartialReadWarning` (a :class:`FormatError` when ``strict``).
+    ``base_weights`` (a model ``.safetensors``) makes DoRA modules exact dense updates
+    (:mod:`lora_merge.formats.dora`); without it a DoRA file is refused.
     Pickle files (``.bin``/``.pt``/``.ckpt``) are refused unless ``allow_pickle`` (then read with
     ``torch.load(weights_only=True)``, never a full unpickle).
     """
@@ -45,7 +48,11 @@ def load(path: str | os.PathLike, *, format: str | None = None, strict: bool = F
     weights, config = found.weights, found.config
 
     refs, metadata = _read_tensors(weights, allow_pickle)
-    check_supported(refs.keys(), weights, config)
+    if base_weights is None:
+        check_supported(refs.keys(), weights, config)
+    else:  # DoRA is exact with the base model's weights (formats/dora.py)
+        check_supported([k for k in refs if not is_dora_key(k)], weights,
+                        {**config, "use_dora": False} if config else config)
     if format is None:
         if by is not None and found.certain:
             format = by
@@ -56,6 +63,8 @@ def load(path: str | os.PathLike, *, format: str | None = None, strict: bool = F
                 raise FormatError(e.message, weights) from None
     ad = get_dialect(format).read(refs, metadata, weights, config)
     ad.source = p
+    if base_weights is not None:
+        ad = apply_dora(ad, refs, base_weights, weights)
     if not ad.modules:
         raise FormatError(f"no {format} LoRA modules found ({len(refs)} tensors, none parsed)", weights)
     if ad.unparsed_keys:

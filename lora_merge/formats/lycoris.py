@@ -56,7 +56,7 @@ class LycorisModule(LoraModule):
     """A LoHa / LoKr / full-``diff`` module: ``delta()`` is its exact ΔW; ``factors()`` are that ΔW and an
     identity (so every strategy sees an exact, if full-rank, factorization)."""
 
-    #: "LoHa", "LoKr" or "full"
+    #: "LoHa", "LoKr", "full" or "DoRA" (made dense with the base weights: :mod:`lora_merge.formats.dora`)
     lycoris_type: str = "LoHa"
     #: the rank LyCORIS trained (``hada_w1_b.shape[0]``, the factored LoKr half's), None for full
     lycoris_rank: int | None = None
@@ -75,7 +75,7 @@ class LycorisModule(LoraModule):
     def exact_delta(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
         """ΔW in the weight's shape."""
         p = {k: v.load(dtype, device) for k, v in self.parts.items()}
-        if self.lycoris_type == "full":
+        if self.lycoris_type in ("full", "DoRA"):
             d = p["diff"]
         elif self.lycoris_type == "LoHa":
             d = _hada_half(p, 1) * _hada_half(p, 2)
