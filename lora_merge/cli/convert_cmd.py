@@ -17,10 +17,17 @@ _DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 @click.option("--dtype", type=click.Choice(_DTYPE_CHOICES), default=None,
               help="Cast the tensors on write (default: keep each tensor's dtype, so ΔW is unchanged).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists (never an input).")
+@click.option("--rank", type=click.IntRange(min=1), default=None,
+              help="Re-factor to a LoRA of this rank (needed for LyCORIS LoHa/LoKr/diff input); the relative ΔW "
+                   "error it costs is reported.")
+@click.option("--max-error", type=click.FloatRange(min=0), default=None,
+              help="With --rank: refuse (write nothing) when the relative ΔW error over all modules is above this.")
+@click.option("--base-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The base model's .safetensors: makes a DoRA adapter's update exact (then give --rank).")
 @format_option
 @strict_option
 @allow_pickle_option
-def convert_cmd(src, dst, to, dtype, force, fmt, strict, allow_pickle):
+def convert_cmd(src, dst, to, dtype, force, rank, max_error, base_weights, fmt, strict, allow_pickle):
     """Convert adapter IN to the dialect given by --to and write it to OUT.
 
     Every module's ΔW is preserved exactly (alpha is written so the scale is unchanged) and the
@@ -30,7 +37,17 @@ def convert_cmd(src, dst, to, dtype, force, fmt, strict, allow_pickle):
     from ..files import parse_dtype
     from ..formats.api import save
 
-    adapter = load_adapter(src, fmt=fmt, strict=strict, allow_pickle=allow_pickle)
+    if base_weights is None:
+        adapter = load_adapter(src, fmt=fmt, strict=strict, allow_pickle=allow_pickle)
+    else:
+        import lora_merge
+
+        adapter = lora_merge.load(src, format=fmt, strict=strict, allow_pickle=allow_pickle, base_weights=base_weights)
+    from ..formats.lycoris import describe_cost, to_lora_for_output
+
+    adapter, cost = to_lora_for_output(adapter, rank, max_error)
     out = save(adapter, dst, to=to.lower(), force=force, dtype=parse_dtype(dtype))
     click.echo(f"wrote {out} ({to.lower()}, {len(adapter)} modules)", err=True)
+    if cost is not None:
+        click.echo(describe_cost(cost), err=True)
 

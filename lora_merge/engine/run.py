@@ -145,7 +145,7 @@ def run_merge(recipe: Recipe, options: MergeOptions | None = None, *,
 
 def _merge_loaded(recipe: Recipe, options: MergeOptions, strat: MergeStrategy, adapters: list[Adapter],
                   paths: list[Path | None], names: list[str], dev: torch.device, hasher: InputHasher) -> MergeResult:
-    adapters = align_inputs(adapters, recipe.to or adapters[0].dialect, recipe.arch)  # one DiT layout
+    adapters = align_inputs(adapters, recipe.to or adapters[0].dialect, recipe.arch, recipe.rank)  # one DiT layout; LyCORIS needs --rank
     plan = Plan(adapters, names, weights=recipe.resolved_weights(), layer_weights=recipe.resolved_layer_weights(),
                 arch=recipe.arch, seed=recipe.seed, device=dev, rank=recipe.rank,
                 allow_mixed_arch=recipe.allow_mixed_arch)  # fmt: skip
