@@ -299,3 +299,34 @@ def test_diff_lines_up_a_fused_kohya_file_with_its_split_diffusers_conversion(tm
     s = json.loads(out)
     assert not s["only_in_a"] and not s["only_in_b"] and s["max_rel_diff"] < 1e-6
     assert any(r["name"].endswith("attn.to_q") for r in s["modules"])
+
+
+def test_xlabs_flux_file_reads_like_diffusers_converter(tmp_path):
+    from diffusers.loaders.lora_conversion_utils import _convert_xlabs_flux_lora_to_diffusers
+
+    g = torch.Generator().manual_seed(11)
+    h, r = H, 2
+    sd = {}
+    for i in (0, 18):
+        for p, o in (("qkv_lora1", 3 * h), ("proj_lora1", h), ("qkv_lora2", 3 * h), ("proj_lora2", h)):
+            sd[f"double_blocks.{i}.processor.{p}.down.weight"] = torch.randn(r, h, generator=g)
+            sd[f"double_blocks.{i}.processor.{p}.up.weight"] = torch.randn(o, r, generator=g)
+    sd["single_blocks.3.processor.qkv_lora.down.weight"] = torch.randn(r, h, generator=g)
+    sd["single_blocks.3.processor.qkv_lora.up.weight"] = torch.randn(3 * h, r, generator=g)
+    save_file(sd, str(tmp_path / "xlabs.safetensors"))
+    ad = lora_merge.load(tmp_path / "xlabs.safetensors")
+    assert ad.dialect == "xlabs" and layout_of(ad) == ("flux", "native")
+    theirs = _convert_xlabs_flux_lora_to_diffusers(dict(sd))
+    ours = {m.name: m for m in flux.to_diffusers(ad)}
+    x = torch.randn(h, 3, generator=g)
+    for key in theirs:
+        if not key.endswith("lora_A.weight"):
+            continue
+        name = key[: -len(".lora_A.weight")]
+        b, a = ours[name].factors()
+        want = theirs[f"{name}.lora_B.weight"] @ (theirs[key] @ x)
+        torch.testing.assert_close(ours[name].scale * (b @ (a @ x)), want)
+    # the MLP rows of linear1 are zero (XLabs' single-block LoRA touches q, k, v only)
+    assert torch.count_nonzero(ours["transformer.single_transformer_blocks.3.proj_mlp"].up.load()) == 0
+    out = lora_merge.save(ad, tmp_path / "k.safetensors", to="kohya")
+    assert lora_merge.load(out).dialect == "kohya"

@@ -41,7 +41,7 @@ WRITERS = [d.name for d in registered() if getattr(d, "writable", True)]
 
 
 def test_builtins_in_order_and_protocol():
-    assert dialects() == ("kohya", "diffusers", "peft", "comfyui", "lycoris")
+    assert dialects() == ("kohya", "diffusers", "peft", "comfyui", "lycoris", "xlabs")
     for d in registered():
         assert isinstance(d, Dialect) and get_dialect(d.name) is d
     assert get_dialect("peft").folder_files == ("adapter_model.safetensors", "adapter_config.json")
@@ -56,7 +56,7 @@ def test_every_writer_returns_written():
 
 
 def test_unknown_dialect_lists_the_choices():
-    with pytest.raises(UsageError, match=re.escape("unknown format 'comfy' (choose from kohya, diffusers, peft, comfyui, lycoris)")):
+    with pytest.raises(UsageError, match=re.escape("unknown format 'comfy' (choose from kohya, diffusers, peft, comfyui, lycoris, xlabs)")):
         get_dialect("comfy")
     with pytest.raises(UsageError, match="unknown output format"):
         lora_merge.save(_adapter(), "x.safetensors", to="comfy")
@@ -67,7 +67,7 @@ def test_detection_precedence_and_ties():
     assert detect_dialect(["base_model.model.a.lora_A.weight", "base_model.model.a.lora_B.weight"]) == "peft"
     # a tie goes to the first registered
     assert detect_dialect(["lora_unet_a_to_q.lora_down.weight", "unet.b.lora_A.weight"]) == "kohya"
-    with pytest.raises(FormatError, match=r"not a kohya, diffusers, PEFT, ComfyUI or LyCORIS LoRA file"):
+    with pytest.raises(FormatError, match=r"not a kohya, diffusers, PEFT, ComfyUI, LyCORIS or XLabs LoRA file"):
         detect_dialect(["model.weight"])
 
 

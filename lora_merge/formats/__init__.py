@@ -6,7 +6,7 @@ built-ins are registered here, in the order that breaks detection ties: kohya, d
 """
 from __future__ import annotations
 
-from . import comfyui, diffusers, dit_arch, flux, kohya, layout, lycoris, peft, wan
+from . import comfyui, diffusers, dit_arch, flux, kohya, layout, lycoris, peft, wan, xlabs
 from .registry import (
     Dialect,
     Located,
@@ -19,7 +19,7 @@ from .registry import (
 )
 from .unsupported import check_supported, find_unsupported
 
-for _dialect in (kohya.DIALECT, diffusers.DIALECT, peft.DIALECT, comfyui.DIALECT, lycoris.DIALECT):
+for _dialect in (kohya.DIALECT, diffusers.DIALECT, peft.DIALECT, comfyui.DIALECT, lycoris.DIALECT, xlabs.DIALECT):
     register_dialect(_dialect)
 del _dialect
 
