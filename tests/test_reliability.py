@@ -129,7 +129,8 @@ def no_compute(monkeypatch):
 def test_peft_first_input_with_a_safetensors_output_fails_before_computing(tmp_path, capsys, no_compute):
     peft = lm.save(_adapter(0, dialect="peft"), tmp_path / "peft_in")
     other = lm.save(_adapter(1), tmp_path / "b.safetensors")
-    code, _, err = run(["merge", peft, other, "-o", tmp_path / "out.safetensors"], capsys)
+    # SD LoRAs default to the kohya dialect (issue 16), so the PEFT output is asked for explicitly
+    code, _, err = run(["merge", peft, other, "-o", tmp_path / "out.safetensors", "--to", "peft"], capsys)
     _one_line_error(code, err, 2)
     assert "folder" in err and not (tmp_path / "out.safetensors").exists()
 

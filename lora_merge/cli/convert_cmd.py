@@ -12,8 +12,10 @@ _DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 @click.command("convert", short_help="Rewrite an adapter in another dialect (ΔW unchanged).")
 @click.argument("src", metavar="IN", type=click.Path(path_type=str))
 @click.argument("dst", metavar="OUT", type=click.Path(path_type=str))
-@click.option("--to", "to", required=True, type=DialectChoice(),
-              help="Output dialect: kohya (A1111/ComfyUI), diffusers (lora_A/lora_B names) or peft (a folder).")
+@click.option("--to", "to", default=None, type=DialectChoice(),
+              help="Output dialect: kohya (A1111/ComfyUI), diffusers (lora_A/lora_B names) or peft (a folder). "
+                   "Default: kohya for SD/SDXL UNet and text-encoder LoRAs (every loader reads it); required "
+                   "for other adapters.")
 @click.option("--dtype", type=click.Choice(_DTYPE_CHOICES), default=None,
               help="Cast the tensors on write (default: keep each tensor's dtype, so ΔW is unchanged).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists (never an input).")
@@ -37,6 +39,9 @@ def convert_cmd(src, dst, to, dtype, force, rank, max_error, base_weights, fmt, 
     from ..files import parse_dtype
     from ..formats.api import save
 
+    from ..errors import UsageError
+    from ..formats.clients import default_output_dialect, is_sd_lora, loader_note
+
     if base_weights is None:
         adapter = load_adapter(src, fmt=fmt, strict=strict, allow_pickle=allow_pickle)
     else:
@@ -46,8 +51,16 @@ def convert_cmd(src, dst, to, dtype, force, rank, max_error, base_weights, fmt, 
     from ..formats.lycoris import describe_cost, to_lora_for_output
 
     adapter, cost = to_lora_for_output(adapter, rank, max_error)
+    if to is None:
+        if not is_sd_lora(adapter):
+            raise UsageError("--to is required for adapters that are not SD/SDXL UNet or text-encoder LoRAs "
+                             "(kohya, diffusers or peft)")
+        to = default_output_dialect(adapter)
     out = save(adapter, dst, to=to.lower(), force=force, dtype=parse_dtype(dtype))
     click.echo(f"wrote {out} ({to.lower()}, {len(adapter)} modules)", err=True)
     if cost is not None:
         click.echo(describe_cost(cost), err=True)
+    note = loader_note(adapter, to.lower())
+    if note:
+        click.echo(f"note: {note}", err=True)
 

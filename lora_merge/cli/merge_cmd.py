@@ -103,7 +103,9 @@ def _parse_param(spec: str) -> tuple[str, str]:
     "Default: re-factored to the sum of the input ranks, the relative error reported.",
 )
 @click.option(
-    "--to", default=None, help="Output dialect: kohya, diffusers or peft (default: the first input's)."
+    "--to", default=None,
+    help="Output dialect: kohya, diffusers or peft (default: kohya for SD/SDXL UNet and text-encoder LoRAs, "
+    "which diffusers, ComfyUI, A1111/Forge and kohya all load; else the first input's).",
 )
 @click.option(
     "--dtype", default=None, help="Output dtype: fp32 (default), fp16 or bf16; math is always fp32."
@@ -189,6 +191,11 @@ def merge(**kw: Any) -> None:
     with progress_bar("merging", enabled=show) as bar:
         result = run_merge(recipe, options.with_overrides(progress=bar))
     _print(result, kw["as_json"])
+    from ..formats.clients import loader_note
+
+    note = loader_note(result.adapter, result.report["recipe"]["to"] or "")
+    if note and result.output is not None:
+        click.echo(f"note: {note}", err=True)
 
 
 def _print(result, as_json: bool) -> None:

@@ -22,6 +22,7 @@ from ..adapter import Adapter
 from ..errors import OutputExistsError, UsageError
 from ..files import check_output_folder, dtype_name, make_dirs, output_transaction, refuse_existing
 from ..formats.api import load, save
+from ..formats.clients import default_output_dialect, one_alpha
 from ..formats.layout import align_inputs
 from ..formats.registry import get_dialect
 from ..progress import ProgressFn, progress_bar
@@ -133,7 +134,7 @@ def run_merge(recipe: Recipe, options: MergeOptions | None = None, *,
     _check_outputs(recipe, strat, _paths(recipe.inputs), recipe.force, recipe.to)
     adapters = [x if isinstance(x, Adapter) else load(x) for x in recipe.inputs]
     paths = _paths([ad if isinstance(x, Adapter) else x for x, ad in zip(recipe.inputs, adapters)])
-    _check_outputs(recipe, strat, paths, recipe.force, recipe.to or adapters[0].dialect or "diffusers")
+    _check_outputs(recipe, strat, paths, recipe.force, recipe.to or default_output_dialect(adapters))
     names = [os.fspath(p) if p is not None else ad.display_name for p, ad in zip(paths, adapters)]
     hasher = InputHasher(paths, worker_count(None, torch.device("cpu")))
     try:
@@ -145,7 +146,8 @@ def run_merge(recipe: Recipe, options: MergeOptions | None = None, *,
 
 def _merge_loaded(recipe: Recipe, options: MergeOptions, strat: MergeStrategy, adapters: list[Adapter],
                   paths: list[Path | None], names: list[str], dev: torch.device, hasher: InputHasher) -> MergeResult:
-    adapters = align_inputs(adapters, recipe.to or adapters[0].dialect, recipe.arch, recipe.rank)  # one DiT layout; LyCORIS needs --rank
+    out_to = recipe.to or default_output_dialect(adapters)  # kohya for SD/SDXL LoRAs: every loader reads it
+    adapters = align_inputs(adapters, out_to, recipe.arch, recipe.rank)  # one DiT layout; LyCORIS needs --rank
     plan = Plan(adapters, names, weights=recipe.resolved_weights(), layer_weights=recipe.resolved_layer_weights(),
                 arch=recipe.arch, seed=recipe.seed, device=dev, rank=recipe.rank,
                 allow_mixed_arch=recipe.allow_mixed_arch)  # fmt: skip
@@ -167,19 +169,24 @@ def _merge_loaded(recipe: Recipe, options: MergeOptions, strat: MergeStrategy, a
     first = adapters[0]
     merged = Adapter(modules=modules, extra_tensors=heads, dialect=first.dialect,
                      config=dict(first.config) if first.config else None)
+    if out_to == "kohya":  # one alpha for all modules: diffusers mis-scales kohya files with mixed alphas
+        merged = one_alpha(merged)
     shown = [os.fspath(p) if recipe.record_paths else recorded_name(p) if p is not None else nm
              for p, nm in zip(paths, names)]  # fmt: skip
     recorded = recipe.to_metadata(shown, hasher.results(), [ad.dialect for ad in adapters], strat.config,
-                                  arch=plan.arch, to=recipe.to or first.dialect, version=__version__)
+                                  arch=plan.arch, to=out_to, version=__version__)
     merged.metadata = adapter_metadata(merged, recorded, shown)
+    alphas = {m.alpha for m in merged}
+    if len(alphas) == 1 and merged.metadata.get("ss_network_dim") == "Dynamic":
+        merged.metadata["ss_network_alpha"] = f"{alphas.pop():g}"
     report = {"recipe": recorded, "layers": layer_info, "strategy": strat.report()}
     if dense is not None:
         report["dense"] = dense
     written = None
     if recipe.output is not None:
-        if _output_files(recipe, recipe.to or first.dialect or "diffusers")[1]:
+        if _output_files(recipe, out_to)[1]:
             make_dirs(recipe.output)  # a folder output: removed again if the merge stops before the end
-        written = Path(save(merged, recipe.output, to=recipe.to, dtype=recipe.out_dtype, force=recipe.force))
+        written = Path(save(merged, recipe.output, to=out_to, dtype=recipe.out_dtype, force=recipe.force))
         merged.source = written
         write_sidecars(strat, written, recorded, recipe.force, paths)
     if recipe.report is not None:

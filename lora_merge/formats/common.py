@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import re
 
@@ -53,15 +54,25 @@ def read_scalar(ref: TensorRef, path, key: str) -> float:
     return v
 
 
+@functools.lru_cache(maxsize=16384)
+def _pattern_rx(key: str) -> re.Pattern | None:
+    """PEFT's pattern regex for ``key``, compiled once (``re``'s own cache holds 512: files with more pattern
+    keys recompiled every key for every module), None when ``key`` is not a valid regex."""
+    try:
+        return re.compile(rf"(.*\.)?({key})$")
+    except re.error:
+        return None
+
+
 def pattern_value(patterns: dict | None, name: str):
     """PEFT's ``rank_pattern``/``alpha_pattern`` lookup (``peft.utils.other.get_pattern_key``)."""
     for key, value in (patterns or {}).items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return value
-        except re.error:
+        rx = _pattern_rx(key)
+        if rx is None:
             if name == key or name.endswith("." + key):
                 return value
+        elif rx.match(name):
+            return value
     return None
 
 

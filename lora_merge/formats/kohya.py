@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import torch
 
@@ -10,6 +11,7 @@ from .. import arch
 from ..adapter import Adapter, TensorRef
 from ..errors import FormatError
 from . import names
+from .clients import LoaderWarning, mixed_alpha_note
 from .common import carried_metadata, cast, make_module, read_scalar, standard_alpha
 from .registry import FileDialect, Written
 
@@ -94,6 +96,9 @@ def _alpha_tensor(alpha: float) -> torch.Tensor:
 
 def write(adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> Written:
     """Tensors and metadata in the kohya dialect (SGM UNet names for SDXL, as kohya's sd-scripts write)."""
+    note = mixed_alpha_note(adapter)
+    if note:
+        warnings.warn(LoaderWarning(f"{adapter.display_name}: written as kohya: {note}"), stacklevel=4)
     sgm = _uses_sgm(adapter)
     te1 = sgm or any(n.startswith("text_encoder_2.") for n in adapter.modules)
     up_attn = frozenset(int(n.split(".")[2]) for n in adapter.modules
