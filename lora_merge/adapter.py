@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 
 from .errors import FormatError
+from .linalg import all_finite
 
 ModuleKind = Literal["linear", "conv", "conv1x1"]
 ScaleRule = Literal["standard", "rslora"]
@@ -108,7 +109,7 @@ class TensorRef:
             t = self.tensor
         else:
             t = self.handle.get(self.key)  # type: ignore[union-attr]
-            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not all_finite(t):
                 raise FormatError(f"tensor {_short(self.key)} holds NaN or infinite values", self.handle.path)
         if dtype is not None or device is not None:
             t = t.to(dtype=dtype or t.dtype, device=device or t.device)
