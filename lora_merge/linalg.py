@@ -303,7 +303,7 @@ def all_finite(t: torch.Tensor) -> bool:
     if t.numel() == 0:
         return True
     lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
 
 
 def frobenius_norm(up: torch.Tensor, down: torch.Tensor) -> float:
