@@ -85,7 +85,7 @@ def test_sd3_and_qwen_image_diffusers_names_roundtrip_exactly(tmp_path):
         shapes = {n: s for n, s in lin.items() if n.startswith("transformer_blocks.") and ".attn." in n}
         d = tmp_path / family
         d.mkdir()
-        key = lambda n: (f"transformer.{n}.lora_A.weight", f"transformer.{n}.lora_B.weight", None)  # noqa: E731
+        key = lambda n: (f"transformer.{n}.lora_A.weight", f"transformer.{n}.lora_B.weight", None)
         ad = _roundtrip_all(d, _lora_file(d / "src.safetensors", shapes, key), family)
         assert dit_arch.family_summary(ad)["family"] == family
 

@@ -180,16 +180,16 @@ def test_our_kohya_flux_reader_matches_diffusers_converter(tmp_path):
 
 
 # ---------------------------------------------------------------- diffusers loads what we write
-TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=12, axes_dims_rope=(2, 2, 4))
+TINY = {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 8,
+            "num_attention_heads": 2, "joint_attention_dim": 24, "pooled_projection_dim": 12, "axes_dims_rope": (2, 2, 4)}
 
 
 def _tiny_inputs():
     g = torch.Generator().manual_seed(3)
-    return dict(hidden_states=torch.randn(1, 4, 16, generator=g),
-                encoder_hidden_states=torch.randn(1, 3, 24, generator=g),
-                pooled_projections=torch.randn(1, 12, generator=g), timestep=torch.tensor([0.5]),
-                img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3), return_dict=False)
+    return {"hidden_states": torch.randn(1, 4, 16, generator=g),
+                "encoder_hidden_states": torch.randn(1, 3, 24, generator=g),
+                "pooled_projections": torch.randn(1, 12, generator=g), "timestep": torch.tensor([0.5]),
+                "img_ids": torch.zeros(4, 3), "txt_ids": torch.zeros(3, 3), "return_dict": False}
 
 
 @pytest.mark.parametrize("to", ["diffusers"])  # (diffusers' kohya converter hard-codes the full-size dims)

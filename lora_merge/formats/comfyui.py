@@ -13,9 +13,9 @@ import re
 
 import torch
 
+from .. import arch
 from ..adapter import Adapter, TensorRef
 from ..errors import FormatError
-from .. import arch
 from . import names
 from .common import carried_metadata, cast, make_module, read_scalar, standard_alpha
 from .registry import FileDialect, Written

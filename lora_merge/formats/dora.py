@@ -37,7 +37,7 @@ def is_dora_key(key: str) -> bool:
 
 
 def _base_key(name: str, base: dict[str, TensorRef]) -> str | None:
-    comp, _, rel = name.partition(".")
+    _comp, _, rel = name.partition(".")
     for cand in (f"{rel}.weight", f"{name}.weight", f"diffusion_model.{rel}.weight",
                  f"model.diffusion_model.{rel}.weight"):
         if cand in base:

@@ -24,7 +24,7 @@ class DerivedRef(TensorRef):
     """A tensor computed on demand from other refs (a slice, a stack, a block placement): lazy like a
     :class:`TensorRef` in a file, and tied to that file (``handle``) so outputs never overwrite it."""
 
-    def __init__(self, shape, dtype, fn: Callable[[], "object"], source: TensorRef | None = None):
+    def __init__(self, shape, dtype, fn: Callable[[], object], source: TensorRef | None = None):
         super().__init__(shape=tuple(int(s) for s in shape), dtype=dtype, key=None,
                          handle=source.handle if source is not None else None)
         self._fn = fn

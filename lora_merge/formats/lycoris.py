@@ -227,7 +227,7 @@ def _canonical(prefix: str) -> tuple[str, str] | None:
     if "." not in prefix:
         hit = names.kohya_to_canonical(prefix)
         return (hit[0], "kohya") if hit is not None else None
-    parsed = comfyui._parse(prefix + ".alpha")  # noqa: SLF001 - the same name rules
+    parsed = comfyui._parse(prefix + ".alpha")
     if parsed is not None:
         return parsed[0], "comfyui"
     return prefix.removeprefix("base_model.model."), "diffusers"
