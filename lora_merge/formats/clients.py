@@ -62,9 +62,10 @@ def loader_note(adapter: Adapter, dialect: str) -> str | None:
                 "diffusers' older '….processor.to_q' names, not these) and A1111/Forge read kohya names — "
                 "write --to kohya (the default) for them")
     if dialect == "peft":
-        return ("PEFT folder of an SD LoRA: PEFT (PeftModel.from_pretrained on the UNet) and diffusers "
-                "(load_lora_adapter) attach it; ComfyUI and A1111/Forge do not read PEFT folders — write "
-                "--to kohya for them")
+        return ("PEFT folder of an SD LoRA: its names are the pipeline's (base_model.model.unet.…), so "
+                "PeftModel.from_pretrained(unet, …) and diffusers cannot attach it and ComfyUI and A1111/Forge "
+                "do not read PEFT folders; only lora-merge reads it back — write --to kohya (every loader) or "
+                "--to diffusers")
     return None
 
 
