@@ -293,3 +293,20 @@ def test_every_written_file_is_byte_identical_across_runs(tmp_path, pair, capsys
         assert (out.parent / "out.safetensors.masks.safetensors").exists()
         digests.append(_digests(out.parent))
     assert digests[0] == digests[1] and len(digests[0]) == 3
+
+
+# ---------------------------------------------------------------- pickle inputs
+def test_merge_reads_pickle_inputs_only_with_allow_pickle(tmp_path, pair, capsys):
+    from safetensors.torch import load_file
+
+    pt = tmp_path / "in1.bin"
+    torch.save(load_file(str(pair[1])), pt)
+    out = tmp_path / "out.safetensors"
+    code, _, err = run(["merge", pair[0], pt, "-o", out], capsys)
+    _one_line_error(code, err, 2)
+    assert "pickle" in err and "--allow-pickle" in err and not out.exists()
+    code, _, err = run(["merge", pair[0], pt, "-o", out, "--allow-pickle"], capsys)
+    assert code == 0, err
+    ref = tmp_path / "ref.safetensors"
+    assert run(["merge", *pair, "-o", ref], capsys)[0] == 0
+    assert lm.load(out).modules.keys() == lm.load(ref).modules.keys()

@@ -18,11 +18,11 @@ from ..arch import sub_block_of
 from ..engine.recipe import RECIPE_KEYS
 from ..errors import UsageError
 from ..strategies import available_strategies
-from .common import print_json, stdout_console
+from .common import allow_pickle_option, print_json, stdout_console
 
 #: destination names of the fixed options (the recipe keys and the CLI-only ones); a strategy parameter
 #: with one of these names is reachable only through --param NAME=VALUE or the recipe's params
-_CORE = {*RECIPE_KEYS, "weight", "config", "as_json", "progress", "param"}
+_CORE = {*RECIPE_KEYS, "weight", "config", "as_json", "progress", "param", "allow_pickle"}
 
 
 def _strategy_params() -> dict[str, list[tuple[str, Any]]]:
@@ -144,6 +144,7 @@ def _parse_param(spec: str) -> tuple[str, str]:
 @click.option(
     "--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal)."
 )
+@allow_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def merge(**kw: Any) -> None:
     """Merge the LoRA adapters INPUTS (files or PEFT folders; input 1 = content, input 2 = style for the
@@ -186,7 +187,8 @@ def merge(**kw: Any) -> None:
         force=kw["force"] or None, record_paths=kw["record_paths"] or None,
         allow_mixed_arch=kw["allow_mixed_arch"] or None, full_rank=kw["full_rank"] or None,
     )  # fmt: skip
-    options = MergeOptions.from_dict(data).with_overrides(device=kw["device"], threads=kw["threads"])
+    options = MergeOptions.from_dict(data).with_overrides(device=kw["device"], threads=kw["threads"],
+                                                          allow_pickle=kw["allow_pickle"] or None)
     show = kw["progress"] if kw["progress"] is not None else (sys.stderr.isatty() and not kw["as_json"])
     with progress_bar("merging", enabled=show) as bar:
         result = run_merge(recipe, options.with_overrides(progress=bar))

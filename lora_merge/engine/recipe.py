@@ -91,6 +91,9 @@ class MergeOptions:
     #: layers finished side by side on the CPU (None: every CPU this process may use)
     threads: int | None = None
     progress: ProgressFn | None = None
+    #: also read pickle inputs (.bin/.pt/.ckpt) with ``torch.load(weights_only=True)``; a trust decision
+    #: made on the command line (``--allow-pickle``) or by the caller, never read from a recipe file
+    allow_pickle: bool = False
 
     def __post_init__(self) -> None:
         t = self.threads

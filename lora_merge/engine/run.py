@@ -132,7 +132,7 @@ def run_merge(recipe: Recipe, options: MergeOptions | None = None, *,
     recipe.verify_inputs()
     # fail before any work: the paths first (with the output dialect once the inputs' headers are read)
     _check_outputs(recipe, strat, _paths(recipe.inputs), recipe.force, recipe.to)
-    adapters = [x if isinstance(x, Adapter) else load(x) for x in recipe.inputs]
+    adapters = [x if isinstance(x, Adapter) else load(x, allow_pickle=options.allow_pickle) for x in recipe.inputs]
     paths = _paths([ad if isinstance(x, Adapter) else x for x, ad in zip(recipe.inputs, adapters)])
     _check_outputs(recipe, strat, paths, recipe.force, recipe.to or default_output_dialect(adapters))
     names = [os.fspath(p) if p is not None else ad.display_name for p, ad in zip(paths, adapters)]
@@ -196,7 +196,7 @@ def _merge_loaded(recipe: Recipe, options: MergeOptions, strat: MergeStrategy, a
 
 #: ``merge()`` keywords that are :class:`Recipe` settings under another name, or :class:`MergeOptions`
 _RENAMED = {"report_path": "report"}
-_OPTIONS = ("device", "threads")
+_OPTIONS = ("device", "threads", "allow_pickle")
 
 
 def merge(
@@ -222,7 +222,8 @@ def merge(
     - ``keep_heads_from``: the 1-based input whose PEFT ``modules_to_save`` tensors are kept when the
       inputs' differ (``keep_extra_from``, 0-based, is its deprecated spelling);
     - ``device`` and ``threads``: layers are finished side by side on the CPU, each with one torch
-      thread (default: every CPU this process may use); the result is the same for any value.
+      thread (default: every CPU this process may use); the result is the same for any value;
+    - ``allow_pickle``: also read ``.bin``/``.pt``/``.ckpt`` inputs (``torch.load(weights_only=True)``).
 
     ``progress`` is True for a progress bar on stderr, or a ``(done, total, layer)`` callback.
     """
