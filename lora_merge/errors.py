@@ -4,6 +4,13 @@ from __future__ import annotations
 import os
 
 
+def quoted(name: object, limit: int = 120) -> str:
+    """``repr(name)`` for a message, cut to ``limit`` characters: a header may hold a 10 MB key, and an
+    error line should not echo it whole."""
+    text = repr(name)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(str(name)):,} characters)"
+
+
 class LoraMergeError(Exception):
     """Base class for user-facing errors. ``exit_code`` is what the CLI exits with."""
 
