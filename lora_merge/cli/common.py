@@ -76,11 +76,12 @@ json_option = click.option(
 
 
 def load_adapter(path: str | os.PathLike, *, fmt: str | None = None, strict: bool = False,
-                 allow_pickle: bool = False):
+                 allow_pickle: bool = False, repair: bool = False):
     """``lora_merge.load`` with the CLI options (imported lazily: torch is heavy)."""
     import lora_merge
 
-    return lora_merge.load(Path(path), format=fmt, strict=strict, allow_pickle=allow_pickle)
+    extra = {"repair": True} if repair else {}
+    return lora_merge.load(Path(path), format=fmt, strict=strict, allow_pickle=allow_pickle, **extra)
 
 
 def _jsonable(obj: Any) -> Any:

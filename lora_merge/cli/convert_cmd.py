@@ -19,6 +19,9 @@ _DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 @click.option("--dtype", type=click.Choice(_DTYPE_CHOICES), default=None,
               help="Cast the tensors on write (default: keep each tensor's dtype, so ΔW is unchanged).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists (never an input).")
+@click.option("--repair", is_flag=True,
+              help="Rename the keys of a known broken layout first (lora_unet_unet_…_lora_down.weight, the "
+                   "common broken kohya conversion); the tensors are unchanged.")
 @click.option("--rank", type=click.IntRange(min=1), default=None,
               help="Re-factor to a LoRA of this rank (needed for LyCORIS LoHa/LoKr/diff input); the relative ΔW "
                    "error it costs is reported.")
@@ -29,7 +32,7 @@ _DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 @format_option
 @strict_option
 @allow_pickle_option
-def convert_cmd(src, dst, to, dtype, force, rank, max_error, base_weights, fmt, strict, allow_pickle):
+def convert_cmd(src, dst, to, dtype, force, repair, rank, max_error, base_weights, fmt, strict, allow_pickle):
     """Convert adapter IN to the dialect given by --to and write it to OUT.
 
     Every module's ΔW is preserved exactly (alpha is written so the scale is unchanged) and the
@@ -43,7 +46,7 @@ def convert_cmd(src, dst, to, dtype, force, rank, max_error, base_weights, fmt, 
     from ..formats.clients import default_output_dialect, is_sd_lora, loader_note
 
     if base_weights is None:
-        adapter = load_adapter(src, fmt=fmt, strict=strict, allow_pickle=allow_pickle)
+        adapter = load_adapter(src, fmt=fmt, strict=strict, allow_pickle=allow_pickle, repair=repair)
     else:
         import lora_merge
 

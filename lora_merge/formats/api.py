@@ -17,6 +17,7 @@ from .dora import apply_dora, is_dora_key
 from .layout import align
 from .lycoris import has_lycoris, needs_rank
 from .registry import Located, detect_dialect, get_dialect, registered
+from .repair import broken_pattern, repair_keys, unparsed_hint
 from .safetensors_io import lazy_refs, read_header, write_atomic
 from .unsupported import check_supported
 
@@ -28,7 +29,8 @@ _MAX_LISTED = 8
 
 # ------------------------------------------------------------------------------------------------ load
 def load(path: str | os.PathLike, *, format: str | None = None, strict: bool = False,
-         allow_pickle: bool = False, base_weights: str | os.PathLike | None = None) -> Adapter:
+         allow_pickle: bool = False, base_weights: str | os.PathLike | None = None,
+         repair: bool = False) -> Adapter:
     """Read a LoRA file or PEFT folder; tensors stay lazy (only the header is read).
 
     ``format`` forces a registered dialect (``"kohya"``, ``"diffusers"``, ``"peft"``, …); otherwise a
@@ -37,7 +39,9 @@ def load(path: str | os.PathLike, *, format: str | None = None, strict: bool = F
     ``base_weights`` (a model ``.safetensors``) makes DoRA modules exact dense updates
     (:mod:`lora_merge.formats.dora`); without it a DoRA file is refused.
     Pickle files (``.bin``/``.pt``/``.ckpt``) are refused unless ``allow_pickle`` (then read with
-    ``torch.load(weights_only=True)``, never a full unpickle).
+    ``torch.load(weights_only=True)``, never a full unpickle).  ``repair`` renames the keys of a known
+    broken layout first (:mod:`lora_merge.formats.repair`); errors about keys we do not understand show a
+    couple of them and a hint when they match such a layout.
     """
     if format is not None:
         get_dialect(format)
@@ -48,6 +52,8 @@ def load(path: str | os.PathLike, *, format: str | None = None, strict: bool = F
     weights, config = found.weights, found.config
 
     refs, metadata = _read_tensors(weights, allow_pickle)
+    if repair:
+        refs, _fixed = repair_keys(refs)
     if base_weights is None:
         check_supported(refs.keys(), weights, config)
     else:  # DoRA is exact with the base model's weights (formats/dora.py)
@@ -60,17 +66,21 @@ def load(path: str | os.PathLike, *, format: str | None = None, strict: bool = F
             try:
                 format = detect_dialect(refs.keys(), metadata)
             except FormatError as e:
-                raise FormatError(e.message, weights) from None
+                raise FormatError(e.message + unparsed_hint(refs), weights) from None
     ad = get_dialect(format).read(refs, metadata, weights, config)
     ad.source = p
     if base_weights is not None:
         ad = apply_dora(ad, refs, base_weights, weights)
     if not ad.modules:
-        raise FormatError(f"no {format} LoRA modules found ({len(refs)} tensors, none parsed)", weights)
+        raise FormatError(f"no {format} LoRA modules found ({len(refs)} tensors, none parsed)"
+                          + unparsed_hint(refs), weights)
     if ad.unparsed_keys:
         more = ", …" if len(ad.unparsed_keys) > _MAX_LISTED else ""
         shown = ", ".join(ad.unparsed_keys[:_MAX_LISTED]) + more
         msg = f"{len(ad.unparsed_keys)} keys not understood as {format} LoRA and skipped: {shown}"
+        hint = broken_pattern(ad.unparsed_keys)
+        if hint:
+            msg += f"; {hint}"
         if strict:
             raise FormatError(msg, weights)
         warnings.warn(f"{weights}: {msg}", PartialReadWarning, stacklevel=2)
