@@ -19,6 +19,9 @@ _DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 @click.option("--dtype", type=click.Choice(_DTYPE_CHOICES), default=None,
               help="Cast the tensors on write (default: keep each tensor's dtype, so ΔW is unchanged).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists (never an input).")
+@click.option("--keep-heads", is_flag=True,
+              help="kohya/diffusers output of a PEFT adapter: store its modules_to_save tensors (classifier heads) "
+                   "in the file, so converting back to peft restores them (LoRA loaders ignore them).")
 @click.option("--repair", is_flag=True,
               help="Rename the keys of a known broken layout first (lora_unet_unet_…_lora_down.weight, the "
                    "common broken kohya conversion); the tensors are unchanged.")
@@ -32,7 +35,7 @@ _DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 @format_option
 @strict_option
 @allow_pickle_option
-def convert_cmd(src, dst, to, dtype, force, repair, rank, max_error, base_weights, fmt, strict, allow_pickle):
+def convert_cmd(src, dst, to, dtype, force, keep_heads, repair, rank, max_error, base_weights, fmt, strict, allow_pickle):
     """Convert adapter IN to the dialect given by --to and write it to OUT.
 
     Every module's ΔW is preserved exactly (alpha is written so the scale is unchanged) and the
@@ -59,7 +62,7 @@ def convert_cmd(src, dst, to, dtype, force, repair, rank, max_error, base_weight
             raise UsageError("--to is required for adapters that are not SD/SDXL UNet or text-encoder LoRAs "
                              "(kohya, diffusers or peft)")
         to = default_output_dialect(adapter)
-    out = save(adapter, dst, to=to.lower(), force=force, dtype=parse_dtype(dtype))
+    out = save(adapter, dst, to=to.lower(), force=force, dtype=parse_dtype(dtype), keep_heads=keep_heads)
     click.echo(f"wrote {out} ({to.lower()}, {len(adapter)} modules)", err=True)
     if cost is not None:
         click.echo(describe_cost(cost), err=True)

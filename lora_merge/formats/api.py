@@ -16,6 +16,7 @@ from ..files import atomic_write_text, refuse_existing
 from .dora import apply_dora, is_dora_key
 from .layout import align
 from .lycoris import has_lycoris, needs_rank
+from .peft_carry import carried_config, head_tensors, restore, split_heads
 from .registry import Located, detect_dialect, get_dialect, registered
 from .repair import broken_pattern, repair_keys, unparsed_hint
 from .safetensors_io import lazy_refs, read_header, write_atomic
@@ -54,6 +55,7 @@ def load(path: str | os.PathLike, *, format: str | None = None, strict: bool = F
     refs, metadata = _read_tensors(weights, allow_pickle)
     if repair:
         refs, _fixed = repair_keys(refs)
+    refs, heads = split_heads(refs)  # modules_to_save tensors a single-file dialect carried (peft_carry)
     if base_weights is None:
         check_supported(refs.keys(), weights, config)
     else:  # DoRA is exact with the base model's weights (formats/dora.py)
@@ -67,7 +69,7 @@ def load(path: str | os.PathLike, *, format: str | None = None, strict: bool = F
                 format = detect_dialect(refs.keys(), metadata)
             except FormatError as e:
                 raise FormatError(e.message + unparsed_hint(refs), weights) from None
-    ad = get_dialect(format).read(refs, metadata, weights, config)
+    ad = restore(get_dialect(format).read(refs, metadata, weights, config), heads)
     ad.source = p
     if base_weights is not None:
         ad = apply_dora(ad, refs, base_weights, weights)
@@ -164,12 +166,15 @@ def save(
     dtype: torch.dtype | None = None,
     force: bool = False,
     metadata: dict[str, str] | None = None,
+    keep_heads: bool = False,
 ) -> Path:
     """Write ``adapter`` in dialect ``to`` (default: the adapter's own, else diffusers); returns the path.
 
     PEFT output is a folder (``adapter_config.json`` + ``adapter_model.safetensors``). Refuses an
     existing output unless ``force``, and any input even with ``force``. Files are written to a temp
-    file and renamed, so an error never leaves a partial file.
+    file and renamed, so an error never leaves a partial file.  A PEFT adapter's config goes into a
+    single-file dialect's metadata, and its ``modules_to_save`` tensors too with ``keep_heads``
+    (:mod:`lora_merge.formats.peft_carry`), so converting back restores the adapter.
     """
     to = to or adapter.dialect or "diffusers"
     dialect = get_dialect(to, what="output format")
@@ -195,12 +200,17 @@ def save(
     _guard(targets, adapter, force)
     if not dialect.folder_files and not out.parent.exists():
         raise UsageError(f"{out}: folder {out.parent} does not exist")
-    if adapter.extra_tensors and not dialect.keeps_extra_tensors:
+    if adapter.extra_tensors and not dialect.keeps_extra_tensors and not keep_heads:
         warnings.warn(f"{out}: the {to} dialect cannot hold modules_to_save tensors; not written: "
-                      f"{', '.join(sorted(adapter.extra_tensors))}", UserWarning, stacklevel=2)
+                      f"{', '.join(sorted(adapter.extra_tensors))} (keep_heads=True / --keep-heads stores them "
+                      "in the file for lora-merge to restore; LoRA loaders ignore them)", UserWarning, stacklevel=2)
     if has_lycoris(adapter):
         raise needs_rank(adapter, "write it as a LoRA")
     written = dialect.write(align(adapter, dialect.name), dtype, metadata or {})
+    if not dialect.keeps_extra_tensors:
+        written.metadata.update(carried_config(adapter))
+        if keep_heads:
+            written.tensors.update(head_tensors(adapter, dtype))
     if dialect.folder_files:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(targets[0], written.tensors, written.metadata)
@@ -211,6 +221,6 @@ def save(
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, format: str | None = None,
-            force: bool = False, strict: bool = False) -> Path:
+            force: bool = False, strict: bool = False, keep_heads: bool = False) -> Path:
     """``load(src)`` then ``save(..., to=to)``; every module's ΔW is unchanged."""
-    return save(load(src, format=format, strict=strict), dst, to=to, force=force)
+    return save(load(src, format=format, strict=strict), dst, to=to, force=force, keep_heads=keep_heads)
