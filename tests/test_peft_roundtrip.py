@@ -15,7 +15,7 @@ import lora_merge as lm
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-CFG = dict(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4, num_labels=3, pad_token_id=0)
+CFG = {"vocab_size": 64, "n_positions": 16, "n_embd": 32, "n_layer": 2, "n_head": 4, "num_labels": 3, "pad_token_id": 0}
 
 
 def _base():

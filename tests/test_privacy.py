@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 import lora_merge as lm
 from lora_merge.cli import main
 from lora_merge.engine.recipe import recorded_name

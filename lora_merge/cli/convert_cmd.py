@@ -42,10 +42,9 @@ def convert_cmd(src, dst, to, dtype, force, keep_heads, repair, rank, max_error,
     metadata is kept. OUT is a .safetensors file, or a folder for --to peft. Check the result with
     `lora-merge diff IN OUT --fail-above 1e-6`.
     """
+    from ..errors import UsageError
     from ..files import parse_dtype
     from ..formats.api import save
-
-    from ..errors import UsageError
     from ..formats.clients import default_output_dialect, is_sd_lora, loader_note
 
     if base_weights is None:

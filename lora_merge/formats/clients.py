@@ -21,8 +21,15 @@ from .. import arch
 from ..adapter import Adapter, LoraModule, TensorRef
 from .common import standard_alpha
 
-__all__ = ["LoaderWarning", "SD_COMPONENTS", "default_output_dialect", "is_sd_lora", "loader_note",
-           "mixed_alpha_note", "one_alpha"]
+__all__ = [
+    "SD_COMPONENTS",
+    "LoaderWarning",
+    "default_output_dialect",
+    "is_sd_lora",
+    "loader_note",
+    "mixed_alpha_note",
+    "one_alpha",
+]
 
 #: the pipeline parts of SD 1.x / 2.x / SDXL whose kohya names every client maps
 SD_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
