@@ -29,9 +29,11 @@ REPO = HERE.parent
 CASES = {
     "linear": {},
     "linear --rank 64": {"rank": 64},
-    "ties --rank 32": {"strategy": "ties", "rank": 32},
-    "ziplora --steps 20": {"strategy": "ziplora", "params": {"steps": 20}},
+    "svd --rank 32": {"strategy": "svd", "rank": 32},
+    "ziplora --steps 10": {"strategy": "ziplora", "params": {"steps": 10}},
+    "ties --rank 32": {"strategy": "ties", "rank": 32},  # dense per layer: minutes a run on 2 cores
 }
+DEFAULT_CASES = ("linear", "linear --rank 64", "svd --rank 32", "ziplora --steps 10")
 
 TIMER = textwrap.dedent(
     """
@@ -77,7 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="14c2c64", help="git revision to compare against")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
+    ap.add_argument("--cases", default=",".join(DEFAULT_CASES), help="comma-separated subset of: " + ", ".join(CASES))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,6 +101,8 @@ def main() -> None:
                 before, after = statistics.median(times["before"]), statistics.median(times["after"])
                 rows.append({"case": case, "before_s": before, "after_s": after, "ratio": after / before,
                              "same_tensors": digests["before"] == digests["after"]})  # fmt: skip
+                if not args.json:
+                    print(f"  {case}: {before:.3f} s → {after:.3f} s", file=sys.stderr, flush=True)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], check=False)
     if args.json:
