@@ -10,7 +10,9 @@ attention proj, both MLP layers, single-block linear1 and linear2 — 228 module
 * **floor**: load both with ``safetensors``, concatenate each module's factors (scale folded in), save —
   the least any merge tool must do;
 * ``lora-merge`` **linear** (exact: rank 64 out, kohya, bf16), through :func:`lora_merge.merge`;
-* **--rank 32** (re-factor every merged layer to rank 32 from its factors).
+* **--rank 32** (re-factor every merged layer to rank 32 from its factors);
+* with ``--lokr``: converting a full-size LoKr file of the same modules (``lokr_w1`` 4×4, ``lokr_w2`` of
+  rank 16) to a rank-32 LoRA, timed, with its relative ΔW error.
 
 The same targets as the SDXL benchmark (``benchmarks/test_bench_merge.py``): linear ≤ 1.3× the floor,
 ``--rank`` ≤ 2.5× the floor.  Prints one line per variant and the ratios; ``--json`` for machines.
@@ -66,6 +68,36 @@ def write_pair(folder: Path, rank: int, seed: int = 0) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+def write_lokr(folder: Path, factor: int = 4, rank: int = 16, seed: int = 1) -> Path:
+    """A full-size FLUX.1 LoKr file (same 228 modules): ``lokr_w1`` (factor×factor) full, ``lokr_w2_a/b``
+    of rank ``rank``, bf16, alpha = rank."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, (d_out, d_in) in flux_layout().items():
+        c, d = d_out // factor, d_in // factor
+        sd[f"{name}.lokr_w1"] = torch.randn(factor, factor, generator=g).to(torch.bfloat16)
+        sd[f"{name}.lokr_w2_a"] = (torch.randn(c, rank, generator=g) * 0.02).to(torch.bfloat16)
+        sd[f"{name}.lokr_w2_b"] = (torch.randn(rank, d, generator=g) / d**0.5).to(torch.bfloat16)
+        sd[f"{name}.alpha"] = torch.tensor(float(rank))
+    p = folder / "flux_lokr.safetensors"
+    save_file(sd, str(p))
+    return p
+
+
+def lokr_conversion(folder: Path, rank: int) -> dict:
+    """Time ``convert --to kohya --rank K`` of the full-size LoKr file and report its ΔW error."""
+    import lora_merge
+    from lora_merge.formats.lycoris import to_lora
+
+    src = write_lokr(folder)
+    t = time.perf_counter()
+    lo, rep = to_lora(lora_merge.load(src), rank)
+    out = lora_merge.save(lo, folder / "lokr_as_lora.safetensors", to="kohya", dtype=torch.bfloat16, force=True)
+    dt = time.perf_counter() - t
+    return {"seconds": dt, "rank": rank, "rel_error_overall": rep["rel_error_overall"],
+            "rel_error_max": rep["rel_error_max"], "output_bytes": out.stat().st_size}
+
+
 def floor(a: Path, b: Path, out: Path) -> None:
     ta, tb = load_file(str(a)), load_file(str(b))
     res = {}
@@ -88,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--keep", type=Path, default=None, help="write the pair here (and keep it)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--lokr", action="store_true", help="also time a full-size LoKr → LoRA conversion")
     args = ap.parse_args(argv)
 
     import lora_merge
@@ -126,6 +159,8 @@ def main(argv=None) -> int:
                "min_s": {k: min(v) for k, v in times.items()},
                "ratio_of_min": {k: min(times[k]) / min(times["floor"]) for k in kinds},
                "threads": torch.get_num_threads()}
+        if args.lokr:
+            res["lokr_to_lora"] = lokr_conversion(folder, args.rank)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
@@ -134,6 +169,10 @@ def main(argv=None) -> int:
         for k in kinds:
             print(f"  {k:<8} {med[k]:7.2f} s  {res['ratio'][k]:5.2f}x floor  "
                   f"(range {min(times[k]):.2f}-{max(times[k]):.2f} s; best/best {res['ratio_of_min'][k]:.2f}x)")
+    if "lokr_to_lora" in res:
+        lk = res["lokr_to_lora"]
+        print(f"  LoKr → LoRA rank {lk['rank']}: {lk['seconds']:.1f} s, relative ΔW error "
+              f"{lk['rel_error_overall']:.3g} overall, {lk['rel_error_max']:.3g} at worst")
     return 0
 
 

@@ -172,12 +172,75 @@ def _lokr_shape(name, parts, path) -> tuple[tuple[int, ...], int | None]:
     return shape, (r1 if r1 is not None else r2)
 
 
+def _structured(m: LycorisModule) -> tuple[int, object] | None:
+    """``(rank, fn)`` of an exact low-rank factorization ``ΔW = up @ down`` (``fn() -> (up, down)``, scale
+    folded in) read off the LoHa / LoKr structure of a linear module, or None:
+
+    * LoHa: ``(A1 B1) ⊙ (A2 B2) = (A1 ⊙ᵣ A2)(B1 ⊙꜀ B2)`` (row-wise and column-wise Khatri–Rao products),
+      rank ``r1·r2``;
+    * LoKr: ``kron(w1, a2 b2) = kron(w1, a2) · kron(I_b, b2)``, rank ``b·r``; with a full ``w2``,
+      ``kron(w1, w2) = kron(w1, I_c) · kron(I_b, w2)`` (rank ``b·c``) or ``kron(I_a, w2) · kron(w1, I_d)``
+      (rank ``a·d``)."""
+    if len(m.shape_of_weight) != 2 or m.lycoris_type not in ("LoHa", "LoKr") or any(
+            k in m.parts for k in ("hada_t1", "hada_t2", "lokr_t2")):
+        return None
+    P, g = m.parts, m.gamma
+    if m.lycoris_type == "LoHa":
+        r = P["hada_w1_b"].shape[0] * P["hada_w2_b"].shape[0]
+
+        def loha():
+            a1, b1 = P["hada_w1_a"].load(torch.float32), P["hada_w1_b"].load(torch.float32)
+            a2, b2 = P["hada_w2_a"].load(torch.float32), P["hada_w2_b"].load(torch.float32)
+            up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1) * g
+            down = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
+            return up, down
+        return r, loha
+
+    def w1():
+        return P["lokr_w1"].load(torch.float32) if "lokr_w1" in P else \
+            P["lokr_w1_a"].load(torch.float32) @ P["lokr_w1_b"].load(torch.float32)
+    a = P["lokr_w1"].shape[0] if "lokr_w1" in P else P["lokr_w1_a"].shape[0]
+    b = P["lokr_w1"].shape[1] if "lokr_w1" in P else P["lokr_w1_b"].shape[1]
+    if "lokr_w2" not in P:
+        r2 = P["lokr_w2_b"].shape[0]
+
+        def lokr_factored():
+            a2, b2 = P["lokr_w2_a"].load(torch.float32), P["lokr_w2_b"].load(torch.float32)
+            return torch.kron(w1(), a2) * g, torch.kron(torch.eye(b), b2)
+        return b * r2, lokr_factored
+    c, d = P["lokr_w2"].shape
+
+    def lokr_full():
+        w2 = P["lokr_w2"].load(torch.float32)
+        if b * c <= a * d:
+            return torch.kron(w1(), torch.eye(c)) * g, torch.kron(torch.eye(b), w2)
+        return torch.kron(torch.eye(a), w2) * g, torch.kron(w1(), torch.eye(d))
+    return min(b * c, a * d), lokr_full
+
+
 def _factor_refs(m: LycorisModule) -> tuple[TensorRef, TensorRef]:
-    """(down, up) refs of the exact factorization ``ΔW = up @ down``: ΔW and an identity."""
+    """(down, up) refs of an exact factorization ``ΔW = up @ down``: the LoHa/LoKr structure's when it is
+    of lower rank (:func:`_structured`), else ΔW and an identity."""
     shape = m.shape_of_weight
     d_out, d_in = shape[0], math.prod(shape[1:])
     src = next(iter(m.parts.values()))
     conv = len(shape) == 4
+    st = _structured(m)
+    if st is not None and st[0] < min(d_out, d_in):
+        r, fn = st
+        cache: dict[str, torch.Tensor] = {}
+
+        def part(i):
+            if "f" not in cache or i in cache.get("used", set()):
+                cache.clear()
+                cache["f"] = fn()  # type: ignore[operator]
+                cache["used"] = set()
+            cache["used"].add(i)  # type: ignore[union-attr]
+            return cache["f"][i]  # type: ignore[index]
+
+        up = DerivedRef((d_out, r), torch.float32, lambda: part(0), src)
+        down = DerivedRef((r, d_in), torch.float32, lambda: part(1), src)
+        return down, up
     if d_out <= d_in:
         r = d_out
         down = DerivedRef((r, *shape[1:]) if conv else (r, d_in), torch.float32, lambda: m.exact_delta(), src)
@@ -349,10 +412,16 @@ def to_lora(adapter: Adapter, rank: int, *, max_error: float | None = None,
         if not isinstance(m, LycorisModule) and m.rank <= rank:
             out.modules[m.name] = m
             continue
-        d = m.delta(torch.float32)
-        up, down, err, norm = linalg.refactor_dense_error(d, rank)  # truncated SVD: the best rank-K
-        err2, n2 = (err * norm) ** 2, norm**2
-        per[m.name] = err
+        if m.rank < min(m.out_features, m.in_features):  # from the factors (LoRA, structured LoHa/LoKr)
+            b, a = m.factors(torch.float32)
+            sv = linalg.singular_values(b * m.scale, a).double()
+            k = min(rank, sv.numel())
+            up, down = linalg.refactor(b * m.scale, a, k)
+            n2, err2 = float((sv**2).sum()), float((sv[k:] ** 2).sum())
+        else:  # identity-factorized: a truncated SVD of the dense ΔW (the best rank-K approximation)
+            up, down, err, norm = linalg.refactor_dense_error(m.delta(torch.float32), rank)
+            err2, n2 = (err * norm) ** 2, norm**2
+        per[m.name] = (err2 / n2) ** 0.5 if n2 > 0 else 0.0
         num, den = num + err2, den + n2
         st = dtype or (m.parts[next(iter(m.parts))].dtype if isinstance(m, LycorisModule) else m.dtype)
         out.modules[m.name] = LoraModule.from_factors(m.name, up, down, m.weight_shape, st)
