@@ -97,6 +97,11 @@ def _command_name(argv: list[str] | None) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     """The console script (``argv`` None: the process ends here, the handlers stay) or an in-process call
     (the caller's handlers come back afterwards)."""
+    from .fast import answer  # --version, --help, `strategies`: answered without importing torch
+
+    code = answer(argv, cli)
+    if code is not None:
+        sys.exit(code)
     _STATE["signalled"] = False
     old = _install_handlers()
     try:

@@ -15,13 +15,20 @@ def strategies(name: str | None, as_json: bool) -> None:
     from ..strategies import available_strategies, get_strategy
 
     if name:
-        info = get_strategy(name).describe()
-        if as_json:
-            print_json(info)
-            return
-        _show_one(info)
+        show(get_strategy(name).describe(), as_json)
         return
-    infos = [cls.describe() for cls in available_strategies().values()]
+    show([cls.describe() for cls in available_strategies().values()], as_json)
+
+
+def show(infos: list[dict] | dict, as_json: bool) -> None:
+    """Print the strategies' ``describe()`` dicts (a list: the table; one dict: its parameters); also what
+    :mod:`lora_merge.cli.fast` prints from the built-in catalogue."""
+    if isinstance(infos, dict):
+        if as_json:
+            print_json(infos)
+            return
+        _show_one(infos)
+        return
     if as_json:
         print_json(infos)
         return
