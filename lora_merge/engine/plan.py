@@ -56,6 +56,7 @@ class Plan:
         self.seed = int(seed)
         self.device = torch.device(device)
         self.rank = rank
+        self.allow_pickle = False  # set by run_merge from MergeOptions.allow_pickle (model mode's --base)
         if not allow_mixed_arch:
             problem = arch_facts.mixed_arch_problem(self.adapters, self.names)
             if problem:
@@ -162,6 +163,15 @@ class Plan:
             b, a = m.factors(torch.float32, dev)
             res.append(LayerInput(up=b, down=a, scale=m.scale, weight=w))
         return res
+
+    def check_inputs(self, name: str) -> None:
+        """Read every input's factors of layer ``name`` with the NaN/Inf check (a :class:`FormatError`
+        naming the file when one is not finite)."""
+        for ad in self.adapters:
+            m = ad.modules.get(name)
+            if m is not None:
+                m.up.load()
+                m.down.load()
 
     def legacy_context(self) -> dict[str, Any]:
         """The context dict of the deprecated ``prepare(inputs, context)`` hook."""
