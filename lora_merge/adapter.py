@@ -100,16 +100,18 @@ class TensorRef:
     def in_file(cls, handle: _SafetensorsHandle, key: str, shape, dtype: torch.dtype) -> TensorRef:
         return cls(shape=tuple(int(s) for s in shape), dtype=dtype, key=key, handle=handle)
 
-    def load(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> torch.Tensor:
+    def load(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None, *,
+             check: bool = True) -> torch.Tensor:
         """The tensor (cast/moved when asked).  A floating-point tensor read from a file with a NaN or an
         infinity is a :class:`FormatError` naming the file and the tensor: no LoRA holds one, and every
         command would otherwise pass it on (into a merged file) or fail deep inside ``torch.linalg``.
-        (In-memory tensors are the caller's; the merge checks its results.)"""
+        (In-memory tensors are the caller's; the merge checks its results.)  ``check=False`` skips the
+        check, for a caller that checks what it makes from the tensor (the merge's direct kernels)."""
         if self.tensor is not None:
             t = self.tensor
         else:
             t = self.handle.get(self.key)  # type: ignore[union-attr]
-            if t.is_floating_point() and not all_finite(t):
+            if check and t.is_floating_point() and not all_finite(t):
                 raise FormatError(f"tensor {_short(self.key)} holds NaN or infinite values", self.handle.path)
         if dtype is not None or device is not None:
             t = t.to(dtype=dtype or t.dtype, device=device or t.device)

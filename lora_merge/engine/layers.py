@@ -152,6 +152,7 @@ class _Loop:
     def store(self, name: str, info: dict, mod: LoraModule) -> None:
         for t in (mod.up.tensor, mod.down.tensor):
             if t is not None and not linalg.all_finite(t):
+                self.plan.check_inputs(name)  # a NaN/Inf in an input file: a FormatError naming it
                 raise MergeError(f"module {name}: the merged factors are not finite (the inputs' values are too "
                                  f"large for the arithmetic or for {str(self.run.out_dtype).removeprefix('torch.')}"
                                  " output; try --dtype fp32)")

@@ -173,7 +173,10 @@ class MergePlan(Protocol):
 
 
 class DirectKernel(Protocol):
-    """A strategy's fast path: output modules straight from the stored factors (see ``linear``)."""
+    """A strategy's fast path: output modules straight from the stored factors (see ``linear``).  It may
+    read the factors unchecked (``TensorRef.load(check=False)``): the engine checks every output factor
+    for NaN/Inf and, when one is not finite, re-reads that layer's inputs with the check, which names the
+    file."""
 
     #: True when a layer is real arithmetic worth a worker thread (False: a copy)
     heavy: bool

@@ -96,8 +96,8 @@ class ExactConcat:
         o = 0
         for m, coeff in parts:
             r = m.rank
-            b = m.up.load().reshape(d_out, r)
-            a = m.down.load().reshape(r, d_in)
+            b = m.up.load(check=False).reshape(d_out, r)  # the engine checks the output (see DirectKernel)
+            a = m.down.load(check=False).reshape(r, d_in)
             if b.dtype == self.out_dtype or b.dtype == torch.float32 or self.out_dtype == torch.float32:
                 up[:, o : o + r].copy_(b)
             else:  # e.g. bf16 → fp16: widen first, so the one rounding is the fp32 → output cast
