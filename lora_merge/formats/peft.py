@@ -14,12 +14,20 @@ from pathlib import Path
 
 import torch
 
+from .. import arch
 from ..adapter import Adapter, TensorRef
 from ..errors import FormatError
 from .common import PEFT_DEFAULT_ALPHA, carried_metadata, cast, lora_config_for, make_module, pattern_value
 from .registry import Located, Written
 
 PREFIX = "base_model.model."
+#: safetensors metadata key: the pipeline component (``unet``, ``text_encoder``, …) whose module paths the
+#: folder's names are relative to, so that ``PeftModel.from_pretrained(unet, folder)`` attaches it
+COMPONENT_KEY = "lora_merge.peft_component"
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
+#: the top-level names of a diffusers UNet: a PEFT folder saved from a UNet has only these
+_UNET_HEADS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "conv_norm_out",
+               "time_embedding.", "add_embedding.")
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -84,6 +92,10 @@ def read(refs: dict[str, TensorRef], metadata: dict[str, str], path, config: dic
             extras[body] = ref
         else:
             unparsed.append(key)
+    comp = metadata.get(COMPONENT_KEY)
+    if comp not in _COMPONENTS:
+        comp = "unet" if pairs and all(m.startswith(_UNET_HEADS) for m in pairs) else None
+    owner = f"{comp}." if comp else ""
     cfg = config or {}
     if config is None:
         warnings.warn(f"{path}: no {CONFIG_NAME} next to it; assuming alpha = r (scale 1) for every module",
@@ -97,8 +109,8 @@ def read(refs: dict[str, TensorRef], metadata: dict[str, str], path, config: dic
             a = pattern_value(cfg.get("alpha_pattern"), mod)
             alpha = float(a if a is not None else cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA))
         src = (slot.get("down") or slot.get("up"))[0]  # type: ignore[index]
-        ad.modules[mod] = make_module(mod, slot.get("down", (None, None))[1], slot.get("up", (None, None))[1],
-                                      path, src, alpha, rule)
+        ad.modules[owner + mod] = make_module(owner + mod, slot.get("down", (None, None))[1],
+                                              slot.get("up", (None, None))[1], path, src, alpha, rule)
     ad.extra_tensors = extras
     ad.unparsed_keys = sorted(unparsed)
     return ad
@@ -116,10 +128,22 @@ def _heads(extras: dict[str, TensorRef]) -> list[str]:
     return sorted({k.rsplit(".", 1)[0] for k in extras})
 
 
+def component_of(adapter: Adapter) -> str | None:
+    """The one pipeline component (``unet``, ``text_encoder``, …) every module of ``adapter`` is in, or
+    None (another model's adapter, or modules of several components)."""
+    heads = {n.split(".", 1)[0] for n in adapter.modules}
+    if len(heads) == 1 and (comp := heads.pop()) in _COMPONENTS and arch.is_diffusion_adapter(adapter):
+        return comp  # (GPT-2's own modules are named transformer.h.N: not a diffusion component)
+    return None
+
+
 def build_config(adapter: Adapter) -> dict:
-    """adapter_config.json content reproducing every module's rank and scale."""
+    """adapter_config.json content reproducing every module's rank and scale (names relative to the
+    component for a one-component diffusion LoRA, see :func:`component_of`)."""
     base = dict(adapter.config) if adapter.config and "peft_type" in adapter.config else {}
-    mods = list(adapter.modules.items())
+    comp = component_of(adapter)
+    cut = len(comp) + 1 if comp else 0
+    mods = [(n[cut:], m) for n, m in adapter.modules.items()]
     fields = lora_config_for(mods)
     if base and _targets_cover(base.get("target_modules"), [n for n, _ in mods]):
         fields["target_modules"] = base["target_modules"]
@@ -148,13 +172,19 @@ def build_config(adapter: Adapter) -> dict:
 def write(adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> Written:
     """The folder's tensors and metadata, and its ``adapter_config.json`` as ``Written.files``."""
     tensors: dict[str, torch.Tensor] = {}
+    comp = component_of(adapter)  # a UNet LoRA is written relative to the UNet: PeftModel(unet) attaches it
+    cut = len(comp) + 1 if comp else 0
     for name, m in adapter.modules.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = cast(m.down.load(), dtype)
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = cast(m.up.load(), dtype)
+        tensors[f"{PREFIX}{name[cut:]}.lora_A.weight"] = cast(m.down.load(), dtype)
+        tensors[f"{PREFIX}{name[cut:]}.lora_B.weight"] = cast(m.up.load(), dtype)
     for name, t in adapter.extra_tensors.items():
         tensors[f"{PREFIX}{name}"] = cast(t.load(), dtype)
     config = json.dumps(build_config(adapter), indent=2, sort_keys=True) + "\n"
-    return Written(tensors, carried_metadata(adapter, metadata), {CONFIG_NAME: config})
+    md = carried_metadata(adapter, metadata)
+    md.pop(COMPONENT_KEY, None)
+    if comp:
+        md[COMPONENT_KEY] = comp
+    return Written(tensors, md, {CONFIG_NAME: config})
 
 
 class PeftDialect:
