@@ -292,6 +292,8 @@ def test_every_written_file_is_byte_identical_across_runs(tmp_path, pair, capsys
         assert code == 0, err
         assert (out.parent / "out.safetensors.masks.safetensors").exists()
         digests.append(_digests(out.parent))
+        modes = {p.name: p.stat().st_mode & 0o777 for p in out.parent.iterdir()}
+        assert len(set(modes.values())) == 1, modes  # sidecars get the outputs' mode (were 0600)
     assert digests[0] == digests[1] and len(digests[0]) == 3
 
 
