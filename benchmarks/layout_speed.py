@@ -4,6 +4,7 @@ attention pair (560 layers, rank 64, fp16 kohya files; ``sdxl_pair.py``).
 
     python benchmarks/layout_speed.py                      # against 14c2c64 (before the engine split)
     python benchmarks/layout_speed.py --base REV --rounds 5 --json
+    python benchmarks/layout_speed.py --base 14c2c64 --head 77ebb76     # two revisions
 
 Each timing is one merge in a fresh process (imports excluded: the merge call alone, with
 ``--threads 1`` so the two sides do not compete for the two cores), rounds alternate the two trees so
@@ -78,6 +79,7 @@ def _time(tree: Path, a: Path, b: Path, out: Path, kw: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="14c2c64", help="git revision to compare against")
+    ap.add_argument("--head", default=None, help="git revision to measure instead of this checkout")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cases", default=",".join(DEFAULT_CASES), help="comma-separated subset of: " + ", ".join(CASES))
     ap.add_argument("--json", action="store_true")
@@ -86,6 +88,11 @@ def main() -> None:
         tmp = Path(tmp)
         base = tmp / "base"
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(base), args.base], check=True)
+        head = REPO
+        if args.head:
+            head = tmp / "head"
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(head), args.head],
+                           check=True)  # fmt: skip
         try:
             a, b = _pair(tmp)
             rows = []
@@ -94,7 +101,7 @@ def main() -> None:
                 times: dict[str, list[float]] = {"before": [], "after": []}
                 digests = {}
                 for _ in range(args.rounds):
-                    for side, tree in (("before", base), ("after", REPO)):
+                    for side, tree in (("before", base), ("after", head)):
                         r = _time(tree, a, b, tmp / f"{side}.safetensors", kw)
                         times[side].append(r["seconds"])
                         digests[side] = r["tensors"]
@@ -104,11 +111,13 @@ def main() -> None:
                 if not args.json:
                     print(f"  {case}: {before:.3f} s → {after:.3f} s", file=sys.stderr, flush=True)
         finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], check=False)
+            for tree in {base, head} - {REPO}:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
     if args.json:
-        print(json.dumps({"base": args.base, "rounds": args.rounds, "rows": rows}, indent=2))
+        print(json.dumps({"base": args.base, "head": args.head, "rounds": args.rounds, "rows": rows}, indent=2))
         return
-    print(f"merge speed, this checkout vs {args.base} (median of {args.rounds} alternating rounds, 1 thread)")
+    what = args.head or "this checkout"
+    print(f"merge speed, {what} vs {args.base} (median of {args.rounds} alternating rounds, 1 thread)")
     print(f"{'case':<22} {'before s':>9} {'after s':>9} {'ratio':>7}  same tensors")
     for r in rows:
         print(f"{r['case']:<22} {r['before_s']:>9.3f} {r['after_s']:>9.3f} {r['ratio']:>7.3f}  {r['same_tensors']}")
