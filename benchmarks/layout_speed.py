@@ -57,8 +57,9 @@ TIMER = textwrap.dedent(
 
 def _pair(folder: Path) -> tuple[Path, Path]:
     sys.path.insert(0, str(HERE))
-    import lora_merge as lm
     from sdxl_pair import sdxl_attention_layout, synthetic_pair
+
+    import lora_merge as lm
 
     content, style = synthetic_pair(sdxl_attention_layout(), rank=64)
     a, b = folder / "content.safetensors", folder / "style.safetensors"
