@@ -169,5 +169,5 @@ def test_core_imports_no_diffusers(module):
         "'accelerate') or k.startswith('lora_merge.model_mode') or k.startswith('lora_merge.toyworld')); "
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout + res.stderr

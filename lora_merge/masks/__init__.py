@@ -29,6 +29,7 @@ the closed form, :func:`prior_init`) and :mod:`~lora_merge.masks.optimizer` (the
 """
 from __future__ import annotations
 
+from .optimizer import Solution, finish, refine, refine_many, solve, start
 from .problem import (
     AXES,
     MaskAxis,
@@ -43,7 +44,6 @@ from .problem import (
     prior_rank_term,
     similarity,
 )
-from .optimizer import Solution, finish, refine, refine_many, solve, start
 
 __all__ = [
     "AXES",
