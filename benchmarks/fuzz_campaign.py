@@ -1,0 +1,676 @@
+"""A fuzz campaign against the command line: hostile and corrupted inputs through inspect, convert, merge,
+diff and priors, each run in a forked child of one warm process (the fork server: torch is imported once,
+a case costs a fork instead of an interpreter start), with a time limit.
+
+    python benchmarks/fuzz_campaign.py --cases 3000 --seed 101 --jobs 2
+
+Every case makes its inputs in a fresh folder (a mutation of a real fixture from ../shared/fixtures when
+present, or of a small synthetic adapter), hashes them, runs one command in-process (``lora_merge.cli.main``)
+and classifies the outcome:
+
+- ``clean error``: exit code 1-4, one ``error: …`` line on stderr (warning lines allowed), no output;
+- ``success``: exit code 0 (a written output is read back: a NaN/Inf in it counts as ``non-finite output``);
+- ``traceback``: a Python traceback or a message that is not one line; ``crash``: killed by a signal;
+- ``hang``: still running after ``--timeout`` seconds;
+- ``partial output``: an output or a temporary file left after an error (or a temporary file after success);
+- ``input modified``: any input file's bytes changed.
+
+The table of outcomes per command is printed at the end (``--json`` for a machine-readable copy); the
+failing cases are listed with their mutation, and ``--keep DIR`` keeps their folders.  The mutations
+(``mutate``) and the outcome check (``classify``) are shared with ``tests/test_fuzz_cli.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures"
+SD15 = ["pokemon_style", "rick_and_morty_style", "course3_unet_prefixed", "sd_lora_2100"]
+PEFT = ["distilbert_emotion", "distilbert_imdb", "gpt2_tigrinya"]
+
+#: command -> the group it counts for in the table
+COMMANDS = {
+    "inspect": "inspect", "inspect-modules": "inspect", "inspect-json": "inspect",
+    "convert": "convert", "convert-peft": "convert",
+    "merge": "merge", "merge-rank": "merge", "merge-ties": "merge", "merge-dare": "merge",
+    "merge-svd": "merge", "merge-ziplora": "merge", "merge-report": "merge",
+    "diff": "diff",
+    "priors": "priors",
+}
+#: commands that take seconds on a real fixture (dense ΔW per layer): mostly given the small adapters
+SLOW_ON_FIXTURES = ("diff", "inspect-modules", "merge-ziplora", "merge-ties", "merge-dare", "merge-svd", "merge-rank")
+OUTCOMES = ["clean error", "success", "traceback", "crash", "hang", "partial output", "input modified",
+            "non-finite output"]
+BAD = ["traceback", "crash", "hang", "partial output", "input modified", "non-finite output"]
+
+
+# ---------------------------------------------------------------- safetensors bytes
+def split(data: bytes) -> tuple[dict, bytes]:
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def join(header: dict | str, body: bytes) -> bytes:
+    text = header if isinstance(header, str) else json.dumps(header, separators=(",", ":"))
+    blob = text.encode("utf-8", "surrogatepass")
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob + body
+
+
+def tensor_keys(header: dict) -> list[str]:
+    return sorted(k for k in header if k != "__metadata__")
+
+
+def _np_dtype(tag: str):
+    import numpy as np
+
+    return {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I32": np.int32, "I64": np.int64,
+            "U8": np.uint8, "I8": np.int8, "BOOL": np.bool_, "I16": np.int16}.get(tag)
+
+
+def tensors_of(data: bytes) -> tuple[dict, dict]:
+    """(name -> numpy array, metadata) of a safetensors file (BF16 kept as raw uint16)."""
+    import numpy as np
+
+    header, body = split(data)
+    md = header.pop("__metadata__", {}) or {}
+    out = {}
+    for k, v in header.items():
+        b, e = v["data_offsets"]
+        dt = _np_dtype(v["dtype"]) or np.uint16
+        out[k] = (v["dtype"], np.frombuffer(body[b:e], dtype=dt).reshape(v["shape"]).copy())
+    return out, md
+
+
+def build(tensors: dict, metadata: dict | None) -> bytes:
+    """Bytes of a safetensors file from ``name -> (tag, numpy array)``."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    chunks, off = [], 0
+    for k in sorted(tensors):
+        tag, arr = tensors[k]
+        raw = arr.tobytes()
+        header[k] = {"dtype": tag, "shape": list(arr.shape), "data_offsets": [off, off + len(raw)]}
+        chunks.append(raw)
+        off += len(raw)
+    return join(header, b"".join(chunks))
+
+
+# ---------------------------------------------------------------- base inputs
+@dataclass
+class Base:
+    name: str
+    path: Path  # a .safetensors file or a PEFT folder
+    peft: bool = False
+    big: bool = False  # a real fixture (slower commands)
+
+
+def synthetic(folder: Path) -> list[Base]:
+    """Small adapters in three dialects (kohya with alphas and a conv, diffusers fp16, PEFT with a head)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    t = {}
+    for i, blk in enumerate(["down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+                             "down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k",
+                             "mid_block_attentions_0_proj_in", "up_blocks_1_attentions_0_transformer_blocks_0_ff_net_2"]):
+        k = f"lora_unet_{blk}"
+        t[f"{k}.lora_down.weight"] = ("F32", rng.standard_normal((4, 32 + 8 * i)).astype(np.float32))
+        t[f"{k}.lora_up.weight"] = ("F32", rng.standard_normal((24, 4)).astype(np.float32) * 0.1)
+        t[f"{k}.alpha"] = ("F32", np.array(2.0, dtype=np.float32))
+    k = "lora_unet_down_blocks_0_resnets_0_conv1"
+    t[f"{k}.lora_down.weight"] = ("F32", rng.standard_normal((4, 8, 3, 3)).astype(np.float32))
+    t[f"{k}.lora_up.weight"] = ("F32", rng.standard_normal((8, 4, 1, 1)).astype(np.float32))
+    p = folder / "kohya.safetensors"
+    p.write_bytes(build(t, {"ss_network_dim": "4", "ss_network_alpha": "2"}))
+    out.append(Base("kohya", p))
+    t = {}
+    for i in range(4):
+        m = f"unet.down_blocks.1.attentions.0.transformer_blocks.{i}.attn1.to_v"
+        t[f"{m}.lora_A.weight"] = ("F16", rng.standard_normal((4, 40)).astype(np.float16))
+        t[f"{m}.lora_B.weight"] = ("F16", (rng.standard_normal((40, 4)) * 0.1).astype(np.float16))
+    p = folder / "diffusers.safetensors"
+    p.write_bytes(build(t, {}))
+    out.append(Base("diffusers", p))
+    d = folder / "peft"
+    d.mkdir(exist_ok=True)
+    t = {}
+    for i in range(3):
+        m = f"base_model.model.encoder.layer.{i}.attention.q_lin"
+        t[f"{m}.lora_A.weight"] = ("F32", rng.standard_normal((4, 32)).astype(np.float32))
+        t[f"{m}.lora_B.weight"] = ("F32", rng.standard_normal((32, 4)).astype(np.float32) * 0.1)
+    t["base_model.model.classifier.modules_to_save.default.weight"] = ("F32", rng.standard_normal((3, 32)).astype(np.float32))
+    (d / "adapter_model.safetensors").write_bytes(build(t, {"format": "pt"}))
+    (d / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_lin"], "modules_to_save": ["classifier"],
+        "alpha_pattern": {}, "rank_pattern": {}, "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+        "base_model_name_or_path": "distilbert-base-uncased", "task_type": "SEQ_CLS"}, indent=2))
+    out.append(Base("peft-synthetic", d, peft=True))
+    return out
+
+
+def bases(work: Path) -> list[Base]:
+    out = synthetic(work / "synthetic")
+    if FIXTURES.is_dir():
+        out += [Base(n, FIXTURES / "sd15" / f"{n}.safetensors", big=True) for n in SD15
+                if (FIXTURES / "sd15" / f"{n}.safetensors").exists()]
+        out += [Base(n, FIXTURES / "peft" / n, peft=True, big=True) for n in PEFT if (FIXTURES / "peft" / n).is_dir()]
+    return out
+
+
+# ---------------------------------------------------------------- mutations
+WEIRD = [None, True, 0, -1, 1.5, "", "x", [], {}, [1, 2], {"a": 1}, 2**64, "F32 ", "f32", "F8_E4M3", "BOOL",
+         "I64", "U8", float("nan")]
+
+
+def _pick(rng: random.Random, seq):
+    return seq[rng.randrange(len(seq))]
+
+
+HEADER_KINDS = ["dtype", "shape", "offsets", "drop", "rename", "dup-key", "metadata", "entry", "toplevel", "nested",
+                "shape-swap", "rank0"]
+HEAVY_HEADER_KINDS = ["huge-name", "many-metadata", "big-metadata-value"]
+
+
+def header_mutation(rng: random.Random, data: bytes, light: bool = False) -> tuple[bytes, str]:
+    """One change to a safetensors file's header (its data left as it is); ``light``: none of the
+    megabyte-sized ones."""
+    header, body = split(data)
+    keys = tensor_keys(header)
+    k = _pick(rng, keys)
+    kind = _pick(rng, HEADER_KINDS if light else HEADER_KINDS + HEAVY_HEADER_KINDS)
+    if kind == "dtype":
+        header[k]["dtype"] = _pick(rng, WEIRD)
+    elif kind == "shape":
+        header[k]["shape"] = _pick(rng, [[], [-1, 4], [2**40, 2**40], ["4"], [0, 5], [1.5], None, [4], [2**62],
+                                         [*header[k]["shape"], 1], header[k]["shape"][::-1]])
+    elif kind == "offsets":
+        b, e = header[k]["data_offsets"]
+        header[k]["data_offsets"] = _pick(rng, [[e, b], [0, 2**63], [-1, e], [str(b), e], [b], None, [b, e + 8],
+                                                [b + 1, e + 1], [b, e, 0], [True, e]])
+    elif kind == "drop":
+        del header[k]
+    elif kind == "rename":
+        header[_pick(rng, ["", "x", k + ".extra", k.replace("down", "up"), k.replace("lora", "loha"),
+                           "lora_te_text_model_encoder_layers_0_mlp_fc1.hada_w1_a", "\u00e9\u4e2d.lora_down.weight",
+                           k.replace(".weight", ""), "__metadata__x"])] = header.pop(k)
+    elif kind == "dup-key":
+        text = json.dumps(header, separators=(",", ":"))
+        entry = json.dumps({k: header[k]}, separators=(",", ":"))[1:-1]
+        text = "{" + entry + "," + text[1:]
+        return join(text, body), f"header:{kind}"
+    elif kind == "metadata":
+        header["__metadata__"] = _pick(rng, [[], "x", {"a": 1}, {"a": None}, {"a": {"b": "c"}}, {1: "x"}, None])
+    elif kind == "entry":
+        header[k] = _pick(rng, [None, [], "x", 1, {"dtype": "F32"}, {"shape": [1]}])
+    elif kind == "toplevel":
+        return join(_pick(rng, ["[]", "null", "1", '"x"', "{", "{}", "{\"a\":" * 5000 + "1" + "}" * 5000]), body), \
+            f"header:{kind}"
+    elif kind == "huge-name":
+        header["x" * rng.choice([10_000, 1_000_000, 10_000_000]) + ".lora_down.weight"] = header.pop(k)
+    elif kind == "many-metadata":
+        header["__metadata__"] = {f"key_{i}": "v" * 8 for i in range(rng.choice([10_000, 100_000]))}
+    elif kind == "big-metadata-value":
+        header["__metadata__"] = {"ss_tag_frequency": "x" * rng.choice([1_000_000, 20_000_000])}
+    elif kind == "nested":
+        header["__metadata__"] = {"modelspec.title": json.dumps([[[[]]]] * 1000)}
+    elif kind == "shape-swap":
+        other = _pick(rng, keys)
+        header[k]["shape"], header[other]["shape"] = header[other]["shape"], header[k]["shape"]
+    elif kind == "rank0":
+        header[k]["shape"] = [0, *header[k]["shape"][1:]]
+    return join(header, body), f"header:{kind}"
+
+
+def byte_mutation(rng: random.Random, data: bytes) -> tuple[bytes, str]:
+    b = bytearray(data)
+    hl = 8 + struct.unpack("<Q", data[:8])[0]
+    kind = _pick(rng, ["flip", "truncate", "length", "append", "splice", "empty", "zero-header"])
+    if kind == "flip":
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(hl)] ^= rng.randint(1, 255)
+    elif kind == "truncate":
+        del b[rng.randrange(len(b)):]
+    elif kind == "length":
+        b[:8] = struct.pack("<Q", _pick(rng, [0, 1, 7, hl, hl - 9, 2**64 - 1, 2**40, rng.randrange(2**32)]))
+    elif kind == "append":
+        b += os.urandom(rng.randint(1, 64))
+    elif kind == "splice":
+        i = rng.randrange(8, hl)
+        b[i:i] = _pick(rng, [b"\"", b"\\", b"}", b"{", b"\xff\xfe", b"\x00", b"NaN", b",\"a\":1"])
+    elif kind == "empty":
+        b = bytearray()
+    else:
+        b[8:hl] = b" " * (hl - 8)
+    return bytes(b), f"bytes:{kind}"
+
+
+def value_mutation(rng: random.Random, data: bytes) -> tuple[bytes, str]:
+    """A change to the tensors: non-finite values, huge values, alphas, rank 0, broken pairs, dtypes."""
+    import numpy as np
+
+    tensors, md = tensors_of(data)
+    keys = sorted(tensors)
+    floats = [k for k in keys if tensors[k][0] in ("F32", "F16", "F64")]
+    kind = _pick(rng, ["nan", "inf", "huge", "zeros", "alpha", "swap", "transpose", "rank0", "rank-mismatch",
+                       "int-dtype", "extra-tensor", "drop-up", "f64", "scalar-factor", "empty-file"])
+    k = _pick(rng, floats or keys)
+    tag, arr = tensors[k]
+    if kind in ("nan", "inf", "huge") and arr.size and tag in ("F32", "F16", "F64"):
+        arr = arr.copy()
+        big = {"F16": 6e4, "F32": 3e38, "F64": 1e300}[tag]
+        arr.reshape(-1)[rng.randrange(arr.size)] = {"nan": np.nan, "inf": -np.inf, "huge": big}[kind]
+        tensors[k] = (tag, arr)
+    elif kind == "zeros":
+        tensors[k] = (tag, np.zeros_like(arr))
+    elif kind == "alpha":
+        alphas = [a for a in keys if a.endswith(".alpha")] or [k.rsplit(".", 2)[0] + ".alpha"]
+        a = _pick(rng, alphas)
+        v = _pick(rng, [np.nan, np.inf, 0.0, -4.0, 1e30, None])
+        tensors[a] = ("F32", np.array([1.0, 2.0], dtype=np.float32) if v is None else np.array(v, dtype=np.float32))
+    elif kind == "swap":
+        other = k.replace("down", "up") if "down" in k else k.replace("up", "down").replace("lora_B", "lora_A")
+        if other in tensors:
+            tensors[k], tensors[other] = tensors[other], tensors[k]
+    elif kind == "transpose" and arr.ndim == 2:
+        tensors[k] = (tag, np.ascontiguousarray(arr.T))
+    elif kind in ("rank0", "rank-mismatch"):
+        pairs = [(d, d.replace("lora_down", "lora_up").replace("lora_A", "lora_B")) for d in keys
+                 if ("lora_down" in d or "lora_A" in d)]
+        if pairs:
+            d, u = _pick(rng, pairs)
+            if u in tensors:
+                r = 0 if kind == "rank0" else max(tensors[d][1].shape[0] - 1, 0)
+                tensors[d] = (tensors[d][0], np.ascontiguousarray(tensors[d][1][:r]))
+                if kind == "rank0":
+                    tensors[u] = (tensors[u][0], np.ascontiguousarray(tensors[u][1][:, :0]))
+    elif kind == "int-dtype":
+        tensors[k] = ("I32", arr.astype(np.int32))
+    elif kind == "extra-tensor":
+        tensors["foo.bar.weight"] = ("F32", np.ones((3, 3), dtype=np.float32))
+    elif kind == "drop-up":
+        ups = [u for u in keys if "lora_up" in u or "lora_B" in u]
+        if ups:
+            del tensors[_pick(rng, ups)]
+    elif kind == "f64":
+        tensors[k] = ("F64", arr.astype(np.float64))
+    elif kind == "scalar-factor":
+        tensors[k] = (tag, np.array(1.0, dtype=arr.dtype))
+    elif kind == "empty-file":
+        tensors = {}
+    return build(tensors, md), f"values:{kind}"
+
+
+def cost_mutation(rng: random.Random, data: bytes, path: Path) -> str:
+    """Inputs whose cost no real adapter has: many tensors, a huge declared tensor over a sparse file."""
+    kind = _pick(rng, ["many-tensors", "sparse-huge"])
+    if kind == "many-tensors":
+        n = rng.choice([60_000, 200_000])
+        header = {f"t{i}.lora_down.weight": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(n)}
+        path.write_bytes(join(header, b"\x00" * n))
+    else:
+        size = rng.choice([20, 100]) * 2**30
+        header = {"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight":
+                  {"dtype": "F32", "shape": [4, size // 16], "data_offsets": [0, size // 4]},
+                  "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight":
+                  {"dtype": "F32", "shape": [size // 16, 4], "data_offsets": [size // 4, size // 2]}}
+        blob = join(header, b"")
+        with open(path, "wb") as f:
+            f.write(blob)
+            f.truncate(len(blob) + size // 2)
+    return f"cost:{kind}"
+
+
+PEFT_BAD = {
+    "lora_alpha": [None, [8], "8", "NaN", -1, {"a": 1}, True],
+    "r": [None, "8", 0, -4, 2.5, [4], True],
+    "alpha_pattern": ["x", ["a"], {"(": 4}, {"q_lin": "b"}, {"q_lin": None}, 3],
+    "rank_pattern": ["x", {"[": 4}, {"q_lin": 2.5}, {"q_lin": "4"}, []],
+    "target_modules": ["(", ["(unclosed"], [1, 2], 5, {"a": 1}, "re:(", [None]],
+    "modules_to_save": [[1], "x", {"a": 1}, [None], 7],
+    "use_dora": ["false", "true", 1, None],
+    "use_rslora": ["true", "no", 2, []],
+    "peft_type": ["LOHA", 3, None, "lora", "IA3"],
+    "fan_in_fan_out": ["no", 1, None],
+    "task_type": [5, ["x"]],
+}
+
+
+def peft_mutation(rng: random.Random, folder: Path) -> str:
+    cfg_path = folder / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    kind = _pick(rng, ["type", "type", "type", "dup-key", "not-object", "truncated", "config-dir", "no-weights",
+                       "no-config", "nan-literal", "weights", "weights"])
+    if kind == "type":
+        key = _pick(rng, sorted(PEFT_BAD))
+        val = _pick(rng, PEFT_BAD[key])
+        cfg[key] = float("nan") if val == "NaN" and key == "lora_alpha" else val
+        cfg_path.write_text(json.dumps(cfg))
+        return f"peft:{key}={json.dumps(val)}"
+    if kind == "dup-key":
+        text = json.dumps(cfg)
+        cfg_path.write_text('{"lora_alpha": 1, "r": 64, ' + text[1:])
+    elif kind == "not-object":
+        cfg_path.write_text(_pick(rng, ["[]", "null", "3", '"LORA"']))
+    elif kind == "truncated":
+        text = cfg_path.read_text()
+        cfg_path.write_text(text[: rng.randrange(len(text))])
+    elif kind == "config-dir":
+        cfg_path.unlink()
+        cfg_path.mkdir()
+    elif kind == "no-weights":
+        (folder / "adapter_model.safetensors").unlink()
+    elif kind == "no-config":
+        cfg_path.unlink()
+    elif kind == "nan-literal":
+        cfg_path.write_text(json.dumps({**cfg, "lora_alpha": float("inf")}))
+    else:
+        w = folder / "adapter_model.safetensors"
+        data, sub = _pick(rng, [header_mutation, value_mutation, byte_mutation])(rng, w.read_bytes())
+        w.write_bytes(data)
+        return f"peft-weights:{sub}"
+    return f"peft:{kind}"
+
+
+def mutate(rng: random.Random, base: Base, folder: Path) -> tuple[Path, Path, str]:
+    """Copy ``base`` into ``folder`` twice (``good`` untouched, ``bad`` mutated); returns
+    ``(bad, good, description)``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if base.peft:
+        bad, good = folder / "bad_adapter", folder / "good_adapter"
+        shutil.copytree(base.path, bad)
+        shutil.copytree(base.path, good)
+        for p in (*bad.iterdir(), *good.iterdir()):
+            p.chmod(0o644)
+        return bad, good, peft_mutation(rng, bad)
+    bad, good = folder / "bad.safetensors", folder / "good.safetensors"
+    shutil.copyfile(base.path, good)
+    good.chmod(0o644)
+    data = base.path.read_bytes()
+    r = rng.random()
+    if r < 0.03:
+        os.mkfifo(bad)
+        return bad, good, "special:fifo"
+    if r < 0.06:
+        return bad, good, cost_mutation(rng, data, bad)
+    fn = header_mutation if r < 0.45 else value_mutation if r < 0.8 else byte_mutation
+    new, what = fn(rng, data)
+    bad.write_bytes(new)
+    return bad, good, what
+
+
+def argv_for(command: str, bad: Path, good: Path, out: Path) -> tuple[list[str], Path | None]:
+    """The command line for ``command`` on the mutated input, and the output it would write (or None)."""
+    o = out / ("merged" if bad.is_dir() or bad.suffix != ".safetensors" else "merged.safetensors")
+    if command == "inspect":
+        return ["inspect", str(bad)], None
+    if command == "inspect-modules":
+        return ["inspect", "--modules", str(bad)], None
+    if command == "inspect-json":
+        return ["inspect", "--json", str(bad)], None
+    if command == "convert":
+        return ["convert", str(bad), str(out / "converted.safetensors"), "--to", "diffusers"], out / "converted.safetensors"
+    if command == "convert-peft":
+        return ["convert", str(bad), str(out / "converted"), "--to", "peft"], out / "converted"
+    if command == "diff":
+        return ["diff", str(good), str(bad)], None
+    if command == "priors":
+        return ["priors", str(bad), "--json"], None
+    extra = {"merge": [], "merge-rank": ["--rank", "4"], "merge-ties": ["-s", "ties"], "merge-dare": ["-s", "dare"],
+             "merge-svd": ["-s", "svd"], "merge-ziplora": ["-s", "ziplora", "--arch", "sdxl"],
+             "merge-report": ["--report", str(out / "report.json")]}[command]
+    return ["merge", str(bad), str(good), "-o", str(o), *extra], o
+
+
+# ---------------------------------------------------------------- one case
+def digest(paths: list[Path]) -> dict[str, str]:
+    out = {}
+    for root in paths:
+        for p in sorted([root] if not root.is_dir() else root.rglob("*")):
+            if p.is_fifo():
+                out[str(p)] = "fifo"
+            elif p.is_file():
+                h = hashlib.sha256()
+                with open(p, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+                        if f.tell() > 64 << 20:  # sparse giants: their size and first 64 MiB
+                            h.update(str(os.path.getsize(p)).encode())
+                            break
+                out[str(p)] = h.hexdigest()
+    return out
+
+
+def run_in_process(argv: list[str]) -> tuple[int, str, str]:
+    """``lora_merge.cli.main(argv)`` with stdout/stderr captured: ``(exit code, stdout, stderr)``."""
+    import warnings
+
+    from lora_merge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code: int | str | None = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("default")
+        try:
+            main(argv)
+        except SystemExit as e:
+            code = e.code
+        except BaseException:  # noqa: BLE001 - what the campaign is looking for
+            import traceback
+
+            traceback.print_exc(file=err)
+            code = 99
+    return (code if isinstance(code, int) else 1), out.getvalue(), err.getvalue()
+
+
+def nonfinite_output(path: Path | None) -> bool:
+    if path is None or not path.exists():
+        return False
+    import torch
+    from safetensors.torch import load_file
+
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    return any(not bool(torch.isfinite(t).all()) for f in files for t in load_file(str(f)).values()
+               if t.is_floating_point())
+
+
+def classify(code: int, err: str, output: Path | None, out_dir: Path, inputs_before: dict, inputs_after: dict,
+             nonfinite: bool = False) -> str:
+    temps = [p for p in out_dir.parent.rglob("*") if p.name.endswith(".tmp") and p.name.startswith(".")]
+    if inputs_before != inputs_after:
+        return "input modified"
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("warning: ")]
+    if "Traceback" in err or code == 99:
+        return "traceback"
+    if code == 0:
+        if temps:
+            return "partial output"
+        return "non-finite output" if nonfinite else "success"
+    if temps or any(out_dir.iterdir()):
+        return "partial output"
+    if code in (1, 2, 3, 4) and len(lines) == 1 and lines[0].startswith("error: "):
+        return "clean error"
+    return "traceback"  # a messy message counts as one
+
+
+@dataclass
+class Case:
+    index: int
+    command: str
+    base: str
+    mutation: str = ""
+    outcome: str = ""
+    seconds: float = 0.0
+    detail: str = ""
+
+
+def child(case: Case, base: Base, seed: int, folder: Path, result: Path) -> None:
+    """Runs in the forked child: make the inputs, run the command, write the outcome as JSON."""
+    rng = random.Random(f"{seed}:{case.index}")
+    bad, good, case.mutation = mutate(rng, base, folder / "in")
+    out_dir = folder / "out"
+    out_dir.mkdir()
+    argv, output = argv_for(case.command, bad, good, out_dir)
+    result.write_text(json.dumps({**case.__dict__, "outcome": "running"}))  # what a hang or crash was doing
+    before = digest([folder / "in"])
+    t0 = time.perf_counter()
+    code, _, err = run_in_process(argv)
+    case.seconds = time.perf_counter() - t0
+    nonfinite = False
+    if code == 0:
+        try:
+            nonfinite = nonfinite_output(output)
+        except Exception:  # noqa: BLE001 - an unreadable output is a finding too
+            nonfinite = True
+    case.outcome = classify(code, err, output, out_dir, before, digest([folder / "in"]), nonfinite)
+    case.detail = f"exit {code}: " + " | ".join(err.strip().splitlines()[-3:])[:300]
+    result.write_text(json.dumps(case.__dict__))
+
+
+def run_campaign(n: int, seed: int, jobs: int, timeout: float, keep: Path | None, only: list[str] | None) -> list[Case]:
+    import torch
+
+    torch.set_num_threads(1)  # the fork server stays single-threaded: forking after OpenMP started is unsafe
+    from lora_merge.cli import COMMANDS as CLI_COMMANDS
+    from lora_merge.cli import cli
+
+    for name in CLI_COMMANDS:  # import every command module (and torch, safetensors …) once, before forking
+        cli.get_command(None, name)
+    import lora_merge.analysis  # noqa: F401
+    import lora_merge.engine  # noqa: F401
+    work = Path(tempfile.mkdtemp(prefix="lora-fuzz-"))
+    all_bases = bases(work)
+    commands = only or list(COMMANDS)
+    rng = random.Random(seed)
+    cases = []
+    for i in range(n):
+        b = _pick(rng, all_bases)
+        cmd = _pick(rng, commands)
+        if b.big and cmd in SLOW_ON_FIXTURES and rng.random() < 0.8:
+            b = _pick(rng, [x for x in all_bases if not x.big and x.peft == b.peft] or all_bases)
+        cases.append((Case(i, cmd, b.name), b))
+    running: dict[int, tuple[Case, Path, float]] = {}
+    done: list[Case] = []
+    queue = list(cases)
+    t_start = time.time()
+    while queue or running:
+        while queue and len(running) < jobs:
+            case, base = queue.pop(0)
+            folder = work / f"case{case.index:05d}"
+            folder.mkdir()
+            result = folder / "result.json"
+            pid = os.fork()
+            if pid == 0:  # the child
+                code = 0
+                try:
+                    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                    signal.alarm(int(math.ceil(timeout)))
+                    os.chdir(folder)
+                    child(case, base, seed, folder, result)
+                except BaseException:  # noqa: BLE001
+                    import traceback
+
+                    (folder / "child_error.txt").write_text(traceback.format_exc())
+                    code = 1
+                finally:
+                    os._exit(code)
+            running[pid] = (case, folder, time.time())
+        pid, status = os.wait()
+        if pid not in running:
+            continue
+        case, folder, t0 = running.pop(pid)
+        result = folder / "result.json"
+        record = json.loads(result.read_text()) if result.exists() else {}
+        if record.get("outcome", "running") != "running":
+            done.append(Case(**record))
+        else:
+            case.mutation = record.get("mutation", "")
+            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+            case.seconds = time.time() - t0
+            case.outcome = "hang" if sig == signal.SIGALRM else "crash"
+            err = folder / "child_error.txt"
+            case.detail = (f"signal {sig}" if sig else "") + (err.read_text()[-300:] if err.exists() else "")
+            if case.outcome == "crash" and err.exists():
+                case.outcome = "traceback"
+            done.append(case)
+        c = done[-1]
+        if c.outcome in BAD and keep is not None:
+            shutil.copytree(folder, keep / folder.name, symlinks=True, ignore_dangling_symlinks=True,
+                            ignore=lambda d, names: [x for x in names if (Path(d) / x).is_fifo()])
+        _remove(folder)
+        if len(done) % 250 == 0:
+            print(f"  {len(done)}/{n} cases, {time.time() - t_start:.0f} s", file=sys.stderr, flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return sorted(done, key=lambda c: c.index)
+
+
+def _remove(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            p.chmod(0o755) if p.is_dir() else None
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def table(cases: list[Case]) -> str:
+    groups = defaultdict(Counter)
+    for c in cases:
+        groups[COMMANDS[c.command]][c.outcome] += 1
+        groups["all"][c.outcome] += 1
+    cols = ["command", "cases", *OUTCOMES]
+    rows = [cols, ["---"] * len(cols)]
+    for g in [*sorted(k for k in groups if k != "all"), "all"]:
+        cnt = groups[g]
+        rows.append([g, str(sum(cnt.values())), *[str(cnt.get(o, 0)) for o in OUTCOMES]])
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=2, help="children at a time")
+    ap.add_argument("--timeout", type=float, default=90.0, help="seconds before a case counts as a hang")
+    ap.add_argument("--keep", type=Path, default=None, help="copy the folders of failing cases here")
+    ap.add_argument("--only", nargs="*", default=None, choices=sorted(COMMANDS), help="only these commands")
+    ap.add_argument("--json", type=Path, default=None, help="write every case's outcome here")
+    a = ap.parse_args()
+    if a.keep:
+        a.keep.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    cases = run_campaign(a.cases, a.seed, a.jobs, a.timeout, a.keep, a.only)
+    wall = time.time() - t0
+    print(table(cases))
+    print(f"\n{len(cases)} cases, seed {a.seed}, {wall:.0f} s wall ({a.jobs} jobs), "
+          f"fixtures {'used' if FIXTURES.is_dir() else 'absent'}")
+    slow = sorted(cases, key=lambda c: -c.seconds)[:3]
+    print("slowest: " + "; ".join(f"{c.command} {c.mutation} {c.seconds:.1f} s" for c in slow))
+    bad = [c for c in cases if c.outcome in BAD]
+    for c in bad[:60]:
+        print(f"  [{c.outcome}] #{c.index} {c.command} on {c.base} ({c.mutation}): {c.detail}")
+    if a.json:
+        a.json.write_text(json.dumps([c.__dict__ for c in cases], indent=1))
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
