@@ -8,9 +8,9 @@ files we write load with").
   wrong scale on some modules; :func:`one_alpha` rewrites an adapter with one alpha for every module
   (the scale moved into B) so a merge written as kohya loads exactly everywhere, and
   :func:`mixed_alpha_note` says so when a file keeps mixed alphas (a conversion stays bit-exact).
-- The **diffusers** dialect (``unet.….to_q.lora_A.weight``) is read by diffusers and PEFT: ComfyUI maps
-  kohya names and diffusers' older ``….processor.to_q`` attention names, not these attention names, and
-  A1111/Forge read kohya names. :func:`loader_note` says which loaders will not read a file.
+- The **diffusers** dialect (``unet.….to_q.lora_A.weight``) is read by diffusers and PEFT; ComfyUI does
+  not apply its UNet attention modules (reported in issue 16: 0 of 128 applied, "lora key not loaded")
+  and A1111/Forge read kohya names. :func:`loader_note` says which loaders will not read a file.
 """
 
 from __future__ import annotations
@@ -65,9 +65,8 @@ def loader_note(adapter: Adapter, dialect: str) -> str | None:
         return None
     if dialect == "diffusers":
         return ("diffusers-dialect file (unet.….lora_A/lora_B names): diffusers and PEFT load it, but ComfyUI "
-                "skips its UNet attention modules (to_q/to_k/to_v/to_out.0: its key map has kohya names and "
-                "diffusers' older '….processor.to_q' names, not these) and A1111/Forge read kohya names — "
-                "write --to kohya (the default) for them")
+                "does not apply its UNet attention modules (to_q/to_k/to_v/to_out.0; it logs 'lora key not "
+                "loaded') and A1111/Forge read kohya names — write --to kohya (the default) for them")
     if dialect == "peft":
         comps = {arch.component_of(n) for n in adapter.modules}
         if len(comps) == 1:
