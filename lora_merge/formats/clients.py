@@ -69,15 +69,14 @@ def loader_note(adapter: Adapter, dialect: str) -> str | None:
                 "loaded') and A1111/Forge read kohya names — write --to kohya (the default) for them")
     if dialect == "peft":
         comps = {arch.component_of(n) for n in adapter.modules}
-        if len(comps) == 1:
-            comp = comps.pop()
-            return (f"PEFT folder of an SD {comp} LoRA (names relative to the {comp}): "
-                    f"PeftModel.from_pretrained({comp}, folder) attaches it; ComfyUI and A1111/Forge do not "
+        if comps == {"unet"}:
+            return ("PEFT folder of an SD UNet LoRA (names relative to the UNet): "
+                    "PeftModel.from_pretrained(unet, folder) attaches it; ComfyUI and A1111/Forge do not "
                     "read PEFT folders — write --to kohya (the default) for them")
-        return ("PEFT folder of an SD LoRA with modules of several components (" + ", ".join(sorted(comps))
-                + "): a PEFT folder is for one model, so PEFT cannot attach it and ComfyUI and A1111/Forge do "
-                "not read PEFT folders; only lora-merge reads it back — write --to kohya (every loader) or "
-                "--to diffusers")
+        return ("PEFT folder of an SD LoRA with " + ", ".join(sorted(comps)) + " modules: its names are the "
+                "pipeline's (base_model.model.<component>.…), so PEFT and diffusers cannot attach it and "
+                "ComfyUI and A1111/Forge do not read PEFT folders; only lora-merge reads it back — write "
+                "--to kohya (every loader) or --to diffusers")
     return None
 
 

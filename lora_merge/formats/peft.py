@@ -129,11 +129,13 @@ def _heads(extras: dict[str, TensorRef]) -> list[str]:
 
 
 def component_of(adapter: Adapter) -> str | None:
-    """The one pipeline component (``unet``, ``text_encoder``, …) every module of ``adapter`` is in, or
-    None (another model's adapter, or modules of several components)."""
+    """``"unet"`` when every module of ``adapter`` is in the UNet (its PEFT folder is written relative to
+    the UNet), else None."""
     heads = {n.split(".", 1)[0] for n in adapter.modules}
-    if len(heads) == 1 and (comp := heads.pop()) in _COMPONENTS and arch.is_diffusion_adapter(adapter):
-        return comp  # (GPT-2's own modules are named transformer.h.N: not a diffusion component)
+    # only the UNet so far (tested with PeftModel on a UNet); a text encoder's or a DiT's PEFT folder keeps
+    # the pipeline's names (GPT-2's own modules are named transformer.h.N: never a component)
+    if heads == {"unet"} and arch.is_diffusion_adapter(adapter):
+        return "unet"
     return None
 
 
