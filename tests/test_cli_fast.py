@@ -21,7 +21,8 @@ def _fast(*args: str) -> tuple[str, bool]:
     code = ("import sys; from lora_merge.cli import main\n"
             "try:\n    main()\nfinally:\n    print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
     env = {**os.environ, "COLUMNS": "100"}
-    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120,
+                       check=False)
     assert r.returncode == 0, r.stderr
     return r.stdout, r.stderr.strip().endswith("TORCH") and not r.stderr.strip().endswith("NO-TORCH")
 
@@ -62,5 +63,5 @@ def test_strategies_match_the_registry_and_skip_torch(args, monkeypatch):
 def test_unknown_strategy_takes_the_normal_path():
     code = ("from lora_merge.cli import cli; from lora_merge.cli.fast import answer; "
             "print(answer(['strategies', 'nope'], cli))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert r.stdout.strip() == "None"

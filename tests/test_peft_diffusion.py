@@ -70,6 +70,6 @@ def test_peft_folder_saved_from_a_unet_reads_with_unet_names(tmp_path):
     model = peft.get_peft_model(unet, cfg)
     model.save_pretrained(str(tmp_path / "p"))
     ad = lm.load(tmp_path / "p")
-    assert ad.modules and all(n.startswith("unet.down_blocks.") or n.startswith(("unet.up_blocks.", "unet.mid_block."))
+    assert ad.modules and all(n.startswith(("unet.down_blocks.", "unet.up_blocks.", "unet.mid_block."))
                               for n in ad.modules)
     assert {m.scale for m in ad} == {2.0}
