@@ -494,8 +494,49 @@ def nonfinite_output(path: Path | None) -> bool:
                if t.is_floating_point())
 
 
+def place_mutation(rng: random.Random, argv: list[str], output: Path | None, bad: Path, out_dir: Path) -> str:
+    """Point a writing command's output somewhere it must not write, or cannot (the inputs stay valid)."""
+    if output is None:
+        return ""
+    i = argv.index(str(output))
+    kind = _pick(rng, ["missing-folder", "parent-is-file", "exists", "exists-force", "onto-input",
+                       "onto-input-force", "config-is-folder", "output-is-folder"])
+    if kind == "missing-folder":
+        argv[i] = str(out_dir / "no" / "such" / output.name)
+    elif kind == "parent-is-file":
+        (out_dir / "plain").write_text("x")
+        argv[i] = str(out_dir / "plain" / output.name)
+    elif kind in ("exists", "exists-force"):
+        output.mkdir() if output.suffix != ".safetensors" else output.write_bytes(b"keep me")
+        if output.is_dir():
+            (output / "adapter_model.safetensors").write_bytes(b"keep me")
+        if kind == "exists-force":
+            argv.append("--force")
+    elif kind.startswith("onto-input"):
+        argv[i] = str(bad if not bad.is_dir() else bad)
+        if kind.endswith("force"):
+            argv.append("--force")
+    elif kind == "config-is-folder":
+        argv[i] = str(out_dir / "peft_out")
+        (out_dir / "peft_out" / "adapter_config.json").mkdir(parents=True)
+        argv += ["--force"] + (["--to", "peft"] if argv[0] == "merge" else [])
+        if argv[0] == "convert":
+            argv[argv.index("--to") + 1] = "peft"
+    else:
+        (out_dir / "dir.safetensors").mkdir()
+        argv[i] = str(out_dir / "dir.safetensors")
+        argv.append("--force")
+    return f"+out:{kind}"
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file's digest and every folder under ``folder``: what a failed command must leave as it was."""
+    return digest([folder]) | {str(p): "dir" for p in folder.rglob("*") if p.is_dir()}
+
+
 def classify(code: int, err: str, output: Path | None, out_dir: Path, inputs_before: dict, inputs_after: dict,
-             nonfinite: bool = False) -> str:
+             nonfinite: bool = False, out_before: dict | None = None) -> str:
+    """``out_before``: :func:`snapshot` of ``out_dir`` before the run (None: it was empty)."""
     temps = [p for p in out_dir.parent.rglob("*") if p.name.endswith(".tmp") and p.name.startswith(".")]
     if inputs_before != inputs_after:
         return "input modified"
@@ -506,7 +547,7 @@ def classify(code: int, err: str, output: Path | None, out_dir: Path, inputs_bef
         if temps:
             return "partial output"
         return "non-finite output" if nonfinite else "success"
-    if temps or any(out_dir.iterdir()):
+    if temps or snapshot(out_dir) != (out_before or {}):
         return "partial output"
     if code in (1, 2, 3, 4) and len(lines) == 1 and lines[0].startswith("error: "):
         return "clean error"
@@ -531,6 +572,9 @@ def child(case: Case, base: Base, seed: int, folder: Path, result: Path) -> None
     out_dir = folder / "out"
     out_dir.mkdir()
     argv, output = argv_for(case.command, bad, good, out_dir)
+    if rng.random() < 0.15:
+        case.mutation += place_mutation(rng, argv, output, bad, out_dir)
+    out_before = snapshot(out_dir)
     result.write_text(json.dumps({**case.__dict__, "outcome": "running"}))  # what a hang or crash was doing
     before = digest([folder / "in"])
     t0 = time.perf_counter()
@@ -542,7 +586,7 @@ def child(case: Case, base: Base, seed: int, folder: Path, result: Path) -> None
             nonfinite = nonfinite_output(output)
         except Exception:  # noqa: BLE001 - an unreadable output is a finding too
             nonfinite = True
-    case.outcome = classify(code, err, output, out_dir, before, digest([folder / "in"]), nonfinite)
+    case.outcome = classify(code, err, output, out_dir, before, digest([folder / "in"]), nonfinite, out_before)
     case.detail = f"exit {code}: " + " | ".join(err.strip().splitlines()[-3:])[:300]
     result.write_text(json.dumps(case.__dict__))
 
