@@ -29,8 +29,8 @@ class DerivedRef(TensorRef):
                          handle=source.handle if source is not None else None)
         self._fn = fn
 
-    def load(self, dtype=None, device=None):
-        t = self._fn()
+    def load(self, dtype=None, device=None, *, check: bool = True):
+        t = self._fn()  # derived from checked TensorRefs: ``check`` has nothing left to do
         if dtype is not None or device is not None:
             t = t.to(dtype=dtype or t.dtype, device=device or t.device)
         return t
