@@ -4,7 +4,7 @@ attention pair (560 layers, rank 64, fp16 kohya files; ``sdxl_pair.py``).
 
     python benchmarks/layout_speed.py                      # against 14c2c64 (before the engine split)
     python benchmarks/layout_speed.py --base REV --rounds 5 --json
-    python benchmarks/layout_speed.py --base 14c2c64 --head 77ebb76     # two revisions
+    python benchmarks/layout_speed.py --base 14c2c64 --head 7e47d1e     # two revisions
 
 Each timing is one merge in a fresh process (imports excluded: the merge call alone, with
 ``--threads 1`` so the two sides do not compete for the two cores), rounds alternate the two trees so
@@ -73,7 +73,9 @@ def _pair(folder: Path) -> tuple[Path, Path]:
 def _time(tree: Path, a: Path, b: Path, out: Path, kw: dict) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", TIMER, str(a), str(b), str(out), json.dumps(kw)],
-                         env=env, capture_output=True, text=True, check=True, cwd=out.parent)  # fmt: skip
+                         env=env, capture_output=True, text=True, check=False, cwd=out.parent)  # fmt: skip
+    if res.returncode:
+        raise SystemExit(f"{tree}: the merge failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
