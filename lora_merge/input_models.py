@@ -19,6 +19,7 @@ for the identity, so that all quantities the objectives need are small Gram prod
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import FormatError, UsageError
+from .errors import FormatError, MergeError, UsageError
 from .files import atomic_write, refuse_existing
 
 INPUT_MODELS = ("subspace", "identity", "stats")
@@ -97,12 +98,19 @@ def _projected_gram(k: torch.Tensor, idx: slice, rtol: float = 1e-10) -> torch.T
     if kk.numel() == 0:
         return k.new_zeros(k.shape)
     top = float(kk.diagonal().max())
+    if not math.isfinite(top) or not bool(torch.isfinite(k).all()):
+        raise MergeError("the inputs' values are too large for the input model's arithmetic (its Gram matrix "
+                         "overflows); check the inputs' factors and alphas")
     if top <= 0:
         return k.new_zeros(k.shape)
     kk = 0.5 * (kk + kk.T) + (rtol * top) * torch.eye(kk.shape[0], dtype=kk.dtype)
     chol, info = torch.linalg.cholesky_ex(kk)
     if int(info) != 0:  # not positive definite even with the ridge: fall back to an eigen-decomposition
-        lam, u = torch.linalg.eigh(kk)
+        try:
+            lam, u = torch.linalg.eigh(kk)
+        except torch.linalg.LinAlgError:
+            raise MergeError("the input model's eigen-decomposition failed on the inputs' values (too large or "
+                             "degenerate); check the inputs' factors and alphas") from None
         keep = lam > rtol * top
         x = k[:, idx] @ (u[:, keep] / lam[keep].sqrt())
         return x @ x.T

@@ -159,6 +159,15 @@ def _main(argv: list[str] | None) -> None:
     except BrokenPipeError:
         _silence_stdout()
         sys.exit(0)
+    except Exception as exc:
+        torch = sys.modules.get("torch")
+        if torch is None or not isinstance(exc, torch.linalg.LinAlgError):
+            raise
+        # the net under every numerical path (the merge and the input models name the module themselves)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        click.echo(f"error: the linear algebra failed on the inputs' values ({first[:200]}); are they finite "
+                   "and of a sane size?", err=True)
+        sys.exit(3)
     sys.exit(0)
 
 
