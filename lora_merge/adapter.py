@@ -137,6 +137,9 @@ class LoraModule:
     scale_rule: ScaleRule = "standard"
     #: original key prefix in the source file (for messages and diffs)
     source_key: str | None = None
+    #: a bias delta (LyCORIS/ComfyUI ``diff_b``, shape ``(d_out,)``): the layer's bias becomes ``b + bias``
+    #: at the adapter's strength, with no LoRA scale (as LyCORIS and ComfyUI apply it)
+    bias: TensorRef | None = None
 
     def __post_init__(self) -> None:
         # one rule for every command: a rank-0 module (empty factors) is an error naming the file and module
@@ -191,7 +194,7 @@ class LoraModule:
 
     @property
     def num_params(self) -> int:
-        return self.down.numel + self.up.numel
+        return self.down.numel + self.up.numel + (self.bias.numel if self.bias is not None else 0)
 
     # ---- tensor access (loads) ----
     def factors(self, dtype: torch.dtype = torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,6 +287,8 @@ class Adapter:
         for m in self:
             m.down = TensorRef.from_tensor(m.down.load(), m.down.key)
             m.up = TensorRef.from_tensor(m.up.load(), m.up.key)
+            if m.bias is not None:
+                m.bias = TensorRef.from_tensor(m.bias.load(), m.bias.key)
         for k, t in list(self.extra_tensors.items()):
             self.extra_tensors[k] = TensorRef.from_tensor(t.load(), t.key)
         return self

@@ -34,8 +34,6 @@ UNSUPPORTED = [
     ("DoRA", {**_kohya_pair("lora_unet_a_to_q"), "lora_unet_a_to_q.dora_scale": _z(1, 4)}, "dora_scale"),
     ("DoRA", {"unet.a.to_q.lora_A.weight": _z(2, 4), "unet.a.to_q.lora_B.weight": _z(4, 2),
               "unet.a.to_q.lora_magnitude_vector": _z(4)}, "lora_magnitude_vector"),
-    ("bias delta (diff_b)",
-     {"lora_unet_a_to_q.diff": _z(4, 4), "lora_unet_a_to_q.diff_b": _z(4)}, "diff_b"),
     ("OFT", {"lora_unet_a_to_q.oft_blocks": _z(2, 2, 2)}, "oft_blocks"),
     ("LyCORIS GLoRA", {"lora_unet_a_to_q.a1.weight": _z(2, 4), "lora_unet_a_to_q.a2.weight": _z(4, 2),
                        "lora_unet_a_to_q.b1.weight": _z(2, 4), "lora_unet_a_to_q.b2.weight": _z(4, 2)}, "a1"),

@@ -154,6 +154,8 @@ def module_row(m: LoraModule, *, with_stats: bool = True) -> dict[str, Any]:
     }
     if m.source_key:
         row["source_key"] = m.source_key
+    if m.bias is not None:
+        row["bias_delta"] = list(m.bias.shape)
     if with_stats:
         row.update(module_stats(m))
     return row
@@ -211,6 +213,8 @@ def summarize(adapter: Adapter, *, modules: bool = False, progress=None, arch_na
         "modules_to_save": _unique(config.get("modules_to_save")),
         "fan_in_fan_out": config.get("fan_in_fan_out"),
         "unparsed_keys": list(adapter.unparsed_keys),
+        #: modules with a bias delta (diff_b): added to the layer's bias, no LoRA scale
+        "bias_deltas": sum(m.bias is not None for m in mods),
         "config": adapter.config,
         "metadata": split_metadata(adapter.metadata or {}),
     }

@@ -117,6 +117,9 @@ def render(s: dict[str, Any], console=None) -> None:
     if s["extra_tensors"]:
         grid.add_row("non-LoRA tensors", "\n".join(
             f"{e['name']} {tuple(e['shape'])} {e['dtype']}" for e in s["extra_tensors"]))
+    if s.get("bias_deltas"):
+        grid.add_row("bias deltas", f"bias deltas (diff_b): {s['bias_deltas']} modules (added to the layer's "
+                     "bias at the adapter's strength, no LoRA scale)")
     if s["unparsed_keys"]:
         keys = s["unparsed_keys"]
         grid.add_row("[yellow]unparsed keys", f"[yellow]{len(keys)}: " + shorten(", ".join(keys), 200))

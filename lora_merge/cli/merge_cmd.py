@@ -144,6 +144,10 @@ def _parse_param(spec: str) -> tuple[str, str]:
 @click.option(
     "--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal)."
 )
+@click.option(
+    "--base-weights", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
+    help="The base model's .safetensors: DoRA inputs merge exactly (recorded with its sha256).",
+)
 @allow_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def merge(**kw: Any) -> None:
@@ -186,6 +190,7 @@ def merge(**kw: Any) -> None:
         weights=_split_weights(kw["weights"]), layer_weights=list(kw["weight"]) or None,
         force=kw["force"] or None, record_paths=kw["record_paths"] or None,
         allow_mixed_arch=kw["allow_mixed_arch"] or None, full_rank=kw["full_rank"] or None,
+        base_weights=kw["base_weights"],
     )  # fmt: skip
     options = MergeOptions.from_dict(data).with_overrides(device=kw["device"], threads=kw["threads"],
                                                           allow_pickle=kw["allow_pickle"] or None)

@@ -23,6 +23,7 @@ Recipe-file keys (all optional; command-line flags override them)::
     force: false
     record_paths: false                 # full input paths in the merged file (default: names only)
     allow_mixed_arch: false             # merge inputs whose detected base models differ
+    base_weights: flux1-dev.safetensors # the base model's weights: DoRA inputs merge exactly (or {path, sha256})
     keep_heads_from: 1                  # 1-based, as --keep-heads-from
     arch: sdxl
     report: report.json
@@ -143,7 +144,12 @@ class Recipe:
     record_paths: bool = False
     #: merge inputs whose detected base models differ (refused by default)
     allow_mixed_arch: bool = False
+    #: the base model's weights (a model ``.safetensors``) that make DoRA inputs exact dense updates
+    #: (:mod:`lora_merge.formats.dora`); recorded with its sha256 when an input had DoRA modules
+    base_weights: str | None = None
     sha256: tuple[str | None, ...] = ()
+    #: the sha256 a recipe recorded for ``base_weights`` (checked before merging)
+    base_weights_sha256: str | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -175,6 +181,11 @@ class Recipe:
         for k in ("force", "record_paths", "allow_mixed_arch", "full_rank"):
             if data.get(k) is not None:
                 kw[k] = bool(data[k])
+        if data.get("base_weights") is not None:
+            bw = _input_entry(data["base_weights"], path)
+            if isinstance(bw["path"], Adapter):
+                raise UsageError("'base_weights' must be a path to a model .safetensors", path)
+            kw["base_weights"], kw["base_weights_sha256"] = bw["path"], bw.get("sha256")
         return cls(**kw)
 
     @classmethod
@@ -221,6 +232,10 @@ class Recipe:
             kw["inputs"] = tuple(kw["inputs"])
             if "sha256" not in kw and len(kw["inputs"]) != len(self.sha256):
                 kw["sha256"] = ()
+        if "base_weights" in kw:
+            kw["base_weights"] = os.fspath(kw["base_weights"])
+            if "base_weights_sha256" not in kw and kw["base_weights"] != self.base_weights:
+                kw["base_weights_sha256"] = None
         return dataclasses.replace(self, **kw)
 
     # ------------------------------------------------------------------ checks
@@ -258,6 +273,11 @@ class Recipe:
                 got = input_sha256(inp)
                 if got is not None and got != want:
                     raise MergeError(f"sha256 {got[:12]}… does not match the recipe's {want[:12]}…", inp)
+        if self.base_weights is not None and self.base_weights_sha256:
+            got = input_sha256(self.base_weights)
+            if got is not None and got != self.base_weights_sha256:
+                raise MergeError(f"base weights: sha256 {got[:12]}… does not match the recipe's "
+                                 f"{self.base_weights_sha256[:12]}…", self.base_weights)
 
     def resolved_weights(self) -> list[float]:
         n = len(self.inputs)
@@ -289,7 +309,7 @@ class Recipe:
     # ------------------------------------------------------------------ output
     def to_metadata(self, names: Sequence[str], hashes: Sequence[str | None], dialects: Sequence[str | None],
                     strategy_config: dict[str, Any], arch: str | None, to: str | None,
-                    version: str) -> dict[str, Any]:
+                    version: str, base_weights: dict[str, Any] | None = None) -> dict[str, Any]:
         """The ``lora_merge.recipe`` dict a merged file records: a recipe that replays the merge (every
         strategy parameter resolved, weights and dialect filled in)."""
         out = {
@@ -309,12 +329,14 @@ class Recipe:
         for key in ("full_rank", "allow_mixed_arch"):  # recorded only when set (older recipes replay byte for byte)
             if getattr(self, key):
                 out[key] = True
+        if base_weights is not None:  # {path, sha256}: only when it changed the result (DoRA inputs)
+            out["base_weights"] = dict(base_weights)
         return out
 
 
 #: every key a recipe file may hold: the recipe's settings, the run options and the version
 RECIPE_KEYS = (
-    *(f.name for f in dataclasses.fields(Recipe) if f.name != "sha256"),
+    *(f.name for f in dataclasses.fields(Recipe) if f.name not in ("sha256", "base_weights_sha256")),
     *(f.name for f in dataclasses.fields(MergeOptions) if f.name != "progress"),
     "version",
 )
@@ -372,6 +394,8 @@ def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     for k in ("output", "report"):
         if out.get(k) is not None:
             out[k] = str(_rel(out[k], base))
+    if out.get("base_weights") is not None:
+        out["base_weights"] = _relative_entry(out["base_weights"], base, path)
     return out
 
 

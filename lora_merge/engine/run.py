@@ -22,6 +22,7 @@ from ..adapter import Adapter
 from ..errors import OutputExistsError, UsageError
 from ..files import check_output_folder, dtype_name, make_dirs, output_transaction, refuse_existing
 from ..formats.api import load, save
+from ..formats.bias import merged_bias
 from ..formats.clients import default_output_dialect, one_alpha
 from ..formats.layout import align_inputs
 from ..formats.registry import get_dialect
@@ -132,11 +133,15 @@ def run_merge(recipe: Recipe, options: MergeOptions | None = None, *,
     recipe.verify_inputs()
     # fail before any work: the paths first (with the output dialect once the inputs' headers are read)
     _check_outputs(recipe, strat, _paths(recipe.inputs), recipe.force, recipe.to)
-    adapters = [x if isinstance(x, Adapter) else load(x, allow_pickle=options.allow_pickle) for x in recipe.inputs]
+    adapters = [x if isinstance(x, Adapter) else load(x, allow_pickle=options.allow_pickle,
+                                                      base_weights=recipe.base_weights) for x in recipe.inputs]
     paths = _paths([ad if isinstance(x, Adapter) else x for x, ad in zip(recipe.inputs, adapters)])
     _check_outputs(recipe, strat, paths, recipe.force, recipe.to or default_output_dialect(adapters))
     names = [os.fspath(p) if p is not None else ad.display_name for p, ad in zip(paths, adapters)]
-    hasher = InputHasher(paths, worker_count(None, torch.device("cpu")))
+    dora = recipe.base_weights is not None and any(getattr(m, "lycoris_type", None) == "DoRA"
+                                                   for ad in adapters for m in ad)  # fmt: skip
+    hasher = InputHasher([*paths, Path(recipe.base_weights) if dora else None],  # type: ignore[arg-type]
+                         worker_count(None, torch.device("cpu")))
     try:
         with output_transaction():  # the adapter, its sidecars and the report appear together, or none
             return _merge_loaded(recipe, options, strat, adapters, paths, names, dev, hasher)
@@ -157,6 +162,7 @@ def _merge_loaded(recipe: Recipe, options: MergeOptions, strat: MergeStrategy, a
     run = LayerRun(out_dtype=recipe.out_dtype, threads=options.threads, progress=options.progress,
                    with_retention=recipe.report is not None and len(adapters) == 2, full_rank=recipe.full_rank)
     modules, layer_info = run_layers(plan, strat, run)
+    merged_bias(modules, plan.adapters, plan.coeffs)  # diff_b: Σ w_i·b_i, whatever the strategy
     dense = dense_summary(layer_info)
     if dense is not None and dense["rank_rule"] == "sum" and dense["rel_error_max"] > 1e-6:
         ranks = (f"{dense['rank_min']}" if dense["rank_min"] == dense["rank_max"]
@@ -174,8 +180,13 @@ def _merge_loaded(recipe: Recipe, options: MergeOptions, strat: MergeStrategy, a
         merged = one_alpha(merged)
     shown = [os.fspath(p) if recipe.record_paths else recorded_name(p) if p is not None else nm
              for p, nm in zip(paths, names)]  # fmt: skip
-    recorded = recipe.to_metadata(shown, hasher.results(), [ad.dialect for ad in adapters], strat.config,
-                                  arch=plan.arch, to=out_to, version=__version__)
+    *hashes, bw_hash = hasher.results()
+    bw = None
+    if recipe.base_weights is not None and bw_hash is not None:  # the DoRA inputs' base model changed the result
+        bw = {"path": recipe.base_weights if recipe.record_paths else recorded_name(recipe.base_weights),
+              "sha256": bw_hash}
+    recorded = recipe.to_metadata(shown, hashes, [ad.dialect for ad in adapters], strat.config,
+                                  arch=plan.arch, to=out_to, version=__version__, base_weights=bw)
     merged.metadata = adapter_metadata(merged, recorded, shown)
     alphas = {m.alpha for m in merged}
     if len(alphas) == 1 and merged.metadata.get("ss_network_dim") == "Dynamic":
@@ -224,7 +235,9 @@ def merge(
       inputs' differ (``keep_extra_from``, 0-based, is its deprecated spelling);
     - ``device`` and ``threads``: layers are finished side by side on the CPU, each with one torch
       thread (default: every CPU this process may use); the result is the same for any value;
-    - ``allow_pickle``: also read ``.bin``/``.pt``/``.ckpt`` inputs (``torch.load(weights_only=True)``).
+    - ``allow_pickle``: also read ``.bin``/``.pt``/``.ckpt`` inputs (``torch.load(weights_only=True)``);
+    - ``base_weights``: the base model's ``.safetensors``; DoRA inputs become exact dense updates
+      (recorded in the merged file with its sha256).
 
     ``progress`` is True for a progress bar on stderr, or a ``(done, total, layer)`` callback.
     """

@@ -13,6 +13,7 @@ import torch
 from ..adapter import Adapter, TensorRef
 from ..errors import FormatError, OutputExistsError, PartialReadWarning, UsageError
 from ..files import atomic_write_text, refuse_existing
+from .bias import attach_bias_deltas, split_bias_keys, warn_dropped
 from .dora import apply_dora, is_dora_key
 from .layout import align
 from .lycoris import has_lycoris, needs_rank
@@ -56,6 +57,7 @@ def load(path: str | os.PathLike, *, format: str | None = None, strict: bool = F
     if repair:
         refs, _fixed = repair_keys(refs)
     refs, heads = split_heads(refs)  # modules_to_save tensors a single-file dialect carried (peft_carry)
+    refs, bias = split_bias_keys(refs)  # diff_b: attached to their modules once read (formats/bias.py)
     if base_weights is None:
         check_supported(refs.keys(), weights, config)
     else:  # DoRA is exact with the base model's weights (formats/dora.py)
@@ -73,6 +75,8 @@ def load(path: str | os.PathLike, *, format: str | None = None, strict: bool = F
     ad.source = p
     if base_weights is not None:
         ad = apply_dora(ad, refs, base_weights, weights)
+    if bias:
+        ad = attach_bias_deltas(ad, bias, weights)
     if not ad.modules:
         raise FormatError(f"no {format} LoRA modules found ({len(refs)} tensors, none parsed)"
                           + unparsed_hint(refs), weights)
@@ -206,6 +210,7 @@ def save(
                       "in the file for lora-merge to restore; LoRA loaders ignore them)", UserWarning, stacklevel=2)
     if has_lycoris(adapter):
         raise needs_rank(adapter, "write it as a LoRA")
+    warn_dropped(adapter, dialect.name, out)
     written = dialect.write(align(adapter, dialect.name), dtype, metadata or {})
     if not dialect.keeps_extra_tensors:
         written.metadata.update(carried_config(adapter))

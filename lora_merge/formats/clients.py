@@ -117,6 +117,7 @@ def one_alpha(adapter: Adapter) -> Adapter:
         factor = m.scale / new_scale
         up = (up.float() * factor).to(up.dtype)
         out.modules[name] = LoraModule(name=name, down=m.down, up=TensorRef.from_tensor(up, m.up.key),
-                                       alpha=float(common), scale_rule="standard", source_key=m.source_key)
+                                       alpha=float(common), scale_rule="standard", source_key=m.source_key,
+                                       bias=m.bias)
     return out
 

@@ -98,6 +98,8 @@ def write(adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str])
         a = standard_alpha(m)
         t = torch.tensor(a, dtype=torch.float32)
         tensors[f"{base}.alpha"] = t if float(t) == a else torch.tensor(a, dtype=torch.float64)
+        if m.bias is not None:  # a bias delta (formats/bias.py)
+            tensors[f"{base}.diff_b"] = cast(m.bias.load(), dtype)
     return Written(tensors, carried_metadata(adapter, metadata))
 
 

@@ -130,8 +130,12 @@ def _renamed(m: LoraModule, name: str, swap: bool) -> LoraModule:
                               "shift and scale halves", None)
         src = m.up
         up = DerivedRef(src.shape, src.dtype, lambda: _swap_halves(src.load()), src)
+    bias = m.bias
+    if swap and bias is not None:
+        bsrc = bias
+        bias = DerivedRef(bsrc.shape, bsrc.dtype, lambda: _swap_halves(bsrc.load()), bsrc)
     return LoraModule(name=name, down=m.down, up=up, alpha=m.alpha, scale_rule=m.scale_rule,
-                      source_key=m.source_key)
+                      source_key=m.source_key, bias=bias)
 
 
 def split_module(m: LoraModule, where=None) -> list[LoraModule]:
@@ -154,8 +158,12 @@ def split_module(m: LoraModule, where=None) -> list[LoraModule]:
     src = m.up
     for t, n in zip(targets, sizes):
         up = DerivedRef((n, src.shape[1]), src.dtype, lambda s=start, n=n: src.load()[s:s + n], src)
+        bias = None
+        if m.bias is not None:  # the bias delta is sliced like the up matrix's rows
+            b = m.bias
+            bias = DerivedRef((n,), b.dtype, lambda s=start, n=n, b=b: b.load()[s:s + n], b)
         out.append(LoraModule(name=t, down=m.down, up=up, alpha=m.alpha, scale_rule=m.scale_rule,
-                              source_key=m.source_key))
+                              source_key=m.source_key, bias=bias))
         start += n
     return out
 
@@ -184,6 +192,7 @@ def _fused(native: str, parts: list[LoraModule | None], where) -> LoraModule:
             raise FormatError(f"module {p.source_key or p.name}: weight {p.out_features}×{p.in_features} does "
                               f"not fit {native} (parts of {h} inputs and {sizes} outputs); cannot fuse", where)
     dtype = present[0].dtype
+    bias = _fused_bias(parts, sizes)
     scales = {p.scale for p in present}
     if len(present) == len(parts) and len({p.rank for p in present}) == 1 and len(scales) == 1 and all(
             p.dtype == dtype and p.scale_rule == present[0].scale_rule for p in present):
@@ -193,7 +202,7 @@ def _fused(native: str, parts: list[LoraModule | None], where) -> LoraModule:
             up = DerivedRef((sum(sizes), present[0].rank), dtype, lambda: torch.cat([u.load() for u in ups]),
                             ups[0])
             return LoraModule(native, present[0].down, up, present[0].alpha, present[0].scale_rule,
-                              present[0].source_key)
+                              present[0].source_key, bias)
     ranks = [p.rank for p in present]
     total = sum(ranks)
     same_scale = len(scales) == 1
@@ -218,7 +227,19 @@ def _fused(native: str, parts: list[LoraModule | None], where) -> LoraModule:
     down = DerivedRef((total, h), work, down_fn, present[0].down)
     up = DerivedRef((sum(sizes), total), work, up_fn, present[0].up)
     alpha = present[0].scale * total if same_scale else float(total)
-    return LoraModule(native, down, up, alpha, "standard", present[0].source_key)
+    return LoraModule(native, down, up, alpha, "standard", present[0].source_key, bias)
+
+
+def _fused_bias(parts: list[LoraModule | None], sizes: list[int]) -> DerivedRef | None:
+    """The fused module's bias delta: the parts' stacked (zeros for a part without one), or None."""
+    have = [p.bias for p in parts if p is not None and p.bias is not None]
+    if not have:
+        return None
+
+    def fn():
+        return torch.cat([p.bias.load(torch.float32).reshape(-1) if p is not None and p.bias is not None
+                          else torch.zeros(n) for p, n in zip(parts, sizes)])
+    return DerivedRef((sum(sizes),), torch.float32, fn, have[0])
 
 
 def to_native(adapter: Adapter) -> Adapter:

@@ -118,6 +118,8 @@ def write(adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str])
         tensors[f"{kname}.lora_down.weight"] = cast(m.down.load(), dtype)
         tensors[f"{kname}.lora_up.weight"] = cast(m.up.load(), dtype)
         tensors[f"{kname}.alpha"] = _alpha_tensor(standard_alpha(m))
+        if m.bias is not None:  # a bias delta, as LyCORIS and ComfyUI name it (formats/bias.py)
+            tensors[f"{kname}.diff_b"] = cast(m.bias.load(), dtype)
     md = carried_metadata(adapter, metadata)
     if name_map:
         md[NAME_MAP_KEY] = json.dumps(name_map, sort_keys=True)

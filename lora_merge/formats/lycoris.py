@@ -16,7 +16,7 @@ Such a module is not a low-rank B·A.  It is held as a :class:`LycorisModule`: a
 whose factors are the exact ΔW and an identity (rank ``min(d_out, d_in)``), computed one module at a
 time when asked.  Writing it as a LoRA needs a rank: :func:`to_lora` re-factors every module to rank K and
 reports the relative ΔW error; the merge engine re-factors merged layers to ``--rank``.  ``diff_b`` (bias
-deltas) and DoRA are refused by :mod:`lora_merge.formats.unsupported`.
+deltas) are read by :mod:`lora_merge.formats.bias`, DoRA by :mod:`lora_merge.formats.dora`.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class LycorisModule(LoraModule):
 
     @property
     def num_params(self) -> int:
-        return sum(t.numel for t in self.parts.values())
+        return sum(t.numel for t in self.parts.values()) + (self.bias.numel if self.bias is not None else 0)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -425,6 +425,7 @@ def to_lora(adapter: Adapter, rank: int, *, max_error: float | None = None,
         num, den = num + err2, den + n2
         st = dtype or (m.parts[next(iter(m.parts))].dtype if isinstance(m, LycorisModule) else m.dtype)
         out.modules[m.name] = LoraModule.from_factors(m.name, up, down, m.weight_shape, st)
+        out.modules[m.name].bias = m.bias
     overall = (num / den) ** 0.5 if den > 0 else 0.0
     worst = max(per, key=per.__getitem__) if per else None
     report = {"rank": rank, "rel_error_overall": overall, "rel_error_max": per[worst] if worst else 0.0,

@@ -1,5 +1,6 @@
-"""Recognise adapters lora-merge cannot read (LyCORIS Tucker LoCon/GLoRA, bias deltas, DoRA, OFT, IA3, ...).
-LoHa, LoKr and full ``diff`` modules are read by :mod:`lora_merge.formats.lycoris`.
+"""Recognise adapters lora-merge cannot read (LyCORIS Tucker LoCon/GLoRA, DoRA without the base weights, OFT,
+IA3, ...).  LoHa, LoKr and full ``diff`` modules are read by :mod:`lora_merge.formats.lycoris`, bias deltas
+(``diff_b``) by :mod:`lora_merge.formats.bias`.
 
 They are refused with one line naming what was found, never half-read.
 """
@@ -13,7 +14,6 @@ from ..errors import UnsupportedAdapterError
 _MARKERS: list[tuple[str, re.Pattern[str]]] = [
     ("LyCORIS Tucker LoCon", re.compile(r"\.(lora_mid)(\.|$)")),
     ("DoRA", re.compile(r"\.(dora_scale|lora_magnitude_vector)(\.|$)")),
-    ("bias delta (diff_b)", re.compile(r"\.(diff_b)$")),
     ("OFT", re.compile(r"\.(oft_blocks|oft_r|oft_s|oft_diag)(\.|$)")),
     ("BOFT", re.compile(r"\.(boft_R|boft_s)(\.|$)")),
     ("LyCORIS GLoRA", re.compile(r"\.(a1|a2|b1|b2)\.weight$")),
@@ -49,7 +49,8 @@ def check_supported(keys, path=None, config: dict | None = None) -> None:
             raise UnsupportedAdapterError(f"PEFT {ptype} adapter (peft_type {ptype}), not a plain LoRA", path)
         if config.get("use_dora"):
             raise UnsupportedAdapterError("DoRA adapter (use_dora: true): its update depends on the base model's "
-                                          "weights, which the file does not hold; not a plain LoRA", path)
+                                          "weights, which the file does not hold (pass --base-weights FILE, the base "
+                                          "model's .safetensors, to make it exact); not a plain LoRA", path)
     hit = find_unsupported(keys)
     if hit is None:
         return
@@ -57,7 +58,8 @@ def check_supported(keys, path=None, config: dict | None = None) -> None:
     if kind == "DoRA":
         raise UnsupportedAdapterError(
             f"DoRA adapter ({', '.join(names)}): its update W' = m·(W+ΔW)/‖W+ΔW‖ − W depends on the base model's "
-            "weights W, which the file does not hold; not a plain LoRA", path)
+            "weights W, which the file does not hold (pass --base-weights FILE, the base model's .safetensors, "
+            "to make it exact); not a plain LoRA", path)
     shown = ", ".join(names[:_MAX_SHOWN]) + (", …" if len(names) > _MAX_SHOWN else "")
     what = "adapter" if not kind.startswith("LoRA with") else "file"
     raise UnsupportedAdapterError(f"{kind} {what} ({shown}), not a plain LoRA", path)

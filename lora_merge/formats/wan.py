@@ -59,7 +59,8 @@ def _renamed(adapter: Adapter, fn) -> Adapter:
         new = fn(m.name) or m.name
         if new in mods:
             raise FormatError(f"module {m.source_key or m.name}: {new} is in the file twice", adapter.source)
-        mods[new] = LoraModule(new, m.down, m.up, m.alpha, m.scale_rule, m.source_key) if new != m.name else m
+        mods[new] = (LoraModule(new, m.down, m.up, m.alpha, m.scale_rule, m.source_key, m.bias)
+                     if new != m.name else m)
     return Adapter(modules=mods, extra_tensors=dict(adapter.extra_tensors), metadata=dict(adapter.metadata),
                    dialect=adapter.dialect, dialect_variant=adapter.dialect_variant, source=adapter.source,
                    config=adapter.config, unparsed_keys=list(adapter.unparsed_keys))
