@@ -120,7 +120,7 @@ def test_non_peft_writer_warns_about_dropped_heads(tmp_path):
         lora_merge.save(ad, tmp_path / "x.safetensors", to="diffusers")
 
 
-def _synthetic(rule="standard") -> Adapter:
+def _synthetic(rule="standard", unet_only=False) -> Adapter:
     g = torch.Generator().manual_seed(1)
     ad = Adapter(dialect="diffusers", metadata={"ss_network_dim": "4", "note": "ünïcode"})
     specs = [("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", (16, 8), 4, 3.0),
@@ -128,6 +128,8 @@ def _synthetic(rule="standard") -> Adapter:
              ("unet.down_blocks.0.resnets.0.conv1", (8, 4, 3, 3), 3, 1.5),
              ("unet.up_blocks.1.attentions.0.proj_in", (8, 8, 1, 1), 4, 0.1),
              ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", (8, 8), 4, 7.0)]
+    if unet_only:  # a PEFT folder holds one model's adapter
+        specs = [x for x in specs if x[0].startswith("unet.")]
     for name, shape, r, alpha in specs:
         down = torch.randn((r, *shape[1:]), generator=g)
         up = torch.randn((shape[0], r, *([1, 1] if len(shape) == 4 else [])), generator=g)
@@ -138,7 +140,7 @@ def _synthetic(rule="standard") -> Adapter:
 @pytest.mark.parametrize("to", WRITERS)
 @pytest.mark.parametrize("rule", ["standard", "rslora"])
 def test_synthetic_mixed_ranks_alphas_conv(tmp_path, to, rule):
-    src = _synthetic(rule)
+    src = _synthetic(rule, unet_only=to == "peft")
     out = lora_merge.save(src, _out(tmp_path, to), to=to, metadata={"extra": "yes"})
     back = lora_merge.load(out)
     assert back.metadata["extra"] == "yes" and back.metadata["note"] == "ünïcode"
@@ -165,8 +167,15 @@ def test_kohya_alpha_stored_per_module(tmp_path):
     assert "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight" in keys
 
 
+def test_pipeline_lora_is_not_written_as_peft(tmp_path):
+    """UNet + text-encoder modules in one PEFT folder would attach nowhere: refused, nothing written."""
+    with pytest.raises(UsageError, match=r"--to peft: .*text_encoder and unet.*--to kohya"):
+        lora_merge.save(_synthetic(), tmp_path / "p", to="peft")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_peft_config_patterns(tmp_path):
-    out = lora_merge.save(_synthetic(), tmp_path / "p", to="peft")
+    out = lora_merge.save(_synthetic(unet_only=True), tmp_path / "p", to="peft")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
     assert any("to_out" in k and v == 2 for k, v in cfg["rank_pattern"].items())
@@ -205,7 +214,7 @@ def test_refuses_existing_output_and_inputs(tmp_path):
 
 
 def test_refuses_writing_into_input_peft_folder(tmp_path):
-    ad = lora_merge.load(lora_merge.save(_synthetic(), tmp_path / "p", to="peft"))
+    ad = lora_merge.load(lora_merge.save(_synthetic(unet_only=True), tmp_path / "p", to="peft"))
     with pytest.raises(OutputExistsError, match="input"):
         lora_merge.save(ad, tmp_path / "p", to="peft", force=True)
     with pytest.raises(OutputExistsError, match="input"):

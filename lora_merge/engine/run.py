@@ -23,7 +23,7 @@ from ..errors import OutputExistsError, UsageError
 from ..files import check_output_folder, dtype_name, make_dirs, output_transaction, refuse_existing
 from ..formats.api import load, save
 from ..formats.bias import merged_bias
-from ..formats.clients import default_output_dialect, one_alpha
+from ..formats.clients import check_writable, default_output_dialect, one_alpha
 from ..formats.layout import align_inputs
 from ..formats.registry import get_dialect
 from ..progress import ProgressFn, progress_bar
@@ -137,6 +137,7 @@ def run_merge(recipe: Recipe, options: MergeOptions | None = None, *,
                                                       base_weights=recipe.base_weights) for x in recipe.inputs]
     paths = _paths([ad if isinstance(x, Adapter) else x for x, ad in zip(recipe.inputs, adapters)])
     _check_outputs(recipe, strat, paths, recipe.force, recipe.to or default_output_dialect(adapters))
+    check_writable(adapters, recipe.to or default_output_dialect(adapters))
     names = [os.fspath(p) if p is not None else ad.display_name for p, ad in zip(paths, adapters)]
     dora = recipe.base_weights is not None and any(getattr(m, "lycoris_type", None) == "DoRA"
                                                    for ad in adapters for m in ad)  # fmt: skip

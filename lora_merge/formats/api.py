@@ -14,6 +14,7 @@ from ..adapter import Adapter, TensorRef
 from ..errors import FormatError, OutputExistsError, PartialReadWarning, UsageError
 from ..files import atomic_write_text, refuse_existing
 from .bias import attach_bias_deltas, split_bias_keys, warn_dropped
+from .clients import check_writable
 from .dora import apply_dora, is_dora_key
 from .layout import align
 from .lycoris import has_lycoris, needs_rank
@@ -189,6 +190,7 @@ def save(
         raise UsageError(f"dtype must be a floating-point type, got {dtype}")
     if not adapter.modules:
         raise UsageError("adapter has no LoRA modules to write")
+    check_writable(adapter, dialect.name)
     out = Path(path)
     if dialect.folder_files:
         if out.suffix == ".safetensors":

@@ -19,11 +19,13 @@ import collections
 
 from .. import arch
 from ..adapter import Adapter, LoraModule, TensorRef
+from ..errors import UsageError
 from .common import standard_alpha
 
 __all__ = [
     "SD_COMPONENTS",
     "LoaderWarning",
+    "check_writable",
     "default_output_dialect",
     "is_sd_lora",
     "loader_note",
@@ -73,11 +75,28 @@ def loader_note(adapter: Adapter, dialect: str) -> str | None:
             return ("PEFT folder of an SD UNet LoRA (names relative to the UNet): "
                     "PeftModel.from_pretrained(unet, folder) attaches it; ComfyUI and A1111/Forge do not "
                     "read PEFT folders — write --to kohya (the default) for them")
-        return ("PEFT folder of an SD LoRA with " + ", ".join(sorted(comps)) + " modules: its names are the "
-                "pipeline's (base_model.model.<component>.…), so PEFT and diffusers cannot attach it and "
-                "ComfyUI and A1111/Forge do not read PEFT folders; only lora-merge reads it back — write "
-                "--to kohya (every loader) or --to diffusers")
+        return ("PEFT folder of an SD " + ", ".join(sorted(comps)) + " LoRA: ComfyUI and A1111/Forge do not "
+                "read PEFT folders — write --to kohya (the default) for them")
     return None
+
+
+def check_writable(adapters: Adapter | list[Adapter], dialect: str) -> None:
+    """Refuse an output no loader could attach: a PEFT folder of an SD LoRA whose modules span several
+    pipeline components (UNet and text encoders).  A PEFT adapter belongs to one model, so such a folder
+    would carry pipeline names (``base_model.model.<component>.…``) that PEFT and diffusers cannot attach
+    and ComfyUI and A1111/Forge do not read; a UNet-only LoRA is written relative to the UNet."""
+    if dialect != "peft":
+        return
+    ads = [adapters] if isinstance(adapters, Adapter) else list(adapters)
+    if not ads or not all(is_sd_lora(ad) for ad in ads):
+        return
+    comps = sorted({arch.component_of(n) for ad in ads for n in ad.modules})
+    if len(comps) > 1:
+        raise UsageError(
+            "--to peft: a PEFT folder holds one model's adapter, but these modules span "
+            + " and ".join(comps) + "; PEFT and diffusers could not attach it and ComfyUI and A1111/Forge do "
+            "not read PEFT folders — write --to kohya (every loader reads it) or --to diffusers"
+        )
 
 
 def _alphas(adapter: Adapter) -> collections.Counter:
