@@ -269,7 +269,10 @@ def _sdxl_like(tmp_path: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("params", [["-s", "dare", "--seed", "1"],
-                                    ["-s", "dare", "--seed", "1", "--variant", "ties"]])
+                                    ["-s", "dare", "--seed", "1", "--variant", "ties"],
+                                    ["-s", "ziplora", "--arch", "sdxl", "--seed", "2", "--param", "steps=3",
+                                     "--rank", "8"],
+                                    ["-s", "duolora", "--arch", "sdxl", "--seed", "2", "--param", "steps=3"]])
 def test_seeded_strategies_give_the_same_bytes_for_any_threads(tmp_path, capsys, params):
     inputs = _sdxl_like(tmp_path)
     outs = []
