@@ -12,8 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from lora_merge.cli import COMMANDS, cli
-from lora_merge.cli._catalogue import CATALOGUE
-from lora_merge.cli.fast import live_catalogue
+from lora_merge.cli.fast import live_catalogue, load_catalogue
 
 
 def _fast(*args: str) -> tuple[str, bool]:
@@ -28,7 +27,7 @@ def _fast(*args: str) -> tuple[str, bool]:
 
 
 def test_catalogue_is_current():
-    assert live_catalogue(COMMANDS) == CATALOGUE, (
+    assert live_catalogue(COMMANDS) == load_catalogue(), (
         "stale: run python -c 'from lora_merge.cli import COMMANDS; from lora_merge.cli.fast import "
         "write_catalogue; write_catalogue(COMMANDS)'")
 
