@@ -37,20 +37,20 @@ _TOP_BACK = {v: k for k, v in _TOP.items()}
 _RX = re.compile(r"^transformer\.blocks\.(\d+)\.(.+)$")
 
 
-def native_to_diffusers(name: str) -> str | None:
+def _rename(name: str, block: dict[str, str], top: dict[str, str]) -> str | None:
     m = _RX.match(name)
     if m:
-        d = _BLOCK.get(m.group(2))
+        d = block.get(m.group(2))
         return None if d is None else f"{P}blocks.{m.group(1)}.{d}"
-    return P + _TOP[name[len(P):]] if name.startswith(P) and name[len(P):] in _TOP else None
+    return P + top[name[len(P):]] if name.startswith(P) and name[len(P):] in top else None
+
+
+def native_to_diffusers(name: str) -> str | None:
+    return _rename(name, _BLOCK, _TOP)
 
 
 def diffusers_to_native(name: str) -> str | None:
-    m = _RX.match(name)
-    if m:
-        d = _BLOCK_BACK.get(m.group(2))
-        return None if d is None else f"{P}blocks.{m.group(1)}.{d}"
-    return P + _TOP_BACK[name[len(P):]] if name.startswith(P) and name[len(P):] in _TOP_BACK else None
+    return _rename(name, _BLOCK_BACK, _TOP_BACK)
 
 
 def _renamed(adapter: Adapter, fn) -> Adapter:
