@@ -285,25 +285,19 @@ def measure(
     style_images: str | None = None,
     style_prompt: str | None = None,
     n_images: int = 16,
-    granularity: str = "resolution",
-    scale: float = 0.0,
-    n_noise: int = 4,
-    seed: int = 0,
-    batch_size: int = 8,
-    margin: float = DEFAULT_MARGIN,
-    floor: float = DEFAULT_FLOOR,
     device: Any = "cpu",
     dtype: str | torch.dtype = "fp32",
-    progress: ProgressFn | None = None,
+    **settings: Any,
 ) -> MeasuredPriors:
     """``lora-merge priors measure`` (noise measure): load ``base`` (a pipeline folder or a registered
-    name), its reference images and prompts (:func:`load_references`), and run :func:`measure_priors`."""
+    name), its reference images and prompts (:func:`load_references`), and run :func:`measure_priors` with
+    ``settings`` (its keyword arguments: granularity, scale, n_noise, seed, batch_size, margin, floor,
+    progress)."""
     model = load_base_model(base, device=device, dtype=parse_dtype(dtype))
     imgs_c, prm_c, imgs_s, prm_s = load_references(model, content_images, content_prompt, style_images,
-                                                   style_prompt, n_images=n_images, seed=seed)
+                                                   style_prompt, n_images=n_images, seed=settings.get("seed", 0))
     return measure_priors(model, content, style, content_images=imgs_c, content_prompt=prm_c, style_images=imgs_s,
-                          style_prompt=prm_s, granularity=granularity, scale=scale, n_noise=n_noise, seed=seed,
-                          batch_size=batch_size, margin=margin, floor=floor, progress=progress)
+                          style_prompt=prm_s, **settings)
 
 
 def measured_priors_for(config: dict[str, Any], adapters: Sequence[Adapter], *, device: Any = "cpu",
