@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 import lora_merge
 from lora_merge.cli import main
 from lora_merge.engine import Recipe, run_merge
+from lora_merge.formats.layout import align, layout_of
 
 
 def cli(argv, capsys):
@@ -155,3 +156,86 @@ def test_diff_b_of_the_wrong_size_or_without_a_module_is_one_error(tmp_path):
     p = _file(tmp_path / "lone.safetensors", {**base, "lora_unet_double_blocks_0_txt_attn_proj.diff_b": torch.zeros(H)})
     with pytest.raises(lora_merge.errors.FormatError, match="without a weight update"):
         lora_merge.load(p)
+
+
+# ---------------------------------------------------------------- 3. DuoLoRA on DiT families
+def _flux_pair(tmp_path):
+    """A fused kohya FLUX.1 LoRA and a split diffusers one (h=16; double blocks 0-1, single blocks 0-1, 10-11)."""
+    g = torch.Generator().manual_seed(21)
+
+    def shapes(blocks):
+        out = {}
+        for i in blocks[0]:
+            out[f"lora_unet_double_blocks_{i}_img_attn_qkv"] = (3 * H, H)
+            out[f"lora_unet_double_blocks_{i}_txt_attn_proj"] = (H, H)
+        for i in blocks[1]:
+            out[f"lora_unet_single_blocks_{i}_linear1"] = (7 * H, H)
+            out[f"lora_unet_single_blocks_{i}_linear2"] = (H, 5 * H)
+        return out
+
+    def kohya(path, sh, rank):
+        sd = {}
+        for k, (o, i) in sh.items():
+            sd[f"{k}.lora_down.weight"] = torch.randn(rank, i, generator=g) / i**0.5
+            sd[f"{k}.lora_up.weight"] = torch.randn(o, rank, generator=g) * 0.1
+            sd[f"{k}.alpha"] = torch.tensor(float(rank))
+        return _file(path, sd)
+
+    a = kohya(tmp_path / "content_kohya.safetensors", shapes((range(2), (0, 1, 10, 11))), 3)
+    b_src = kohya(tmp_path / "style_src.safetensors", shapes((range(1, 2), (0, 10, 11))), 2)
+    b = lora_merge.save(lora_merge.load(b_src), tmp_path / "style_diffusers.safetensors", to="diffusers")
+    return a, b
+
+
+def test_duolora_on_flux_needs_priors_and_runs_with_the_splitflux_table(tmp_path, capsys):
+    a, b = _flux_pair(tmp_path)
+    out = tmp_path / "duo.safetensors"
+    code, _, err = cli(["merge", a, b, "-o", out, "--strategy", "duolora", "--steps", "5"], capsys)
+    lines = err.strip().splitlines()
+    assert code != 0 and not out.exists() and len(lines) == 1, err
+    assert "DiT" in lines[0] and "--priors measure" in lines[0] and "flux-splitflux" in lines[0]
+    code, _, err = cli(["merge", a, b, "-o", out, "--strategy", "duolora", "--steps", "5",
+                        "--priors", "flux-splitflux", "--report", tmp_path / "r.json"], capsys)
+    assert code == 0, err
+    assert lora_merge.load(out).modules
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert "SplitFlux" in rep["strategy"]["priors"]["source"]
+    roles = {row["name"]: row.get("role") for row in rep["layers"] if "role" in row} if isinstance(
+        rep["layers"], list) else {k: v.get("role") for k, v in rep["layers"].items()}
+    assert {"content", "style", "neutral"} <= set(roles.values()), roles
+
+
+# ---------------------------------------------------------------- 4. every strategy on a Flux pair
+STRATEGY_PARAMS = {
+    "linear": {}, "svd": {}, "ties": {"density": 0.5}, "dare": {"density": 0.5},
+    "magnitude-prune": {"density": 0.5}, "blocks": {"take": "1:double_blocks,2:single_blocks"},
+    "ziplora": {"steps": 5}, "duolora": {"steps": 5, "priors": "flux-splitflux"},
+}
+
+
+def test_every_registered_strategy_has_a_flux_case():
+    from lora_merge.strategies import available_strategies
+    assert set(available_strategies()) <= set(STRATEGY_PARAMS)
+
+
+@pytest.mark.parametrize("to", ["kohya", "diffusers"])
+@pytest.mark.parametrize("strategy", sorted(STRATEGY_PARAMS))
+@pytest.mark.filterwarnings("ignore")
+def test_every_strategy_merges_a_fused_kohya_and_a_split_diffusers_flux_lora(tmp_path, strategy, to):
+    a, b = _flux_pair(tmp_path)
+    out = tmp_path / f"{strategy}.safetensors"
+    params = dict(STRATEGY_PARAMS[strategy])
+    if strategy == "blocks" and to == "diffusers":
+        params["take"] = "1:transformer.transformer_blocks,2:single_transformer_blocks"
+    res = lora_merge.merge([a, b], out, strategy=strategy, params=params, rank=4, to=to)
+    back = lora_merge.load(res.output)
+    assert back.modules and set(back.modules) == set(res.adapter.modules)
+    assert layout_of(back) == ("flux", "native" if to == "kohya" else "diffusers")
+    for m in back:
+        assert torch.isfinite(m.delta()).all()
+    if strategy == "blocks":  # input 1's double blocks as they were; input 2 has single blocks only
+        da = align(lora_merge.load(a), to)
+        double = [m for m in back if "double_blocks" in m.name or ".transformer_blocks." in m.name]
+        assert double
+        for m in double:
+            torch.testing.assert_close(m.delta(), da[m.name].delta(), rtol=1e-4, atol=1e-5)

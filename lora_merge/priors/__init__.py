@@ -7,6 +7,7 @@ names below are re-exported so ``from lora_merge.priors import LayerPriors`` wor
 
 from __future__ import annotations
 
+from . import flux  # noqa: F401 - registers the FLUX.1 block table (--priors flux-splitflux)
 from .measured import MeasuredPriors, assign_role, group_modules, to_layer_priors
 from .table import (
     PRIORS_FORMAT,

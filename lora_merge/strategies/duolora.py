@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import masks as M
 from ..errors import UsageError
+from ..formats.dit_arch import FAMILIES as DIT_FAMILIES
 from ..priors import LayerPriors, load_priors
 from . import register
 from .base import LayerContext, MergePlan, Param
@@ -36,8 +37,9 @@ class DuoLoRA(PairMaskStrategy):
         Param("lambda_hinge", float, 1.0, "weight of the hinge inside the prior term", range=(0.0, None)),
         Param("lambda_cycle", float, 0.01, "weight of the weight-space Constyle (additivity) term (0: off)",
               range=(0.0, None)),
-        Param("priors", str, "auto", "layer priors: auto (from the architecture), sdxl, sd1, b-lora, none, "
-              "measure (measured on --base with the reference images, see docs/priors.md), or a priors file"),
+        Param("priors", str, "auto", "layer priors: auto (from the architecture; UNets only), sdxl, sd1, b-lora, "
+              "flux-splitflux (FLUX.1 blocks), none, measure (measured on --base with the reference images, see "
+              "docs/priors.md), or a priors file"),
         Param("prior_init", bool, True, "initialize the masks from the priors (seeded draw); off: all ones"),
         Param("closed_form", bool, True, "solve the quadratic part in closed form (nearest to the "
               "initialization) before refining; off: Adam from the initialization, as the paper"),
@@ -75,6 +77,12 @@ class DuoLoRA(PairMaskStrategy):
             return self.measured_priors
         if spec == "none":
             return LayerPriors(source="none")
+        if spec == "auto" and arch in DIT_FAMILIES:  # no UNet resolutions, so no DuoLoRA priors
+            table = "--priors flux-splitflux or a priors file" if arch == "flux" else "--priors FILE"
+            raise UsageError(
+                f"duolora: DuoLoRA's resolution priors do not exist for a DiT ({DIT_FAMILIES[arch].display} has no "
+                f"UNet resolutions); give a block table ({table}) or --priors measure on a base model you supply "
+                "(--base: a model registered with register_base_model; pipeline folders load UNets only)")
         if spec == "auto" and arch is None:
             warnings.warn("duolora: the architecture is unknown, so every layer is neutral (no layer priors); "
                           "pass --arch or --priors", stacklevel=2)  # fmt: skip
