@@ -12,7 +12,7 @@ from conftest import PEFT_DIRS, SD15_FILES, shared_fixture
 import lora_merge
 from lora_merge.adapter import Adapter, LoraModule
 from lora_merge.errors import OutputExistsError, UsageError
-from lora_merge.formats import detect_dialect, dialects, registered
+from lora_merge.formats import detect_dialect, registered
 from lora_merge.formats.safetensors_io import CheckedHandle
 
 LAYOUT_KEYS = {"lora_adapter_metadata", "lora_merge.kohya_names", "format"}
