@@ -157,6 +157,10 @@ def render(s: dict[str, Any], console=None) -> None:
         console.print(t)
 
 
+#: metadata rows the human view shows (the rest are counted; ``--json`` has them all)
+MAX_METADATA_ROWS = 60
+
+
 def _render_metadata(s: dict[str, Any], console) -> None:
     from rich.table import Table
 
@@ -179,8 +183,10 @@ def _render_metadata(s: dict[str, Any], console) -> None:
         t.add_column("group", style="dim")
         t.add_column("key", style="cyan")
         t.add_column("value", overflow="fold")
-        for r in rows:
-            t.add_row(*r)
+        for group, key, value in rows[:MAX_METADATA_ROWS]:
+            t.add_row(group, shorten(key, 80), value)
+        if len(rows) > MAX_METADATA_ROWS:  # a header may hold 100,000 entries: summarise, do not render them
+            t.add_row("…", f"{len(rows) - MAX_METADATA_ROWS:,} more entries", "(--json lists them all)")
         console.print(t)
     if md.get("recipe") is not None:
         from rich.panel import Panel

@@ -12,7 +12,7 @@ import torch
 
 from ..adapter import Adapter, TensorRef
 from ..errors import FormatError, OutputExistsError, PartialReadWarning, UsageError
-from ..files import atomic_write_text, refuse_existing
+from ..files import atomic_write_text, make_dirs, open_input, refuse_existing
 from .bias import attach_bias_deltas, split_bias_keys, warn_dropped
 from .clients import check_writable
 from .dora import apply_dora, is_dora_key
@@ -83,7 +83,7 @@ def load(path: str | os.PathLike, *, format: str | None = None, strict: bool = F
                           + unparsed_hint(refs), weights)
     if ad.unparsed_keys:
         more = ", …" if len(ad.unparsed_keys) > _MAX_LISTED else ""
-        shown = ", ".join(ad.unparsed_keys[:_MAX_LISTED]) + more
+        shown = ", ".join(k if len(k) <= 120 else f"{k[:120]}…" for k in ad.unparsed_keys[:_MAX_LISTED]) + more
         msg = f"{len(ad.unparsed_keys)} keys not understood as {format} LoRA and skipped: {shown}"
         hint = broken_pattern(ad.unparsed_keys)
         if hint:
@@ -118,7 +118,8 @@ def _read_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, TensorRef],
 
 def _read_pickle(path: Path) -> dict[str, TensorRef]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open_input(path) as fh:  # a regular file only (a FIFO would block)
+            obj = torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError (zip), EOFError, ... all mean "bad file"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise FormatError(f"cannot read pickle file with weights_only=True: {first}", path) from None
@@ -219,7 +220,7 @@ def save(
         if keep_heads:
             written.tensors.update(head_tensors(adapter, dtype))
     if dialect.folder_files:
-        out.mkdir(parents=True, exist_ok=True)
+        make_dirs(out)  # inside a merge's or convert's transaction: removed again if it does not finish
         write_atomic(targets[0], written.tensors, written.metadata)
         for name, text in written.files.items():
             atomic_write_text(out / name, text)

@@ -8,6 +8,7 @@ only says the base weight is transposed, so it is kept in the config and written
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -16,7 +17,8 @@ import torch
 
 from .. import arch
 from ..adapter import Adapter, TensorRef
-from ..errors import FormatError
+from ..errors import FormatError, quoted
+from ..files import open_input
 from .common import PEFT_DEFAULT_ALPHA, carried_metadata, cast, lora_config_for, make_module, pattern_value
 from .registry import Located, Written
 
@@ -37,17 +39,90 @@ _SAVED = re.compile(r"^(?P<m>.+)\.modules_to_save\.[A-Za-z0-9_-]+\.(?P<p>[^.]+)$
 _EXTRA = re.compile(r"^(?P<m>.+)\.(?P<p>weight|bias)$")
 
 
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Duplicate(key)
+            seen.add(key)
+    return out
+
+
 def read_config(path) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
+        with open_input(path) as f:  # a regular file only (a FIFO would block)
+            raw = f.read(_MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise FormatError(f"cannot read {CONFIG_NAME}: {e.strerror or e}", path) from None
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise FormatError(f"{CONFIG_NAME} is larger than {_MAX_CONFIG_BYTES:,} bytes; not a PEFT config", path)
+    try:
+        cfg = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise FormatError(f"{CONFIG_NAME}: key {quoted(e.args[0])} appears twice", path) from None
     except (ValueError, RecursionError):
         raise FormatError(f"{CONFIG_NAME} is not valid JSON", path) from None
     if not isinstance(cfg, dict):
         raise FormatError(f"{CONFIG_NAME} is not a JSON object", path)
+    validate_config(cfg, path)
     return cfg
+
+
+_MAX_CONFIG_BYTES = 16 * 2**20
+
+
+def _bad(path, key: str, want: str, value) -> FormatError:
+    return FormatError(f"{CONFIG_NAME}: {key!r} must be {want}, got {quoted(value, 60)}", path)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_regex(path, key: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise FormatError(f"{CONFIG_NAME}: {key} pattern {quoted(pattern, 60)} is not a valid regex "
+                          f"({getattr(e, 'msg', e)})", path) from None
+
+
+def validate_config(cfg: dict, path) -> None:
+    """Type-check the ``adapter_config.json`` fields this tool reads; one error naming the key."""
+    if "r" in cfg and not (isinstance(cfg["r"], int) and not isinstance(cfg["r"], bool) and cfg["r"] > 0):
+        raise _bad(path, "r", "a positive integer", cfg["r"])
+    if "lora_alpha" in cfg and not _is_number(cfg["lora_alpha"]):
+        raise _bad(path, "lora_alpha", "a finite number", cfg["lora_alpha"])
+    for key, positive_int in (("alpha_pattern", False), ("rank_pattern", True)):
+        pat = cfg.get(key)
+        if pat is None:
+            continue
+        if not isinstance(pat, dict):
+            raise _bad(path, key, "an object mapping module patterns to numbers", pat)
+        for k, v in pat.items():
+            _check_regex(path, key, k)
+            ok = (isinstance(v, int) and not isinstance(v, bool) and v > 0) if positive_int else _is_number(v)
+            if not ok:
+                raise _bad(path, f"{key}[{k!r}]", "a positive integer" if positive_int else "a finite number", v)
+    tm = cfg.get("target_modules")
+    if isinstance(tm, str):
+        _check_regex(path, "target_modules", tm)
+    elif tm is not None and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
+        raise _bad(path, "target_modules", "a regex string or a list of module names", tm)
+    ms = cfg.get("modules_to_save")
+    if ms is not None and not (isinstance(ms, list) and all(isinstance(t, str) for t in ms)):
+        raise _bad(path, "modules_to_save", "null or a list of module names", ms)
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out", "inference_mode"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise _bad(path, key, "true or false", cfg[key])
+    if "peft_type" in cfg and not isinstance(cfg["peft_type"], str):
+        raise _bad(path, "peft_type", "a string such as \"LORA\"", cfg["peft_type"])
 
 
 def locate(path: Path) -> Located | None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ..adapter import TensorRef, _SafetensorsHandle
-from ..errors import FormatError
-from ..files import atomic_write
+from ..errors import FormatError, quoted
+from ..files import atomic_write, open_input
 
 #: safetensors dtype tag -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -39,6 +39,38 @@ for _tag, _name, _size in (("F8_E4M3", "float8_e4m3fn", 1), ("F8_E5M2", "float8_
 
 #: the Rust library refuses headers above 100 MB; so do we (before allocating anything)
 MAX_HEADER_BYTES = 100_000_000
+
+
+def _limit(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+#: limits no real adapter comes near (the largest LyCORIS/FLUX files hold ~15,000 tensors; the largest
+#: tensor, a PEFT ``modules_to_save`` embedding of a big LLM, ~4 GB); each is named in its error with the
+#: environment variable that raises it
+MAX_TENSORS = _limit("LORA_MERGE_MAX_TENSORS", 50_000)
+MAX_TENSOR_BYTES = _limit("LORA_MERGE_MAX_TENSOR_BYTES", 16 * 2**30)
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """``json.loads`` hook: a key given twice is an error (JSON keeps the last silently)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Duplicate(key)
+            seen.add(key)
+    return out
+
+
+class _Duplicate(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -78,7 +110,7 @@ def read_header(path: str | os.PathLike) -> Header:
     """Parse and validate a safetensors header; raise :class:`FormatError` on anything malformed."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open_input(path) as f:  # a regular file only: a FIFO or a device would block or never end
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise FormatError(f"not a safetensors file: only {size} bytes (truncated?)", path)
@@ -99,12 +131,17 @@ def read_header(path: str | os.PathLike) -> Header:
     if not text.lstrip().startswith("{"):
         raise FormatError("not a safetensors file: header is not a JSON object", path)
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise FormatError(f"bad safetensors header: key {quoted(e.key)} appears twice", path) from None
     except (json.JSONDecodeError, RecursionError) as e:
         msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
         raise FormatError(f"bad safetensors header JSON: {msg}", path) from None
     if not isinstance(obj, dict):
         raise FormatError("bad safetensors header: not a JSON object", path)
+    if len(obj) - ("__metadata__" in obj) > MAX_TENSORS:
+        raise FormatError(f"header lists {len(obj) - ('__metadata__' in obj):,} tensors, more than the limit of {MAX_TENSORS:,} (no real "
+                          "adapter has that many; raise it with LORA_MERGE_MAX_TENSORS=N)", path)
     data_len = size - 8 - n
     metadata = obj.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
@@ -123,27 +160,33 @@ def _is_dim(s) -> bool:
 
 
 def _tensor_info(path: Path, key: str, info, data_len: int) -> TensorInfo:
+    k = quoted(key)
     if not isinstance(info, dict):
-        raise FormatError(f"bad safetensors header: entry {key!r} is not an object", path)
+        raise FormatError(f"bad safetensors header: entry {k} is not an object", path)
     tag, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if tag not in DTYPES:
-        raise FormatError(f"tensor {key!r} has unknown dtype {tag!r}", path)
+    if not isinstance(tag, str) or tag not in DTYPES:
+        raise FormatError(f"tensor {k} has unknown dtype {quoted(tag, 40)}", path)
     if not isinstance(shape, list) or not all(_is_dim(s) for s in shape):
-        raise FormatError(f"tensor {key!r} has an invalid shape {shape!r}", path)
+        raise FormatError(f"tensor {k} has an invalid shape {quoted(shape, 60)}", path)
     if (not isinstance(offs, list) or len(offs) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
-        raise FormatError(f"tensor {key!r} has invalid data_offsets {offs!r}", path)
+        raise FormatError(f"tensor {k} has invalid data_offsets {quoted(offs, 60)}", path)
     begin, end = offs
     if not 0 <= begin <= end:
-        raise FormatError(f"tensor {key!r} has invalid data_offsets {offs!r}", path)
+        raise FormatError(f"tensor {k} has invalid data_offsets {quoted(offs, 60)}", path)
     if end > data_len:
         raise FormatError(
-            f"tensor {key!r} lies outside the file (bytes {begin}..{end} of a {data_len}-byte data section; "
+            f"tensor {k} lies outside the file (bytes {begin}..{end} of a {data_len}-byte data section; "
             "truncated?)", path)
     dtype, itemsize = DTYPES[tag]
+    if math.prod(shape) * itemsize > MAX_TENSOR_BYTES:
+        raise FormatError(
+            f"tensor {k} declares {math.prod(shape) * itemsize:,} bytes, more than the limit of "
+            f"{MAX_TENSOR_BYTES:,} (no LoRA tensor is that large; raise it with LORA_MERGE_MAX_TENSOR_BYTES=N)",
+            path)
     if math.prod(shape) * itemsize != end - begin:
         raise FormatError(
-            f"tensor {key!r}: shape {shape} of {tag} needs {math.prod(shape) * itemsize} bytes but its "
+            f"tensor {k}: shape {shape} of {tag} needs {math.prod(shape) * itemsize} bytes but its "
             f"offsets span {end - begin}", path)
     return TensorInfo(dtype=dtype, shape=tuple(shape), begin=begin, end=end)
 
@@ -154,7 +197,7 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_len: int) -> 
     for key, t in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
         if t.begin != pos:
             raise FormatError(
-                f"bad safetensors layout: tensor {key!r} starts at byte {t.begin}, expected {pos}", path)
+                f"bad safetensors layout: tensor {quoted(key)} starts at byte {t.begin}, expected {pos}", path)
         pos = t.end
     if pos != data_len:
         raise FormatError(

@@ -1,0 +1,84 @@
+"""Property test: hostile inputs through the command line.  Header, byte, value and PEFT-config mutations
+of the real fixtures (skipped when ../shared/fixtures is absent) and of small synthetic adapters go
+through inspect, convert, merge, diff and priors in-process; every run ends in a clean one-line error or
+a success — no traceback, no output or temporary file left after an error, inputs unchanged, no NaN
+written.  The mutations and the check are those of ``benchmarks/fuzz_campaign.py`` (the long campaign
+with a fork server; see docs/reliability.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SHARED_FIXTURES
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+_spec = importlib.util.spec_from_file_location("fuzz_campaign", REPO / "benchmarks" / "fuzz_campaign.py")
+fz = importlib.util.module_from_spec(_spec)
+sys.modules["fuzz_campaign"] = fz  # (dataclasses look their module up there)
+_spec.loader.exec_module(fz)
+
+#: cheap enough for the suite (the campaign adds the slow ones: --modules, diff and ziplora on fixtures)
+FAST = ["inspect", "inspect-json", "convert", "convert-peft", "merge", "merge-rank", "merge-ties", "merge-report",
+        "diff", "priors"]
+SETTINGS = settings(max_examples=70, deadline=None, derandomize=False, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    return fz.synthetic(tmp_path_factory.mktemp("bases"))
+
+
+def _check(base: fz.Base, command: str, seed: int, how: str) -> None:
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d)
+        inp = folder / "in"
+        inp.mkdir()
+        if base.peft:
+            bad, good = inp / "bad_adapter", inp / "good_adapter"
+            shutil.copytree(base.path, bad)
+            shutil.copytree(base.path, good)
+            for p in (*bad.iterdir(), *good.iterdir()):
+                p.chmod(0o644)
+            what = fz.peft_mutation(rng, bad)
+        else:
+            bad, good = inp / "bad.safetensors", inp / "good.safetensors"
+            shutil.copyfile(base.path, good)
+            good.chmod(0o644)
+            fn = {"header": fz.header_mutation, "values": fz.value_mutation, "bytes": fz.byte_mutation}[how]
+            data, what = fn(rng, base.path.read_bytes(), light=True) if how == "header" else fn(rng, base.path.read_bytes())
+            bad.write_bytes(data)
+        out = folder / "out"
+        out.mkdir()
+        argv, output = fz.argv_for(command, bad, good, out)
+        before = fz.digest([inp])
+        code, _, err = fz.run_in_process(argv)
+        nonfinite = code == 0 and fz.nonfinite_output(output)
+        outcome = fz.classify(code, err, output, out, before, fz.digest([inp]), nonfinite)
+        assert outcome in ("clean error", "success"), f"{outcome}: {command} on {base.name} ({what}): {err}"
+
+
+@given(which=st.integers(0, 2), command=st.sampled_from(FAST), seed=st.integers(0, 2**32),
+       how=st.sampled_from(["header", "values", "bytes"]))
+@SETTINGS
+def test_mutated_synthetic_inputs(bases, which, command, seed, how):
+    _check(bases[which], command, seed, how)
+
+
+@given(name=st.sampled_from([*fz.SD15, *fz.PEFT]), command=st.sampled_from(["inspect", "convert", "merge", "priors"]),
+       seed=st.integers(0, 2**32), how=st.sampled_from(["header", "values", "bytes"]))
+@settings(SETTINGS, max_examples=25)
+def test_mutated_real_fixtures(name, command, seed, how):
+    peft = name in fz.PEFT
+    path = SHARED_FIXTURES / ("peft" if peft else "sd15") / (name if peft else f"{name}.safetensors")
+    if not path.exists():
+        pytest.skip("real-world fixtures not available (../shared/fixtures missing)")
+    _check(fz.Base(name, path, peft=peft, big=True), command, seed, how)
