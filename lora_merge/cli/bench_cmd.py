@@ -69,13 +69,14 @@ def quality(n: int, out: Path, strategies: str | None, no_ablations: bool, seed:
     sanity numbers are printed too."""
     from ..bench.quality import _cached_judge, base_sanity, evaluate, pct, run_variant, save_grid
     from ..bench.variants import all_variants
-    from ..files import atomic_write_json, atomic_write_text, refuse_existing
+    from ..files import atomic_write_json, atomic_write_text, check_output_folder, refuse_existing
     from ..toyworld import CONTENT_PROMPT, JOINT_PROMPT, STYLE_PROMPT, bundled_loras
     from ..toyworld.judge import per_class_accuracy
     from ..toyworld.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     for t in (out / RESULT_MD, out / RESULT_JSON, out / GRID, out / REF_GRID):
         refuse_existing(t, force)
+        check_output_folder(t, create=True)
     names = [s.strip() for s in strategies.split(",")] if strategies else None
     variants = all_variants(names, ablations=not no_ablations)
     loras = bundled_loras()

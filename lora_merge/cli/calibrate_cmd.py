@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import json_option, print_json, stderr_console, stdout_console
+from .common import allow_pickle_option, json_option, print_json, stderr_console, stdout_console
 
 
 @click.command("calibrate", context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,6 +66,7 @@ from .common import json_option, print_json, stderr_console, stdout_console
     help="UNet dtype (moments are always accumulated in fp32).",
 )
 @click.option("--force", is_flag=True, help="Overwrite the output.")
+@allow_pickle_option
 @json_option
 def calibrate_cmd(
     base,
@@ -83,6 +84,7 @@ def calibrate_cmd(
     device,
     dtype,
     force,
+    allow_pickle,
     as_json,
 ):
     """Record E[x xᵀ] of the inputs of each LoRA'd UNet layer on the content and the style references.
@@ -95,8 +97,12 @@ def calibrate_cmd(
     from ..model_mode.calibrate import calibrate
     from .common import load_adapter
 
+    from ..files import check_output_folder, refuse_existing
+
+    refuse_existing(output, force, inputs=adapters)  # before the (minutes-long) model load
+    check_output_folder(output)
     loaded = [load_adapter(a) for a in adapters]
-    model = load_base_model(base, device=device, dtype=parse_dtype(dtype))
+    model = load_base_model(base, device=device, dtype=parse_dtype(dtype), allow_pickle=allow_pickle)
     summary = calibrate(
         model, output, content_images=content_images, content_prompt=content_prompt,
         style_images=style_images, style_prompt=style_prompt, adapters=loaded, layers=layers, samples=samples,

@@ -32,10 +32,11 @@ def demo(n: int, out: Path, strategies: str | None, seed: int, force: bool, as_j
     """
     from ..bench.quality import evaluate, pct, run_variant, save_grid
     from ..bench.variants import demo_variants
-    from ..files import refuse_existing
+    from ..files import check_output_folder, refuse_existing
     from ..toyworld import CONTENT_PROMPT, JOINT_PROMPT, STYLE_PROMPT, bundled_loras
 
     refuse_existing(out, force)
+    check_output_folder(out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"{out}: --out must be a .png file")
     variants = demo_variants(strategies)

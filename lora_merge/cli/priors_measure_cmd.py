@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..errors import UsageError
-from .common import fmt_num, json_option, print_json, stderr_console, stdout_console
+from .common import allow_pickle_option, fmt_num, json_option, print_json, stderr_console, stdout_console
 
 GRANULARITY_HELP = ("Groups to probe: resolution (attention blocks grouped by latent resolution), block (each "
                     "UNet block), attention (each attention sub-block, B-LoRA's unit) or layer (each LoRA layer).")
@@ -50,10 +50,11 @@ GRANULARITY_HELP = ("Groups to probe: resolution (attention blocks grouped by la
               "use it with `lora-merge merge C S --strategy duolora --priors FILE`.")
 @click.option("--plot", type=click.Path(), help="Write a bar chart PNG of the two profiles and the roles.")
 @click.option("--force", is_flag=True, help="Overwrite the output files.")
+@allow_pickle_option
 @json_option
 def measure(content, style, base, content_images, content_prompt, style_images, style_prompt, granularity,
             use_judge, compare, scale, samples, n_images, n_judge, margin, floor, batch_size, seed, device, dtype,
-            output, plot, force, as_json):
+            output, plot, force, allow_pickle, as_json):
     """Measure which UNet block groups carry CONTENT's and which STYLE's effect, and assign each group a
     role (content, style, neutral) by the documented rule (docs/priors.md).
 
@@ -62,7 +63,7 @@ def measure(content, style, base, content_images, content_prompt, style_images, 
     on a fixed seeded set of noisy latents.  With --base toyworld, CONTENT/STYLE default to the bundled
     LoRAs and the images/prompts to their training references.
     """
-    from ..files import refuse_existing
+    from ..files import check_output_folder, refuse_existing
     from ..model_mode.measure_priors import measure as noise_measure
     from ..priors.measured import compare as compare_roles
     from ..priors.measured import write_measured
@@ -82,6 +83,7 @@ def measure(content, style, base, content_images, content_prompt, style_images, 
     for p in (output, plot):
         if p:
             refuse_existing(p, force, inputs=(content, style))
+            check_output_folder(p)
     c_ad, s_ad = load_adapter(content), load_adapter(style)
     console = stderr_console()
     settings = {"granularity": granularity, "scale": scale, "seed": seed, "margin": margin, "floor": floor}
@@ -94,7 +96,7 @@ def measure(content, style, base, content_images, content_prompt, style_images, 
             noise = noise_measure(base, c_ad, s_ad, content_images=content_images, content_prompt=content_prompt,
                                   style_images=style_images, style_prompt=style_prompt, n_images=n_images,
                                   n_noise=samples, batch_size=batch_size, device=device, dtype=dtype,
-                                  progress=bar, **settings)  # fmt: skip
+                                  progress=bar, allow_pickle=allow_pickle, **settings)  # fmt: skip
     if compare or use_judge:
         from ..bench.judged_priors import judge_priors
 

@@ -133,10 +133,15 @@ def base_model_names() -> list[str]:
 
 
 def load_base_model(
-    spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
 ) -> BaseModel:
     """Load ``spec`` — a local diffusers pipeline folder (SD 1.x / SDXL) or a name given to
-    :func:`register_base_model` (the bundled toy world is ``"toyworld"``) — frozen, in eval mode."""
+    :func:`register_base_model` (the bundled toy world is ``"toyworld"``) — frozen, in eval mode.
+
+    A folder's weights are read from ``.safetensors`` files only: a component with only pickle weights
+    (``.bin``, ``.ckpt``, ``.pt``: pickle can run code) is refused unless ``allow_pickle``
+    (``--allow-pickle``)."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -155,13 +160,37 @@ def load_base_model(
                 f"folder (SD 1.x or SDXL) or a registered name ({named})",
                 spec,
             )
-        model = _load_pipeline_folder(path, device, dtype)
+        model = _load_pipeline_folder(path, device, dtype, allow_pickle)
     model.unet.requires_grad_(False)
     model.unet.eval()
     return model
 
 
-def _load_pipeline_folder(path: Path, device: torch.device, dtype: torch.dtype) -> BaseModel:
+#: the pipeline components whose weights are loaded
+WEIGHT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
+PICKLE_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth")
+
+
+def check_safetensors_weights(path: Path, allow_pickle: bool) -> None:
+    """Refuse a pipeline component that has pickle weights but no ``.safetensors`` ones (diffusers and
+    transformers would fall back to unpickling them) unless ``allow_pickle``."""
+    if allow_pickle:
+        return
+    for sub in WEIGHT_FOLDERS:
+        folder = path / sub
+        if not folder.is_dir():
+            continue
+        names = [p.name for p in folder.iterdir()]
+        if any(n.endswith(".safetensors") for n in names):
+            continue
+        pickles = sorted(n for n in names if n.endswith(PICKLE_WEIGHTS))
+        if pickles:
+            raise UsageError(f"{sub}/ has only pickle weights ({pickles[0]}); refused (pickle can run code). "
+                             "Convert them to safetensors, or pass --allow-pickle if you trust this folder", path)
+
+
+def _load_pipeline_folder(path: Path, device: torch.device, dtype: torch.dtype,
+                          allow_pickle: bool = False) -> BaseModel:
     index_file = path / "model_index.json"
     if not index_file.is_file() or not (path / "unet").is_dir():
         raise UsageError("not a diffusers pipeline folder (needs model_index.json and unet/)", path)
@@ -169,14 +198,16 @@ def _load_pipeline_folder(path: Path, device: torch.device, dtype: torch.dtype) 
         index = json.loads(index_file.read_text())
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read model_index.json: {exc}", path) from None
+    check_safetensors_weights(path, allow_pickle)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    kw = {"local_files_only": True}
+    # never unpickle without --allow-pickle: safetensors only (None: diffusers' default, safetensors first)
+    kw = {"local_files_only": True, "use_safetensors": None if allow_pickle else True}
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw).to(
             device
         )
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, **kw).to(device)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot load the pipeline: {exc}".splitlines()[0], path) from None
@@ -186,7 +217,7 @@ def _load_pipeline_folder(path: Path, device: torch.device, dtype: torch.dtype) 
     scale = float(getattr(vae.config, "scaling_factor", 0.18215))
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     image_size = int(unet.config.sample_size) * vae_factor
-    encode_prompt = _clip_prompt_encoder(path, index, device, image_size, is_xl)
+    encode_prompt = _clip_prompt_encoder(path, index, device, image_size, is_xl, allow_pickle)
 
     def encode_images(images: torch.Tensor) -> torch.Tensor:
         outs = []
@@ -208,20 +239,22 @@ def _load_pipeline_folder(path: Path, device: torch.device, dtype: torch.dtype) 
     )
 
 
-def _clip_prompt_encoder(path: Path, index: dict, device, image_size: int, is_xl: bool) -> Callable:
+def _clip_prompt_encoder(path: Path, index: dict, device, image_size: int, is_xl: bool,
+                         allow_pickle: bool = False) -> Callable:
     """SD 1.x: last hidden state of the CLIP text encoder.  SDXL: both encoders' penultimate hidden
     states concatenated, the second encoder's pooled projection and the size/crop time ids — as
     diffusers' ``StableDiffusionXLPipeline.encode_prompt`` builds them."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     kw = {"local_files_only": True}
+    wkw = {**kw, "use_safetensors": None if allow_pickle else True}  # weights: safetensors only by default
     try:
         tok1 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-        te1 = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw).to(device).eval()
+        te1 = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **wkw).to(device).eval()
         if is_xl:
             tok2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
             te2 = (
-                CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
+                CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **wkw)
                 .to(device)
                 .eval()
             )

@@ -287,13 +287,14 @@ def measure(
     n_images: int = 16,
     device: Any = "cpu",
     dtype: str | torch.dtype = "fp32",
+    allow_pickle: bool = False,
     **settings: Any,
 ) -> MeasuredPriors:
     """``lora-merge priors measure`` (noise measure): load ``base`` (a pipeline folder or a registered
     name), its reference images and prompts (:func:`load_references`), and run :func:`measure_priors` with
     ``settings`` (its keyword arguments: granularity, scale, n_noise, seed, batch_size, margin, floor,
     progress)."""
-    model = load_base_model(base, device=device, dtype=parse_dtype(dtype))
+    model = load_base_model(base, device=device, dtype=parse_dtype(dtype), allow_pickle=allow_pickle)
     imgs_c, prm_c, imgs_s, prm_s = load_references(model, content_images, content_prompt, style_images,
                                                    style_prompt, n_images=n_images, seed=settings.get("seed", 0))
     return measure_priors(model, content, style, content_images=imgs_c, content_prompt=prm_c, style_images=imgs_s,
@@ -301,7 +302,7 @@ def measure(
 
 
 def measured_priors_for(config: dict[str, Any], adapters: Sequence[Adapter], *, device: Any = "cpu",
-                        seed: int = 0) -> tuple[LayerPriors, MeasuredPriors]:
+                        seed: int = 0, allow_pickle: bool = False) -> tuple[LayerPriors, MeasuredPriors]:
     """``duolora --priors measure``: load ``config["base"]``, run the noise measure on the strategy's
     reference images and prompts, return ``(LayerPriors, MeasuredPriors)``.
 
@@ -314,7 +315,7 @@ def measured_priors_for(config: dict[str, Any], adapters: Sequence[Adapter], *, 
         raise UsageError(f"--priors measure needs --base MODEL (a diffusers pipeline folder or one of {named}) and, "
                          "for a pipeline folder, --content-images/--content-prompt/--style-images/--style-prompt: "
                          "the roles are measured by running the base model on the reference images")
-    model = load_base_model(str(base), device=device or "cpu")
+    model = load_base_model(str(base), device=device or "cpu", allow_pickle=allow_pickle)
     return measure_for_model(model, adapters, config.get("content_images"), config.get("content_prompt"),
                              config.get("style_images"), config.get("style_prompt"), int(seed or 0))
 

@@ -61,7 +61,8 @@ def train_pair_masks(strategy: Any, plan: MergePlan, *, progress: bool = True) -
     tcfg.validate()
     check_precision(tcfg.mixed_precision, plan.device)
     dtype = torch.float32 if tcfg.mixed_precision == "no" else parse_dtype(tcfg.mixed_precision)
-    base = load_base_model(cfg["base"], device=plan.device, dtype=dtype)
+    base = load_base_model(cfg["base"], device=plan.device, dtype=dtype,
+                           allow_pickle=bool(getattr(plan, "allow_pickle", False)))
     result = train_masks(
         base, plan.adapters, content_images=cfg["content_images"], content_prompt=cfg["content_prompt"],
         style_images=cfg["style_images"], style_prompt=cfg["style_prompt"], config=tcfg,

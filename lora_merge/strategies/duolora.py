@@ -61,7 +61,8 @@ class DuoLoRA(PairMaskStrategy):
         measured = None
         if self.priors in PRIORS_SOURCES:  # needs the base model and reference images; no fallback to a table
             measured = resolve(PRIORS_SOURCES[self.priors])(self.config, plan.adapters, device=plan.device,
-                                                            seed=plan.seed)
+                                                            seed=plan.seed,
+                                                            allow_pickle=bool(getattr(plan, "allow_pickle", False)))
         self.measured_priors, self._measurement = measured or (None, None)
         super().prepare(plan)  # resets the per-merge state, then solves (weights) or trains (model)
 
