@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -513,7 +513,7 @@ def place_mutation(rng: random.Random, argv: list[str], output: Path | None, bad
         if kind == "exists-force":
             argv.append("--force")
     elif kind.startswith("onto-input"):
-        argv[i] = str(bad if not bad.is_dir() else bad)
+        argv[i] = str(bad)
         if kind.endswith("force"):
             argv.append("--force")
     elif kind == "config-is-folder":
@@ -600,7 +600,7 @@ def run_campaign(n: int, seed: int, jobs: int, timeout: float, keep: Path | None
 
     for name in CLI_COMMANDS:  # import every command module (and torch, safetensors …) once, before forking
         cli.get_command(None, name)
-    import lora_merge.analysis  # noqa: F401
+    import lora_merge.analysis
     import lora_merge.engine  # noqa: F401
     work = Path(tempfile.mkdtemp(prefix="lora-fuzz-"))
     all_bases = bases(work)
@@ -628,7 +628,7 @@ def run_campaign(n: int, seed: int, jobs: int, timeout: float, keep: Path | None
                 code = 0
                 try:
                     signal.signal(signal.SIGALRM, signal.SIG_DFL)
-                    signal.alarm(int(math.ceil(timeout)))
+                    signal.alarm(math.ceil(timeout))
                     os.chdir(folder)
                     child(case, base, seed, folder, result)
                 except BaseException:  # noqa: BLE001

@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def make_pair(folder: Path) -> list[Path]:
-    import lora_merge as lm
     from sdxl_pair import sdxl_attention_layout, synthetic_pair
+
+    import lora_merge as lm
 
     a, b = synthetic_pair(sdxl_attention_layout(), rank=64)
     return [lm.save(a, folder / "content.safetensors"), lm.save(b, folder / "style.safetensors")]

@@ -57,7 +57,7 @@ class NotMainProcess(LoraMergeError):
     exit_code = 0
 
 
-class Interrupted(BaseException):  # noqa: N818 - named for what happened, like KeyboardInterrupt
+class Interrupted(BaseException):
     """SIGINT or SIGTERM, raised by the CLI's signal handler.  A ``BaseException`` like
     ``KeyboardInterrupt`` (so ``except Exception`` never eats it and every cleanup runs), but not one: click
     turns a ``KeyboardInterrupt`` into its ``Abort``, with an extra blank line."""

@@ -56,8 +56,8 @@ __all__ = [
     "make_dirs",
     "note_interrupt",
     "open_input",
-    "outputs_committed",
     "output_transaction",
+    "outputs_committed",
     "parse_dtype",
     "refuse_existing",
 ]

@@ -92,12 +92,10 @@ def calibrate_cmd(
     The base model (no LoRA) runs on noisy versions of the reference images with their prompts; the
     written file feeds `lora-merge merge --strategy ziplora|duolora` with the input model `stats`.
     """
-    from ..files import parse_dtype
+    from ..files import check_output_folder, parse_dtype, refuse_existing
     from ..model_mode.base_model import load_base_model
     from ..model_mode.calibrate import calibrate
     from .common import load_adapter
-
-    from ..files import check_output_folder, refuse_existing
 
     refuse_existing(output, force, inputs=adapters)  # before the (minutes-long) model load
     check_output_folder(output)

@@ -22,9 +22,9 @@ from threadpoolctl import threadpool_limits
 
 from .. import linalg
 from ..adapter import LoraModule
+from ..analysis.fidelity import retention
 from ..errors import MergeError
 from ..files import check_interrupt
-from ..analysis.fidelity import retention
 from ..strategies import LayerInput, LayerResult, MergeStrategy, PlannedLayer
 from .plan import Plan
 from .recipe import ProgressFn
