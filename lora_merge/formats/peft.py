@@ -21,6 +21,7 @@ from ..errors import FormatError, quoted
 from ..files import open_input
 from .common import PEFT_DEFAULT_ALPHA, carried_metadata, cast, lora_config_for, make_module, pattern_value
 from .registry import Located, Written
+from .safetensors_io import DuplicateKey, no_duplicate_keys
 
 PREFIX = "base_model.model."
 #: safetensors metadata key: the pipeline component (``unet``, ``text_encoder``, …) whose module paths the
@@ -39,21 +40,6 @@ _SAVED = re.compile(r"^(?P<m>.+)\.modules_to_save\.[A-Za-z0-9_-]+\.(?P<p>[^.]+)$
 _EXTRA = re.compile(r"^(?P<m>.+)\.(?P<p>weight|bias)$")
 
 
-class _Duplicate(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _Duplicate(key)
-            seen.add(key)
-    return out
-
-
 def read_config(path) -> dict:
     try:
         with open_input(path) as f:  # a regular file only (a FIFO would block)
@@ -63,8 +49,8 @@ def read_config(path) -> dict:
     if len(raw) > _MAX_CONFIG_BYTES:
         raise FormatError(f"{CONFIG_NAME} is larger than {_MAX_CONFIG_BYTES:,} bytes; not a PEFT config", path)
     try:
-        cfg = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except _Duplicate as e:
+        cfg = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
+    except DuplicateKey as e:
         raise FormatError(f"{CONFIG_NAME}: key {quoted(e.args[0])} appears twice", path) from None
     except (ValueError, RecursionError):
         raise FormatError(f"{CONFIG_NAME} is not valid JSON", path) from None

@@ -55,19 +55,19 @@ MAX_TENSORS = _limit("LORA_MERGE_MAX_TENSORS", 50_000)
 MAX_TENSOR_BYTES = _limit("LORA_MERGE_MAX_TENSOR_BYTES", 16 * 2**30)
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     """``json.loads`` hook: a key given twice is an error (JSON keeps the last silently)."""
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _Duplicate(key)
+                raise DuplicateKey(key)
             seen.add(key)
     return out
 
 
-class _Duplicate(ValueError):
+class DuplicateKey(ValueError):
     def __init__(self, key: str):
         super().__init__(key)
         self.key = key
@@ -131,8 +131,8 @@ def read_header(path: str | os.PathLike) -> Header:
     if not text.lstrip().startswith("{"):
         raise FormatError("not a safetensors file: header is not a JSON object", path)
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates)
-    except _Duplicate as e:
+        obj = json.loads(text, object_pairs_hook=no_duplicate_keys)
+    except DuplicateKey as e:
         raise FormatError(f"bad safetensors header: key {quoted(e.key)} appears twice", path) from None
     except (json.JSONDecodeError, RecursionError) as e:
         msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
