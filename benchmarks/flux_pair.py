@@ -28,7 +28,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from floor import load_concat_save
 
 #: fused (kohya / BFL) module suffix → (out, in) in units of the hidden size
 DOUBLE = {"img_attn_qkv": (3, 1), "img_attn_proj": (1, 1), "img_mlp_0": (4, 1), "img_mlp_2": (1, 4),
@@ -99,19 +102,7 @@ def lokr_conversion(folder: Path, rank: int) -> dict:
 
 
 def floor(a: Path, b: Path, out: Path) -> None:
-    ta, tb = load_file(str(a)), load_file(str(b))
-    res = {}
-    for key in ta:
-        if not key.endswith(".lora_down.weight"):
-            continue
-        p = key[: -len(".lora_down.weight")]
-        sa = float(ta[p + ".alpha"]) / ta[key].shape[0]
-        sb = float(tb[p + ".alpha"]) / tb[key].shape[0]
-        down = torch.cat([ta[key] * sa, tb[key] * sb])
-        res[key] = down
-        res[p + ".lora_up.weight"] = torch.cat([ta[p + ".lora_up.weight"], tb[p + ".lora_up.weight"]], 1)
-        res[p + ".alpha"] = torch.tensor(float(down.shape[0]))
-    save_file(res, str(out))
+    load_concat_save(a, b, out, alpha_dtype=torch.float32)
 
 
 def main(argv=None) -> int:

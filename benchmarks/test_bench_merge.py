@@ -28,11 +28,13 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import lora_merge as lm
 from lora_merge import linalg
 from lora_merge.engine import REFACTOR_TOL
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from floor import load_concat_save
 
 
 @pytest.fixture(autouse=True)
@@ -48,19 +50,7 @@ def _one_torch_thread():
 
 def _floor(a, b, out):
     """The least any merge tool must do: load both, concatenate the factors (scale folded in), save."""
-    ta, tb = load_file(str(a)), load_file(str(b))
-    res = {}
-    for key in ta:
-        if not key.endswith(".lora_down.weight"):
-            continue
-        p = key[: -len(".lora_down.weight")]
-        sa = float(ta[p + ".alpha"]) / ta[key].shape[0]
-        sb = float(tb[p + ".alpha"]) / tb[key].shape[0]
-        down = torch.cat([ta[key] * sa, tb[key] * sb])
-        res[key] = down
-        res[p + ".lora_up.weight"] = torch.cat([ta[p + ".lora_up.weight"], tb[p + ".lora_up.weight"]], 1)
-        res[p + ".alpha"] = torch.tensor(float(down.shape[0]), dtype=down.dtype)
-    save_file(res, str(out))
+    load_concat_save(a, b, out)
 
 
 def _rm(path):
