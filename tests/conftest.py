@@ -18,6 +18,19 @@ PEFT_DIRS = ["distilbert_emotion", "distilbert_imdb", "gpt2_tigrinya"]
 torch.set_num_threads(1)
 
 
+def run_cli(argv, capsys):
+    """Run ``lora-merge ARGV`` in-process with warnings silenced; returns ``(exit code, stdout, stderr)``."""
+    import warnings
+
+    from lora_merge.cli import main
+
+    with pytest.raises(SystemExit) as exc, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(list(map(str, argv)))
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
 def shared_fixture(rel: str) -> Path:
     """Path of a file under ../shared/fixtures, or skip the test when it is not there."""
     p = SHARED_FIXTURES / rel

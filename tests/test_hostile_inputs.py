@@ -11,26 +11,20 @@ import struct
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file, save_file
 
 import lora_merge as lm
 from lora_merge import Adapter, LoraModule
-from lora_merge.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exc, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        main(list(map(str, argv)))
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
+run = run_cli  # (code, stdout, stderr) of an in-process CLI run
 
 
 def _one_line_error(code, err, want_code=None):

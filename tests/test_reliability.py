@@ -9,24 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 import lora_merge as lm
 from lora_merge import Adapter, LoraModule
-from lora_merge.cli import main
 from lora_merge.files import atomic_write_text, make_dirs, output_transaction
 
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exc, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        main(list(map(str, argv)))
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
+run = run_cli  # (code, stdout, stderr) of an in-process CLI run
 
 
 def _adapter(seed: int, n: int = 4, d_out: int = 48, d_in: int = 64, r: int = 4, dialect="kohya") -> Adapter:
