@@ -42,6 +42,7 @@ _BUILTIN_MODULES = (
     "lora_merge.strategies.blocks",
     "lora_merge.strategies.ziplora",
     "lora_merge.strategies.duolora",
+    "lora_merge.strategies.nplora",
 )
 _loaded = False
 

@@ -38,6 +38,7 @@ __all__ = [
     "PairMaskStrategy",
     "check_model_inputs",
     "check_weights_mode",
+    "content_style_factors",
     "resolve",
 ]
 
@@ -190,13 +191,7 @@ class PairMaskStrategy(MergeStrategy):
 
     @staticmethod
     def _factors(inputs: Sequence[LayerInput]):
-        c, s = inputs
-        ac, as_ = c.down * c.coeff, s.down * s.coeff
-        if not c.present or c.coeff == 0:
-            ac = c.down.new_zeros(0, c.down.shape[1])
-        if not s.present or s.coeff == 0:
-            as_ = s.down.new_zeros(0, s.down.shape[1])
-        return c.up[:, : ac.shape[0]], ac, s.up[:, : as_.shape[0]], as_
+        return content_style_factors(inputs)
 
     def _setup(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> dict:
         bc, ac, bs, as_ = self._factors(inputs)
@@ -301,6 +296,20 @@ class PairMaskStrategy(MergeStrategy):
     def sidecars(self) -> dict[str, dict[str, torch.Tensor]]:
         """Every layer's masks, for the ``<output>.masks.safetensors`` sidecar (see docs)."""
         return {"masks": dict(self._masks)}
+
+
+def content_style_factors(inputs: Sequence[LayerInput]):
+    """The pair convention of every two-input content–style strategy (``ziplora``, ``duolora``,
+    ``np-lora``): input 1 is the content LoRA, input 2 the style LoRA.  Returns
+    ``(B_c, w_c s_c A_c, B_s, w_s s_s A_s)`` with the strength applied once, on the down factors; an input
+    that is absent or weighted 0 contributes rank-0 factors."""
+    c, s = inputs
+    ac, as_ = c.down * c.coeff, s.down * s.coeff
+    if not c.present or c.coeff == 0:
+        ac = c.down.new_zeros(0, c.down.shape[1])
+    if not s.present or s.coeff == 0:
+        as_ = s.down.new_zeros(0, s.down.shape[1])
+    return c.up[:, : ac.shape[0]], ac, s.up[:, : as_.shape[0]], as_
 
 
 def fold_masks(inputs: Sequence[LayerInput], mc: torch.Tensor | None, ms: torch.Tensor | None, axis: str):
