@@ -27,6 +27,7 @@ FLOORS = {
     "lora_merge.files": 1,
     "lora_merge.plugins": 1,
     "lora_merge.progress": 1,
+    "lora_merge.klora": 1,
     "lora_merge.formats": 2,
     "lora_merge.input_models": 2,
     "lora_merge.masks": 2,

@@ -2,7 +2,7 @@
 
 Importing a command module or the strategy registry imports torch (about 2 s).  These three answers are
 printed from ``lora_merge/data/cli_catalogue.json`` instead: every command's help text and every built-in
-strategy's ``describe()``, generated from the live objects by ``python -c "from lora_merge.cli import COMMANDS;
+strategy's ``describe()`` and the sampling-time mergers (``lora_merge.klora.SAMPLING_TIME_MERGERS``), generated from the live objects by ``python -c "from lora_merge.cli import COMMANDS;
 from lora_merge.cli.fast import write_catalogue; write_catalogue(COMMANDS)"``
 and checked against them by ``tests/test_cli_fast.py`` (a stale catalogue fails the suite).  When a
 strategy plug-in is installed (the ``lora_merge.strategies`` entry-point group) or the registry is already
@@ -53,19 +53,23 @@ def _strategies(rest: list[str]) -> int | None:
     if list(entry_points(group="lora_merge.strategies")):
         return None  # plug-in strategies: only the registry knows them
     as_json = "--json" in rest
-    names = [a for a in rest if a != "--json"]
+    sampling_time = "--sampling-time" in rest
+    names = [a for a in rest if a not in ("--json", "--sampling-time")]
     if len(names) > 1 or any(a.startswith("-") for a in names):
         return None  # --help and anything unusual: click answers
     infos = _catalogue()["strategies"]
-    from .strategies_cmd import show
+    samplers = _catalogue().get("sampling_time", [])
+    from .strategies_cmd import show, show_sampling_time
 
     if names:
-        info = next((i for i in infos if i["name"] == names[0]), None)
+        info = next((i for i in samplers + infos if i["name"] == names[0]), None)
         if info is None:
             return None  # the registry's error message
         show(info, as_json)
+    elif sampling_time:
+        show_sampling_time(samplers, as_json)
     else:
-        show(infos, as_json)
+        show(infos, as_json, samplers)
     return 0
 
 
@@ -89,6 +93,7 @@ def live_catalogue(commands_table: dict[str, str]) -> dict[str, Any]:
     ``"module:attribute"``, and the strategy registry)."""
     import importlib
 
+    from ..klora import SAMPLING_TIME_MERGERS
     from ..strategies import _BUILTIN_MODULES, available_strategies
 
     commands = {}
@@ -97,7 +102,8 @@ def live_catalogue(commands_table: dict[str, str]) -> dict[str, Any]:
         cmd = getattr(importlib.import_module(mod), attr)
         commands[name] = {"help": cmd.help, "short_help": cmd.short_help}
     strategies = [cls.describe() for cls in available_strategies().values() if cls.__module__ in _BUILTIN_MODULES]
-    return json.loads(json.dumps({"commands": commands, "strategies": strategies}))  # as stored: lists, not tuples
+    catalogue = {"commands": commands, "strategies": strategies, "sampling_time": SAMPLING_TIME_MERGERS}
+    return json.loads(json.dumps(catalogue))  # as stored: lists, not tuples
 
 
 def write_catalogue(commands_table: dict[str, str]) -> None:

@@ -74,6 +74,20 @@ def _parse_param(spec: str) -> tuple[str, str]:
     return k.strip().replace("-", "_"), v
 
 
+def _refuse_sampling_time(strategy: str | None) -> None:
+    """``-s k-lora``: one line saying why no file can hold it and where the method is."""
+    from ..klora import SAMPLING_TIME_MERGERS
+
+    key = (strategy or "").lower().replace("_", "").replace("-", "")
+    for m in SAMPLING_TIME_MERGERS:
+        if key == m["name"].replace("-", ""):
+            raise UsageError(
+                f"{m['name']!r} is a sampling-time method (it picks a LoRA per layer at every denoising step), "
+                "so it cannot be saved as one LoRA file; use the Python API: "
+                "lora_merge.klora.KLoRA.attach(pipe.unet, content, style) (docs/strategies.md)"
+            )
+
+
 @click.command("merge", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, type=click.Path())
 @click.option("-o", "--output", type=click.Path(), help="Output file (PEFT: a folder).")
@@ -157,6 +171,7 @@ def merge(**kw: Any) -> None:
     from ..progress import progress_bar
     from ..strategies import get_strategy
 
+    _refuse_sampling_time(kw["strategy"])
     data = read_recipe_file(kw["config"]) if kw["config"] else {}
     recipe = Recipe.from_dict(data, kw["config"] and Path(kw["config"]))
     if kw["inputs"]:
@@ -164,6 +179,7 @@ def merge(**kw: Any) -> None:
     if not recipe.inputs:
         raise UsageError("no inputs: give input files or a --config recipe with 'inputs'")
     strategy = kw["strategy"] or recipe.strategy
+    _refuse_sampling_time(strategy)
     cls = get_strategy(strategy)
     given: dict[str, Any] = {}
     for name in _strategy_params():

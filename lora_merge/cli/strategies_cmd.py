@@ -1,4 +1,5 @@
-"""``lora-merge strategies [NAME]``: the registered merge strategies and their options."""
+"""``lora-merge strategies [NAME]``: the registered merge strategies and their options, and the
+sampling-time mergers (K-LoRA), which no file can hold."""
 
 from __future__ import annotations
 
@@ -10,24 +11,40 @@ from .common import print_json
 @click.command("strategies", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def strategies(name: str | None, as_json: bool) -> None:
-    """List merge strategies, or show one strategy's parameters."""
+@click.option("--sampling-time", "sampling_time", is_flag=True,
+              help="List only the sampling-time mergers (K-LoRA): applied while sampling, through the Python "
+                   "API; they cannot be saved as one LoRA file. With --json: {\"sampling_time\": [...]}.")
+def strategies(name: str | None, as_json: bool, sampling_time: bool) -> None:
+    """List merge strategies, or show one strategy's parameters. The list ends with the sampling-time
+    mergers (K-LoRA), which run while sampling and cannot be saved as a file (not in --json's list; see
+    --sampling-time)."""
+    from ..klora import SAMPLING_TIME_MERGERS
     from ..strategies import available_strategies, get_strategy
 
-    if name:
-        show(get_strategy(name).describe(), as_json)
+    samplers = list(SAMPLING_TIME_MERGERS)
+    if sampling_time and not name:
+        show_sampling_time(samplers, as_json)
         return
-    show([cls.describe() for cls in available_strategies().values()], as_json)
+    if name:
+        hit = next((m for m in samplers if m["name"] == name), None)
+        show(hit if hit is not None else get_strategy(name).describe(), as_json)
+        return
+    show([cls.describe() for cls in available_strategies().values()], as_json, samplers)
 
 
-def show(infos: list[dict] | dict, as_json: bool) -> None:
-    """Print the strategies' ``describe()`` dicts (a list: the table; one dict: its parameters); also what
-    :mod:`lora_merge.cli.fast` prints from the built-in catalogue."""
+def show(infos: list[dict] | dict, as_json: bool, sampling_time: list[dict] | None = None) -> None:
+    """Print the strategies' ``describe()`` dicts (a list: the table, then the ``sampling_time`` mergers'
+    table in text; one dict: its parameters); also what :mod:`lora_merge.cli.fast` prints from the
+    built-in catalogue.  ``--json`` of the list stays the list of merge strategies (each one usable with
+    ``merge -s``); ``--sampling-time --json`` prints the others."""
     if isinstance(infos, dict):
         if as_json:
             print_json(infos)
             return
-        _show_one(infos)
+        if infos.get("static_file") is False:
+            _show_sampling_one(infos)
+        else:
+            _show_one(infos)
         return
     if as_json:
         print_json(infos)
@@ -46,6 +63,42 @@ def show(infos: list[dict] | dict, as_json: bool) -> None:
             " ".join(p["option"] for p in i["params"]) or "-",
         )
     Console().print(t)
+    if sampling_time:
+        show_sampling_time(sampling_time, False)
+
+
+def show_sampling_time(infos: list[dict], as_json: bool) -> None:
+    """The sampling-time mergers: methods that pick per layer and per denoising step, so no file holds them."""
+    if as_json:
+        print_json({"sampling_time": infos})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="sampling-time mergers (Python API only; cannot be saved as one LoRA file)")
+    for col in ("name", "description", "parameters"):
+        t.add_column(col, overflow="fold")
+    for i in infos:
+        t.add_row(i["name"], i["description"], " ".join(p["name"] for p in i["params"]) or "-")
+    Console().print(t)
+
+
+def _show_sampling_one(info: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    c.print(f"[bold]{info['name']}[/bold] — {info['description']}")
+    c.print("sampling-time: applied while sampling; it cannot be saved as one LoRA file (`merge -s` refuses it)")
+    c.print(f"python: {info['api']}")
+    if info.get("reference"):
+        c.print(f"reference: {info['reference']}")
+    t = Table()
+    for col in ("parameter", "type", "default", "help"):
+        t.add_column(col, overflow="fold")
+    for p in info["params"]:
+        t.add_row(p["name"], p["type"], str(p["default"]), p["help"])
+    c.print(t)
 
 
 def _show_one(info: dict) -> None:

@@ -4,12 +4,19 @@
 base UNet (the base itself is never modified).  ``lora_group_scales`` multiplies ΔW per module-name
 pattern (the project's pattern syntax, :mod:`lora_merge.patterns`; several matching patterns multiply),
 so one group of layers can be scaled down to see what it carries.
+
+``sample(..., merger=m)`` samples with a *sampling-time* merger such as :class:`lora_merge.klora.KLoRA`:
+an object with ``attach(unet, scheduler=...)`` and ``detach()``.  It is attached to the UNet (with the
+adapter folded in, when one is given too) before the first step with the scheduler that drives the
+loop, so it sees the real timesteps and ``scheduler.config.num_train_timesteps``, and detached
+afterwards, also on an error.
 """
 from __future__ import annotations
 
 import copy
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -77,10 +84,12 @@ def initial_noise(seeds: Sequence[int], size: int) -> torch.Tensor:
 def sample(world: ToyWorld, prompts: Sequence[str] | str, seeds: Sequence[int],
            adapter: Adapter | str | os.PathLike | None = None, scale: float = 1.0, steps: int = DEFAULT_STEPS,
            lora_group_scales: Mapping[str, float] | None = None, guidance: float = DEFAULT_GUIDANCE,
-           batch_size: int = 256) -> torch.Tensor:
+           batch_size: int = 256, merger: Any = None) -> torch.Tensor:
     """Images ``(N, 3, H, W)`` in ``[-1, 1]``: DDIM (η = 0), classifier-free guidance when ``guidance != 1``.
 
-    ``prompts`` is one prompt or one per seed.  Deterministic given the arguments.
+    ``prompts`` is one prompt or one per seed.  Deterministic given the arguments.  ``merger``: a
+    sampling-time merger (``attach(unet, scheduler=...)`` / ``detach()``, e.g. a ``KLoRA`` of two
+    adapters), attached for the whole call; ``None`` samples exactly as before.
     """
     seeds = [int(s) for s in seeds]
     if isinstance(prompts, str):
@@ -88,9 +97,20 @@ def sample(world: ToyWorld, prompts: Sequence[str] | str, seeds: Sequence[int],
     if len(prompts) != len(seeds):
         raise UsageError(f"sample: {len(prompts)} prompts for {len(seeds)} seeds")
     unet = world.unet if adapter is None else apply_lora(world.unet, adapter, scale, lora_group_scales)
-    dev = world.device
     sched = ddim_scheduler(world.config.get("scheduler"))
     sched.set_timesteps(steps)
+    if merger is None:
+        return _denoise(world, unet, sched, list(prompts), seeds, guidance, batch_size)
+    merger.attach(unet, scheduler=sched)
+    try:
+        return _denoise(world, unet, sched, list(prompts), seeds, guidance, batch_size)
+    finally:
+        merger.detach()
+
+
+def _denoise(world: ToyWorld, unet: torch.nn.Module, sched: Any, prompts: list[str], seeds: list[int],
+             guidance: float, batch_size: int) -> torch.Tensor:
+    dev = world.device
     outs = []
     for i in range(0, len(seeds), batch_size):
         ps, ss = list(prompts[i : i + batch_size]), seeds[i : i + batch_size]
