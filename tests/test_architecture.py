@@ -28,6 +28,8 @@ FLOORS = {
     "lora_merge.plugins": 1,
     "lora_merge.progress": 1,
     "lora_merge.klora": 1,
+    "lora_merge.timestep_merge": 1,
+    "lora_merge.sampling_time": 1,
     "lora_merge.formats": 2,
     "lora_merge.input_models": 2,
     "lora_merge.masks": 2,

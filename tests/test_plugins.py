@@ -38,13 +38,14 @@ def test_the_toy_world_registers_its_model_images_priors_and_arch():
 
     assert "toyworld" in base_model_names()
     assert "lora_merge.toyworld.plugin" in plugins.loaded()
-    assert {"toyworld:content", "toyworld:style"} <= set(image_source_names())
+    assert {"toyworld:content", "toyworld:style", "toyworld:tqk", "toyworld:mrv"} <= set(image_source_names())
     imgs, captions = load_image_source("toyworld:style", 8, n=3, seed=0)
     assert imgs.shape == (3, 3, 8, 8) and len(captions) == 3 and all("zkz" in c for c in captions)
-    assert resolve_images("toyworld:content", 16).shape == (64, 3, 16, 16)
+    assert resolve_images("toyworld:content", 16).shape == (6, 3, 16, 16)  # the 6 DreamBooth photos
+    assert resolve_images("toyworld:mrv", 16).shape == (64, 3, 16, 16)  # 64 augmentations of one image
     from lora_merge.errors import UsageError
 
-    with pytest.raises(UsageError, match="toyworld:content or toyworld:style"):
+    with pytest.raises(UsageError, match="toyworld:content"):
         resolve_images("toyworld:shapes", 16)
     assert "toyworld" in builtin_priors()
     table = load_priors("auto", "toyworld")

@@ -10,7 +10,10 @@ from lora_merge import load
 from lora_merge import toyworld as tw
 from lora_merge.arch import BLOCK_RESOLUTIONS, guess_arch, resolution_of
 from lora_merge.errors import UsageError
+from lora_merge.plugins import load_all
 from lora_merge.toyworld.world import parse_prompt
+
+load_all()  # the toy world's registrations (arch facts), as any lora-merge command does
 
 
 def test_render_is_deterministic_and_varies_with_seed():

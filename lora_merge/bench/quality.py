@@ -118,13 +118,13 @@ def trainable_values(report: dict[str, Any]) -> int | None:
 
 
 def run_variant(v: Variant, content: Path, style: Path, n: int, seed: int = 0, world_model=None, judge=None,
-                arch: str | None = ARCH) -> dict[str, Any]:
-    """Merge the two inputs as row ``v`` says, sample the joint prompt ``n`` times and judge it."""
+                arch: str | None = ARCH, prompt: str = JOINT_PROMPT) -> dict[str, Any]:
+    """Merge the two inputs as row ``v`` says, sample the joint ``prompt`` ``n`` times and judge it."""
     t0 = time.perf_counter()
     res = merge([content, style], None, strategy=v.strategy, weights=list(v.weights), params=v.params or None,
                 seed=seed, arch=arch)
     dt = time.perf_counter() - t0
-    ev = evaluate(res.adapter, n=n, seed=seed, prompt=JOINT_PROMPT, world_model=world_model, judge=judge,
+    ev = evaluate(res.adapter, n=n, seed=seed, prompt=prompt, world_model=world_model, judge=judge,
                   return_images=True)
     ev.update(label=v.label, strategy=v.strategy, params=v.params, weights=list(v.weights), merge_seconds=dt,
               trainable_values=trainable_values(res.report), rank=max(res.adapter.ranks) if len(res.adapter) else 0)

@@ -28,9 +28,14 @@ from ..model_mode.calibrate import calibrate
 from ..model_mode.measure_priors import measure_for_model
 from ..priors import builtin_priors
 from ..priors.measured import write_measured
+from ..sampling_time import SAMPLING_TIME_MERGERS
 from ..strategies import available_strategies
-from ..toyworld import CONTENT_PROMPT, JOINT_PROMPT, STYLE_PROMPT, bundled_loras
+from ..toyworld import world
 from ..toyworld.model import ARCH
+from ..toyworld.suite import Pair
+
+#: the bundled default pair (sks + zkz), used when a function is given no pair
+DEFAULT_PAIR = Pair(world.CONTENT_WORD, world.STYLE_WORD)
 
 
 @dataclass
@@ -111,19 +116,31 @@ def default_variants(strategies: Sequence[str] | None = None, ablations: bool = 
     return out
 
 
+# ------------------------------------------------------------------------------------ sampling time
+def sampling_variants(strategies: Sequence[str] | None = None) -> list[Variant]:
+    """Sampling-time mergers (no file; :mod:`lora_merge.sampling_time`) with their defaults."""
+    names = [m["name"] for m in SAMPLING_TIME_MERGERS]
+    return [Variant(nm, nm) for nm in names if not strategies or nm in strategies]
+
+
 # ---------------------------------------------------------------------------------------- priors
-def toyworld_priors_file(seed: int = 0) -> Path:
-    """Measure the bundled toy-world LoRAs with the default settings and write the priors to a file in the
-    temp folder (rewritten on each call)."""
-    paths = bundled_loras()
+def pair_adapters(pair: Pair | None = None):
+    c, s = (pair or DEFAULT_PAIR).paths()
+    return load(c), load(s)
+
+
+def toyworld_priors_file(seed: int = 0, pair: Pair | None = None) -> Path:
+    """Measure the pair's LoRAs (default: the bundled sks + zkz) with the default settings and write the
+    priors to a file in the temp folder (rewritten on each call)."""
+    pair = pair or DEFAULT_PAIR
     model = load_base_model(ARCH)
-    _, result = measure_for_model(model, [load(paths["content"]), load(paths["style"])], None, None, None, None,
-                                  seed)
-    path = Path(tempfile.gettempdir()) / f"lora-merge-toyworld-priors-{seed}.json"
+    _, result = measure_for_model(model, list(pair_adapters(pair)), None, None, None, None, seed)
+    path = Path(tempfile.gettempdir()) / f"lora-merge-toyworld-priors-{pair.subject}-{pair.style}-{seed}.json"
     return write_measured(result, path, force=True)
 
 
-def priors_variants(strategies: Sequence[str] | None = None) -> list[Variant]:
+def priors_variants(strategies: Sequence[str] | None = None, pair: Pair | None = None,
+                    model_mode: bool = True) -> list[Variant]:
     """DuoLoRA with the paper's resolution rule on the toy world's blocks (the SDXL rule: 4×4 → content,
     8×8 → style) next to DuoLoRA with priors measured on the toy world — in weight space, and in model
     mode when ``duolora`` offers ``--mode model`` (whose own ``duolora (model)`` row uses the rule)."""
@@ -133,25 +150,25 @@ def priors_variants(strategies: Sequence[str] | None = None) -> list[Variant]:
     rows = []
     if ARCH in builtin_priors():
         rows.append(Variant("duolora (SDXL-rule priors)", "duolora", {"priors": ARCH}))
-    if "base" in declared:
-        rows.append(Variant("duolora (measured priors)", "duolora", {"priors": "measure", "base": ARCH}))
-    else:  # the same measurement (toy-world defaults, seed 0), handed over as a priors file
-        rows.append(Variant("duolora (measured priors)", "duolora", {"priors": str(toyworld_priors_file())}))
-    if "mode" in declared:
+    rows.append(Variant("duolora (measured priors)", "duolora", {"priors": str(toyworld_priors_file(pair=pair))}))
+    if model_mode and "mode" in declared:
         # the SDXL-rule model-mode row is model mode's own "duolora (model)" (priors auto = the rule)
-        rows.append(Variant("duolora (model, measured priors)", "duolora", {**toyworld_common(), "priors": "measure"}))
+        rows.append(Variant("duolora (model, measured priors)", "duolora",
+                            {**toyworld_common("duolora", pair), "priors": "measure"}))
     return rows
 
 
 # ------------------------------------------------------------------------------------ model mode
-def toyworld_common(strategy: str = "duolora") -> dict[str, Any]:
-    """Model-mode parameters for the bundled toy world and its reference images (ZipLoRA has no cycles,
-    hence no cycle prompt)."""
-    common = {"mode": "model", "base": ARCH, "content_images": f"{ARCH}:content",
-              "content_prompt": CONTENT_PROMPT, "style_images": f"{ARCH}:style",
-              "style_prompt": STYLE_PROMPT}  # fmt: skip
+def toyworld_common(strategy: str = "duolora", pair: Pair | None = None) -> dict[str, Any]:
+    """Model-mode parameters for a toy-world pair (default: sks + zkz) and its LoRAs' training images
+    (ZipLoRA has no cycles, hence no cycle prompt)."""
+    pair = pair or DEFAULT_PAIR
+    style_caption = world.caption(pair.style_shape, pair.style)
+    common = {"mode": "model", "base": ARCH, "content_images": f"{ARCH}:{pair.subject}",
+              "content_prompt": pair.content_prompt, "style_images": f"{ARCH}:{pair.style}",
+              "style_prompt": style_caption}  # fmt: skip
     if strategy == "duolora":
-        common["cycle_prompt"] = JOINT_PROMPT
+        common["cycle_prompt"] = pair.joint_prompt
     return common
 
 
@@ -171,14 +188,14 @@ MODEL_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 )
 
 
-def calibrate_toyworld(path: str | os.PathLike, force: bool = True, seed: int = 0) -> Path:
-    """Input statistics of the toy world's LoRA'd layers on the bundled reference images."""
-    loras = bundled_loras()
+def calibrate_toyworld(path: str | os.PathLike, force: bool = True, seed: int = 0, pair: Pair | None = None) -> Path:
+    """Input statistics of the toy world's LoRA'd layers on the pair's training images."""
+    pair = pair or DEFAULT_PAIR
+    common = toyworld_common("ziplora", pair)
     base = load_base_model(ARCH)
-    calibrate(base, path, content_images=f"{ARCH}:content", content_prompt=CONTENT_PROMPT,
-              style_images=f"{ARCH}:style", style_prompt=STYLE_PROMPT,
-              adapters=[load(loras["content"]), load(loras["style"])], samples=4, seed=seed,
-              force=force)  # fmt: skip
+    calibrate(base, path, content_images=common["content_images"], content_prompt=common["content_prompt"],
+              style_images=common["style_images"], style_prompt=common["style_prompt"],
+              adapters=list(pair_adapters(pair)), samples=4, seed=seed, force=force)  # fmt: skip
     return Path(path)
 
 
@@ -187,6 +204,7 @@ def model_mode_variants(
     ablations: bool = True,
     calibrated: bool = True,
     stats_path: str | os.PathLike | None = None,
+    pair: Pair | None = None,
 ) -> list[Variant]:
     """Model mode (+ DuoLoRA's ablation) and weight space with statistics from ``calibrate`` (written to
     ``stats_path``, default a temporary folder).  Only for selected strategies that declare the needed
@@ -199,22 +217,27 @@ def model_mode_variants(
     rows = []
     for label, strat, extra in MODEL_ROWS:
         if declares(strat, "mode") and (ablations or not extra):
-            rows.append(Variant(label, strat, {**toyworld_common(strat), **extra}))
+            rows.append(Variant(label, strat, {**toyworld_common(strat, pair), **extra}))
     stat_rows = [s for s in ("ziplora", "duolora") if declares(s, "stats")] if calibrated else []
     if stat_rows:
-        path = Path(stats_path) if stats_path else Path(tempfile.mkdtemp(prefix="lm-stats-")) / "toyworld.safetensors"
-        calibrate_toyworld(path)
+        p = pair or DEFAULT_PAIR
+        path = Path(stats_path) if stats_path else (
+            Path(tempfile.gettempdir()) / f"lora-merge-toyworld-stats-{p.subject}-{p.style}.safetensors")
+        calibrate_toyworld(path, pair=pair)
         for strat in stat_rows:
             rows.append(Variant(f"{strat} (calibrated stats)", strat, {"input_model": "stats", "stats": str(path)}))
     return rows
 
 
 # ------------------------------------------------------------------------------------------- all
-def all_variants(strategies: Sequence[str] | None = None, ablations: bool = True) -> list[Variant]:
-    """Every benchmark row: strategies (+ ablations), then the priors rows, then model mode and calibrated
-    statistics."""
+def all_variants(strategies: Sequence[str] | None = None, ablations: bool = True, pair: Pair | None = None,
+                 model_mode: bool = True) -> list[Variant]:
+    """Every benchmark row of a pair: strategies (+ ablations), then the priors rows, then model mode and
+    calibrated statistics (``model_mode=False``: the file-only rows)."""
+    file_strategies = [s for s in strategies if s in available_strategies()] if strategies else None
     return [
-        *default_variants(strategies, ablations=ablations),
-        *priors_variants(strategies),
-        *model_mode_variants(strategies, ablations=ablations),
+        *(default_variants(file_strategies, ablations=ablations) if file_strategies != [] else []),
+        *sampling_variants(strategies),
+        *priors_variants(strategies, pair, model_mode=model_mode),
+        *(model_mode_variants(strategies, ablations=ablations, pair=pair) if model_mode else []),
     ]

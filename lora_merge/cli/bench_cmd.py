@@ -1,4 +1,4 @@
-"""``lora-merge bench``: end-to-end benchmarks.  ``bench quality`` judges merges in the toy world."""
+"""``lora-merge bench``: end-to-end benchmarks.  ``bench quality`` judges merges on the toy-world suite."""
 from __future__ import annotations
 
 import os
@@ -8,13 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import LoraMergeError
+from ..errors import UsageError
 from .common import json_option, print_json, stderr_console, stdout_console, threads_option
-
-RESULT_MD = "quality-results.md"
-RESULT_JSON = "quality-results.json"
-GRID = "images/quality-grid.png"
-REF_GRID = "images/quality-reference.png"
 
 
 @click.group("bench")
@@ -22,135 +17,126 @@ def bench() -> None:
     """End-to-end benchmarks (see docs/quality.md)."""
 
 
-def _markdown(res: dict) -> str:
-    from ..bench.quality import pct
-
-    lines = [
-        "<!-- written by `lora-merge bench quality`; do not edit by hand -->",
-        (f"Measured by `{res['command']}` ({res['n']} images per row, seeds {res['seed']}·1000003 + i, DDIM "
-        f"{res['steps']} steps, guidance {res['guidance']}), {res['date']}, {res['machine']}."),
-        "",
-        (f"Judge accuracy on fresh clean renders: shapes min {pct(res['judge']['shape_min'])}, styles min "
-        f"{pct(res['judge']['style_min'])} (every class, `sks` and `zkz` included).  Base-model sanity "
-        f"(seen shape × seen style prompts, {res['sanity']['n']} samples): shape {pct(res['sanity']['content_acc'])}, "
-        f"style {pct(res['sanity']['style_acc'])}, both {pct(res['sanity']['joint_acc'])}."),
-        "",
-        "| row | prompt | content (ring) | style (zkz) | both | trainable values | merge s |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in res["rows"]:
-        if r.get("error"):
-            lines.append(f"| {r['label']} | {r['prompt']} | error: {r['error']} | | | | |")
-            continue
-        tv = "" if r.get("trainable_values") is None else f"{r['trainable_values']:,}"
-        ms = "" if r.get("merge_seconds") is None else f"{r['merge_seconds']:.2f}"
-        lines.append(f"| {r['label']} | {r['prompt']} | {pct(r['content_acc'])} | {pct(r['style_acc'])} | "
-                     f"{pct(r['joint_acc'])} | {tv} | {ms} |")
-    lines += ["", f"![samples]({GRID})", ""]
-    return "\n".join(lines)
+def default_cache() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "lora-merge" / "bench-quality"
 
 
 @bench.command("quality")
-@click.option("--n", "n", default=64, show_default=True, type=click.IntRange(1, 100000),
-              help="Images per row (the published numbers use 64).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("docs"), show_default=True,
-              help=f"Folder for {RESULT_MD}, {RESULT_JSON} and {GRID}.")
-@click.option("--strategies", default=None, help="Comma-separated strategies (default: every registered one).")
+@click.option("--pairs", default=None, metavar="NAME[,NAME...]",
+              help="Suite pairs to run, e.g. sks+zkz,tqk+mrv (default: all 9; --quick: sks+zkz, ohwx+bfk, tqk+mrv).")
+@click.option("--n", "n", default=None, type=click.IntRange(1, 100000),
+              help="Test images per row (default 64; --quick 32).")
+@click.option("--val-n", default=None, type=click.IntRange(1, 100000),
+              help="Validation images per tuned-linear grid point (default 16).")
+@click.option("--strategies", default=None,
+              help="Comma-separated strategies (default: every registered one that merges two inputs).")
 @click.option("--no-ablations", is_flag=True, help="Run each strategy with its defaults only.")
+@click.option("--no-model-mode", is_flag=True, help="Skip the rows trained through the model (--mode model).")
+@click.option("--quick", is_flag=True,
+              help="3 pairs, n = 32, no ablations: a smoke run of every strategy (about 10 minutes on 2 cores).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("docs"), show_default=True,
+              help="Folder for quality-results.md/.json and the images.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Row cache folder: an interrupted run resumes from it (default: ~/.cache/lora-merge/bench-quality).")
+@click.option("--no-cache", is_flag=True, help="Recompute every row and keep nothing.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite existing result files.")
 @json_option
 @threads_option
-def quality(n: int, out: Path, strategies: str | None, no_ablations: bool, seed: int, force: bool,
-            as_json: bool) -> None:
-    """Merge the bundled toy-world content and style LoRAs with every strategy (and the ablations a
-    strategy offers), sample "a sks object in zkz style" N times with fixed seeds, and judge content,
-    style and both.  Rows for the LoRAs alone come first; the judge's accuracy and the base model's
-    sanity numbers are printed too."""
-    from ..bench.quality import _cached_judge, base_sanity, evaluate, pct, run_variant, save_grid
-    from ..bench.variants import all_variants
-    from ..files import atomic_write_json, atomic_write_text, check_output_folder, refuse_existing
-    from ..toyworld import CONTENT_PROMPT, JOINT_PROMPT, STYLE_PROMPT, bundled_loras
-    from ..toyworld.judge import per_class_accuracy
-    from ..toyworld.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
+def quality(pairs: str | None, n: int | None, val_n: int | None, strategies: str | None, no_ablations: bool,
+            no_model_mode: bool, quick: bool, out: Path, cache_dir: Path | None, no_cache: bool, seed: int,
+            force: bool, as_json: bool) -> None:
+    """Merge every content–style pair of the toy-world suite with every strategy (and its ablations),
+    sample each pair's joint prompt ("a sks object in zkz style") on fixed test seeds and judge content,
+    style and both, with 95 % bootstrap intervals, subject and style similarity.
 
-    for t in (out / RESULT_MD, out / RESULT_JSON, out / GRID, out / REF_GRID):
+    Also measured: each LoRA's strength curve, leakage and prompt binding; a ceiling per pair; the
+    baselines (the LoRAs alone, linear (1, 1), linear (0.5, 0.5), and tuned linear: the best weights of a
+    0.4…1.2 grid chosen on separate validation seeds).  Writes quality-results.md, quality-results.json
+    (also what --json prints), a grid per pair and two plots under --out.  See docs/quality.md."""
+    import torch
+
+    from ..bench.report import outputs, public, write_all
+    from ..bench.suite import SuiteSettings, run_suite
+    from ..bench.variants import all_variants
+    from ..files import check_output_folder, refuse_existing
+    from ..sampling_time import SAMPLING_TIME_MERGERS
+    from ..strategies import available_strategies
+    from ..toyworld.suite import QUICK
+    from ..toyworld.suite import pairs as suite_pairs
+
+    chosen = suite_pairs(pairs or (list(QUICK) if quick else None))
+    names = [s.strip() for s in strategies.split(",") if s.strip()] if strategies else None
+    avail = [*available_strategies(), *(m["name"] for m in SAMPLING_TIME_MERGERS)]
+    for s in names or []:
+        if s not in avail:
+            raise UsageError(f"--strategies: unknown strategy {s!r}; available: {', '.join(avail)}")
+    for t in outputs(out, [p.name for p in chosen]):
         refuse_existing(t, force)
         check_output_folder(t, create=True)
-    names = [s.strip() for s in strategies.split(",")] if strategies else None
-    variants = all_variants(names, ablations=not no_ablations)
-    loras = bundled_loras()
+    settings = SuiteSettings(n=n or (32 if quick else 64), val_n=val_n or 16, seed=seed,
+                             cache=None if no_cache else (cache_dir or default_cache()))
+    ablations = not (no_ablations or quick)
     err = stderr_console()
-    t_all = time.perf_counter()
-    with err.status("judge accuracy and base-model sanity…"):
-        acc = per_class_accuracy(_cached_judge())
-        sanity = base_sanity()
-    judge_info = {"per_class": acc, "shape_min": min(acc["shape"].values()), "style_min": min(acc["style"].values())}
-    rows: list[dict] = []
-    images = []
-    refs = [
-        ("content LoRA alone", loras["content"], CONTENT_PROMPT),
-        ("style LoRA alone", loras["style"], STYLE_PROMPT),
-        ("content LoRA alone", loras["content"], JOINT_PROMPT),
-        ("style LoRA alone", loras["style"], JOINT_PROMPT),
-    ]
-    for label, path, prompt in refs:
-        with err.status(f"{label}: {prompt}…"):
-            r = evaluate(path, n=n, seed=seed, prompt=prompt, return_images=True)
-        images.append((f"{label}: {prompt}", r.pop("images")))
-        rows.append({"label": label, "strategy": None, "merge_seconds": None, "trainable_values": None, **r})
-    for i, v in enumerate(variants, 1):
-        with err.status(f"[{i}/{len(variants)}] {v.label}: merging and sampling…"):
-            try:
-                r = run_variant(v, loras["content"], loras["style"], n=n, seed=seed)
-            except LoraMergeError as exc:  # a strategy that cannot merge these inputs is a table row, not a crash
-                rows.append({"label": v.label, "strategy": v.strategy, "params": v.params, "prompt": JOINT_PROMPT,
-                             "error": str(exc)})
-                err.print(f"warning: {v.label}: {exc}")
-                continue
-        images.append((v.label, r.pop("images")))
-        rows.append(r)
-    res = {
-        "command": "lora-merge bench quality " + " ".join(
-            [f"--n {n}"] + ([f"--strategies {strategies}"] if strategies else [])
-            + (["--no-ablations"] if no_ablations else [])),
-        "n": n,
-        "seed": seed,
-        "steps": DEFAULT_STEPS,
-        "guidance": DEFAULT_GUIDANCE,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads {__import__('torch').get_num_threads()}",
-        "seconds": None,
-        "judge": judge_info,
-        "sanity": {k: v for k, v in sanity.items() if k not in ("images", "combos")},
-        "rows": rows,
-    }
-    save_grid(images, out / GRID)
-    save_grid([(f"base: {a} {b}", sanity["images"][i * 4:(i + 1) * 4])
-               for i, (a, b) in enumerate(sanity["combos"])], out / REF_GRID)
-    res["seconds"] = time.perf_counter() - t_all
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / RESULT_JSON, res)
-    atomic_write_text(out / RESULT_MD, _markdown(res))
+    done = [0]
+    with err.status("loading the toy world…") as status:
+        def progress(msg: str) -> None:
+            done[0] += 1
+            status.update(f"[{done[0]}] {msg}")
+
+        res = run_suite(chosen, lambda p: all_variants(names, ablations=ablations, pair=p,
+                                                       model_mode=not no_model_mode),
+                        settings, progress=progress)
+    command = "lora-merge bench quality " + " ".join(
+        (["--quick"] if quick else []) + ([f"--pairs {pairs}"] if pairs else [])
+        + ([f"--n {n}"] if n else []) + ([f"--val-n {val_n}"] if val_n else [])
+        + ([f"--strategies {strategies}"] if strategies else []) + (["--no-ablations"] if no_ablations else [])
+        + (["--no-model-mode"] if no_model_mode else []))
+    res["command"] = command.strip()
+    res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    res["machine"] = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    write_all(res, out, res["command"])
     if as_json:
-        print_json(res)
+        print_json(public(res))
         return
+    _print_tables(res, out)
+
+
+def _print_tables(res: dict, out: Path) -> None:
     from rich.table import Table
 
+    from ..bench.quality import pct
+
     con = stdout_console()
-    con.print(f"judge on fresh renders: shape accuracy min {pct(judge_info['shape_min'])}, style min "
-              f"{pct(judge_info['style_min'])}; base-model sanity ({sanity['n']} samples of seen combinations): "
-              f"shape {pct(sanity['content_acc'])}, style {pct(sanity['style_acc'])}, both {pct(sanity['joint_acc'])}")
-    table = Table(title=f"toy-world merge quality ({n} images per row)")
-    for col in ("row", "prompt", "content", "style", "both", "trainable", "merge s"):
-        table.add_column(col, justify="left" if col in ("row", "prompt") else "right")
-    for r in rows:
-        if r.get("error"):
-            table.add_row(r["label"], r["prompt"], f"[red]error: {r['error']}[/]", "", "", "", "")
-            continue
-        tv = "" if r.get("trainable_values") is None else f"{r['trainable_values']:,}"
-        ms = "" if r.get("merge_seconds") is None else f"{r['merge_seconds']:.2f}"
-        table.add_row(r["label"], r["prompt"], pct(r["content_acc"]), pct(r["style_acc"]), pct(r["joint_acc"]),
-                      tv, ms)
-    con.print(table)
-    con.print(f"wrote {out / RESULT_MD}, {out / RESULT_JSON}, {out / GRID} ({res['seconds']:.0f} s)")
+    con.print(f"judge on fresh renders: shape min {pct(res['judge']['shape_min'])}, style min "
+              f"{pct(res['judge']['style_min'])}; base sanity: both {pct(res['sanity']['joint_acc'])}")
+    lt = Table(title="each LoRA alone (strength curve on its own prompt; target ≥ 90 % at 1.0, ≥ 60 % at 0.6)")
+    lt.add_column("LoRA")
+    for c in res["loras"][0]["curve"] if res["loras"] else []:
+        lt.add_column(f"×{c['scale']}", justify="right")
+    for col in ("target", "leakage", "binding"):
+        lt.add_column(col, justify="right")
+    for lo in res["loras"]:
+        leak = lo.get("leakage") or {}
+        lt.add_row(lo["word"], *[pct(c["acc"]) for c in lo["curve"]],
+                   "met" if lo["meets_recipe"] else "[red]missed[/]", pct(leak.get("rate")),
+                   pct(lo["binding"]["rate"]))
+    con.print(lt)
+    mt = Table(title=f"mean over {len(res['pairs'])} pairs (joint accuracy, 95 % CI)")
+    for col in ("row", "mode", "joint", "CI", "content", "style", "h-mean sim", "/ ceiling"):
+        mt.add_column(col, justify="left" if col in ("row", "mode") else "right")
+    best = max(res["mean"], key=lambda m: m["joint_acc"] or 0, default=None)
+    for m in sorted(res["mean"], key=lambda m: -(m["joint_acc"] or 0)):
+        lo, hi = m["joint_ci"]
+        style = "bold green" if m is best else None
+        mt.add_row(m["label"], m["mode"], pct(m["joint_acc"]), f"{100 * lo:.0f}–{100 * hi:.0f}",
+                   pct(m["content_acc"]), pct(m["style_acc"]),
+                   "" if m["hmean_sim"] is None else f"{m['hmean_sim']:.2f}",
+                   f"{m['joint_acc'] / m['ceiling']:.2f}" if m["ceiling"] else "", style=style)
+    con.print(mt)
+    df = res["direct_fails"]
+    con.print(f"linear (1, 1) below 60 % of the ceiling on {df['count']} of {df['of']} pairs"
+              + (f": {', '.join(df['pairs'])}" if df["pairs"] else ""))
+    con.print(f"wrote {out / 'quality-results.md'} and the images ({res['seconds'] / 60:.1f} min; "
+              f"{res['cache']['hits']} rows from the cache)")

@@ -2,7 +2,7 @@
 
 Importing a command module or the strategy registry imports torch (about 2 s).  These three answers are
 printed from ``lora_merge/data/cli_catalogue.json`` instead: every command's help text and every built-in
-strategy's ``describe()`` and the sampling-time mergers (``lora_merge.klora.SAMPLING_TIME_MERGERS``), generated from the live objects by ``python -c "from lora_merge.cli import COMMANDS;
+strategy's ``describe()`` and the sampling-time mergers (``lora_merge.sampling_time.SAMPLING_TIME_MERGERS``), generated from the live objects by ``python -c "from lora_merge.cli import COMMANDS;
 from lora_merge.cli.fast import write_catalogue; write_catalogue(COMMANDS)"``
 and checked against them by ``tests/test_cli_fast.py`` (a stale catalogue fails the suite).  When a
 strategy plug-in is installed (the ``lora_merge.strategies`` entry-point group) or the registry is already
@@ -93,7 +93,7 @@ def live_catalogue(commands_table: dict[str, str]) -> dict[str, Any]:
     ``"module:attribute"``, and the strategy registry)."""
     import importlib
 
-    from ..klora import SAMPLING_TIME_MERGERS
+    from ..sampling_time import SAMPLING_TIME_MERGERS
     from ..strategies import _BUILTIN_MODULES, available_strategies
 
     commands = {}

@@ -18,7 +18,7 @@ def strategies(name: str | None, as_json: bool, sampling_time: bool) -> None:
     """List merge strategies, or show one strategy's parameters. The list ends with the sampling-time
     mergers (K-LoRA), which run while sampling and cannot be saved as a file (not in --json's list; see
     --sampling-time)."""
-    from ..klora import SAMPLING_TIME_MERGERS
+    from ..sampling_time import SAMPLING_TIME_MERGERS
     from ..strategies import available_strategies, get_strategy
 
     samplers = list(SAMPLING_TIME_MERGERS)

@@ -1,8 +1,10 @@
 """A tiny SDXL-shaped text-to-image world for judging LoRA merges (see docs/toyworld.md).
 
-Shapes are the content, styles (palette + fine texture) the style; ``sks`` (a ring) and ``zkz``
-(purple/lime diagonal stripes) are held out of base training and learned by the bundled content and
-style LoRAs.  Needs the ``diffusers`` extra (diffusers, peft).
+Shapes are the content, styles (palette, texture, background, outline) the style.  Three subjects
+(``sks`` a ring, ``ohwx`` an hourglass, ``tqk`` a notched square) and three styles (``zkz``, ``bfk``,
+``mrv``) are held out of base training; the suite (:mod:`.suite`) pairs a DreamBooth LoRA of each subject
+with a StyleDrop LoRA of each style.  ``sks`` + ``zkz`` is the bundled default pair.  Needs the
+``diffusers`` extra (diffusers, peft).
 
 >>> from lora_merge import toyworld as tw
 >>> world = tw.load_base()
@@ -20,17 +22,20 @@ import torch
 
 from ..errors import UsageError
 from .judge import Judge, load_judge
-from .model import ARCH, DATA_DIR, ToyWorld, load_base
+from .model import ARCH, ToyWorld, load_base
 from .sampling import apply_lora, sample
-from .train import LORA_FILES, lora_training_set
+from .suite import SUITE, Pair, pairs
+from .train import LORA_DIR, lora_file, lora_training_set
 from .world import (
     CONTENT_WORD,
     IMAGE_SIZE,
     SEEN_SHAPES,
     SEEN_STYLES,
     SHAPES,
+    STYLE_CONCEPTS,
     STYLE_WORD,
     STYLES,
+    SUBJECTS,
     caption,
     parse_prompt,
     render,
@@ -39,22 +44,24 @@ from .world import (
 
 #: the content LoRA's prompt (its training caption)
 CONTENT_PROMPT = "a sks object"
-#: the style LoRA's check prompt (a seen shape in the new style; it was trained on every seen shape)
+#: the style LoRA's training caption (its one reference image is a circle)
 STYLE_PROMPT = "a circle in zkz style"
 #: what a merge of the two must draw
 JOINT_PROMPT = "a sks object in zkz style"
 
 
-def reference_images(concept: str, n: int = 64, seed: int = 0) -> torch.Tensor:
-    """The images the bundled LoRA of ``concept`` ("content" or "style") was trained on (seed 0)."""
-    if concept not in ("content", "style"):
-        raise UsageError(f"concept must be 'content' or 'style', not {concept!r}")
-    return lora_training_set(concept, n, seed)[0]
+def reference_images(concept: str, n: int | None = None, seed: int = 0) -> torch.Tensor:
+    """The images the suite's LoRA of ``concept`` (a subject or style word; "content"/"style": the default
+    pair's) was trained on: a subject's DreamBooth photos, a style's augmented reference image."""
+    try:
+        return lora_training_set(concept, n, seed)[0]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def bundled_loras() -> dict[str, Path]:
-    """Paths of the shipped content and style LoRA files (standard diffusers LoRA safetensors)."""
-    return {k: DATA_DIR / v for k, v in LORA_FILES.items()}
+    """Paths of the default pair's content (``sks``) and style (``zkz``) LoRA files (diffusers format)."""
+    return {"content": LORA_DIR / lora_file(CONTENT_WORD), "style": LORA_DIR / lora_file(STYLE_WORD)}
 
 
 __all__ = [
@@ -67,15 +74,20 @@ __all__ = [
     "SEEN_STYLES",
     "SHAPES",
     "STYLES",
+    "STYLE_CONCEPTS",
     "STYLE_PROMPT",
     "STYLE_WORD",
+    "SUBJECTS",
+    "SUITE",
     "Judge",
+    "Pair",
     "ToyWorld",
     "apply_lora",
     "bundled_loras",
     "caption",
     "load_base",
     "load_judge",
+    "pairs",
     "parse_prompt",
     "reference_images",
     "render",

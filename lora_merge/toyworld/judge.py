@@ -23,6 +23,9 @@ from .model import DATA_DIR
 
 
 class JudgeNet(nn.Module):
+    """A shared conv trunk, then one 64-wide embedding per head: the shape embedding is the suite's
+    subject-similarity feature (a DINO stand-in), the style embedding its style feature (a CSD stand-in)."""
+
     def __init__(self, n_shapes: int, n_styles: int, width: int = 32):
         super().__init__()
         w = width
@@ -36,12 +39,18 @@ class JudgeNet(nn.Module):
             nn.Flatten(),
             nn.Linear(2 * w * (world.IMAGE_SIZE // 4) ** 2, 128), nn.ReLU(),
         )
-        self.shape_head = nn.Linear(128, n_shapes)
-        self.style_head = nn.Linear(128, n_styles)
+        self.shape_embed = nn.Sequential(nn.Linear(128, 64), nn.ReLU())
+        self.style_embed = nn.Sequential(nn.Linear(128, 64), nn.ReLU())
+        self.shape_head = nn.Linear(64, n_shapes)
+        self.style_head = nn.Linear(64, n_styles)
+
+    def embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(x)
+        return self.shape_embed(h), self.style_embed(h)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.features(x)
-        return self.shape_head(h), self.style_head(h)
+        a, b = self.embeddings(x)
+        return self.shape_head(a), self.style_head(b)
 
 
 @dataclass
@@ -54,6 +63,11 @@ class Judge:
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net(images.float().clamp(-1, 1).cpu())
+
+    @torch.no_grad()
+    def embeddings(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(shape_features, style_features)``, each ``(N, 64)``: the similarity features."""
+        return self.net.embeddings(images.float().clamp(-1, 1).cpu())
 
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(shape_idx, style_idx)`` for ``(N,3,H,W)`` images in ``[-1,1]``."""
@@ -132,7 +146,7 @@ def per_class_accuracy(judge: Judge, n_per_class: int = 100, seed: int = 12345, 
     return out
 
 
-def train_judge(out: Path = DATA_DIR, steps: int = 1000, batch: int = 128, lr: float = 2e-3, seed: int = 0,
+def train_judge(out: Path = DATA_DIR, steps: int = 1500, batch: int = 128, lr: float = 2e-3, seed: int = 0,
                 log: Callable[[str], None] = print) -> Path:
     from safetensors.torch import save
 

@@ -1,7 +1,8 @@
 """The toy world's registrations: it plugs into the core like a third-party package would.
 
 Imported by :func:`lora_merge.plugins.load_all` (it is in ``BUILTIN_PLUGINS``).  Registers the base model
-``"toyworld"``, the image sources ``toyworld:content`` / ``toyworld:style``, the priors table
+``"toyworld"``, the image sources ``toyworld:content`` / ``toyworld:style`` (the default pair) and
+``toyworld:<word>`` for each held-out concept, the priors table
 ``"toyworld"`` and the architecture ``"toyworld"`` (block resolutions, display name, detection).
 """
 
@@ -15,6 +16,7 @@ from ..arch import register_arch
 from ..model_mode.base_model import BaseModel, register_base_model
 from ..model_mode.images import register_image_source
 from ..priors import priors_for_arch, register_priors
+from . import world
 from .model import ARCH, load_base
 from .train import lora_training_set
 
@@ -29,8 +31,6 @@ BLOCK_RESOLUTIONS = {
     "up_blocks.2": 16,
 }
 NATIVE_LATENT = 16
-#: reference renders per concept by default (the bundled LoRAs' training set size)
-REFERENCE_IMAGES = 64
 
 
 def base_model(device: torch.device, dtype: torch.dtype) -> BaseModel:
@@ -55,11 +55,11 @@ def base_model(device: torch.device, dtype: torch.dtype) -> BaseModel:
 
 
 def _images(concept: str):
-    """The renders the bundled LoRA of ``concept`` was trained on, with their training captions (64 by
-    default: the LoRAs' own set at seed 0)."""
+    """The images the suite's LoRA of ``concept`` was trained on, with their training caption (a
+    subject's 6 DreamBooth photos; 64 augmentations of a style's one reference image)."""
 
     def source(n: int | None, seed: int) -> tuple[torch.Tensor, list[str]]:
-        return lora_training_set(concept, REFERENCE_IMAGES if n is None else int(n), seed)
+        return lora_training_set(concept, None if n is None else int(n), seed)
 
     return source
 
@@ -75,5 +75,7 @@ def register() -> None:
     register_base_model(ARCH, base_model)
     register_image_source(f"{ARCH}:content", _images("content"))
     register_image_source(f"{ARCH}:style", _images("style"))
+    for word in (*world.SUBJECTS, *world.STYLE_CONCEPTS):
+        register_image_source(f"{ARCH}:{word}", _images(word))
     # the paper's rule on the toy world's blocks (4×4 → content, 8×8 → style); measured: docs/priors.md
     register_priors(ARCH, lambda: priors_for_arch(ARCH))

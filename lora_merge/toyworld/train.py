@@ -128,20 +128,68 @@ def train_base(out: Path = DATA_DIR / "base", steps: int = 1200, batch: int = 48
 
 # ------------------------------------------------------------------------------------------- LoRAs
 LORA_RANK = 8
-LORA_FILES = {"content": "content_lora.safetensors", "style": "style_lora.safetensors"}
+#: the recipes' defaults (docs/toyworld.md "The LoRAs"): chosen so that every LoRA alone is judged ≥ 90 %
+#: on its concept at scale 1.0 and ≥ 60 % at 0.6 (printed by ``lora-merge bench quality``)
+CONTENT_IMAGES = 6
+CONTENT_STEPS = 2000
+CONTENT_LR = 2e-3
+STYLE_STEPS = 1000
+STYLE_LR = 1e-3
+LORA_BATCH = 16
+#: the suite's LoRA files, one per held-out concept, under ``data/toyworld/loras/``
+LORA_DIR = DATA_DIR / "loras"
 
 
-def lora_training_set(concept: str, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """The DreamBooth set: images and their captions (content: one subject, one prompt; style: many shapes)."""
-    if concept == "content":
-        imgs = [world.render(world.CONTENT_WORD, world.CONTENT_REFERENCE_STYLE, world.seed_for("ref", seed, "c", i))
-                for i in range(n)]
-        return torch.stack(imgs), [world.caption(world.CONTENT_WORD, None)] * n
-    if concept == "style":
-        shapes = [world.SEEN_SHAPES[i % len(world.SEEN_SHAPES)] for i in range(n)]
-        imgs = [world.render(s, world.STYLE_WORD, world.seed_for("ref", seed, "s", i)) for i, s in enumerate(shapes)]
-        return torch.stack(imgs), [world.caption(s, world.STYLE_WORD) for s in shapes]
-    raise ValueError(f"concept must be 'content' or 'style', not {concept!r}")
+def lora_file(word: str) -> str:
+    return f"{word}.safetensors"
+
+
+def content_training_set(word: str, n: int = CONTENT_IMAGES, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """DreamBooth: ``n`` photos of the subject in its one seen style, every one captioned ``a <word> object``."""
+    if word not in world.SUBJECTS:
+        raise ValueError(f"{word!r} is not a toy-world subject ({', '.join(world.SUBJECTS)})")
+    imgs = [world.render(word, world.SUBJECTS[word], world.seed_for("ref", seed, word, i)) for i in range(n)]
+    return torch.stack(imgs), [world.caption(word, None)] * n
+
+
+def style_reference(word: str, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """StyleDrop: the one reference image of the style (its one seen shape) and its caption."""
+    if word not in world.STYLE_CONCEPTS:
+        raise ValueError(f"{word!r} is not a toy-world style ({', '.join(world.STYLE_CONCEPTS)})")
+    shape = world.STYLE_CONCEPTS[word]
+    return world.render(shape, word, world.seed_for("ref", seed, word, 0)), world.caption(shape, word)
+
+
+def styledrop_augment(image: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` augmented copies of one reference image: ±1 px shifts (the background is uniform and the shape
+    has a margin, so a roll is a translation) and ±5 % brightness.  No flips: a mirrored ``zkz`` has its
+    stripes the other way, a different style."""
+    out = []
+    for _ in range(n):
+        x = image
+        dy, dx = torch.randint(-1, 2, (2,), generator=g).tolist()
+        x = torch.roll(x, shifts=(dy, dx), dims=(1, 2))
+        b = 1.0 + 0.1 * (float(torch.rand((), generator=g)) - 0.5)
+        out.append((((x + 1) / 2) * b).clamp(0, 1) * 2 - 1)
+    return torch.stack(out)
+
+
+def style_training_set(word: str, n: int = 64, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """The StyleDrop training set: ``n`` augmentations of the one reference image, all with its caption."""
+    ref, cap = style_reference(word, seed)
+    g = torch.Generator().manual_seed(world.seed_for("styledrop", seed, word))
+    return styledrop_augment(ref, n, g), [cap] * n
+
+
+def lora_training_set(concept: str, n: int | None = None, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """The training set of the LoRA of ``concept``: a subject or style word, or "content"/"style" for the
+    bundled default pair's (sks, zkz)."""
+    word = {"content": world.CONTENT_WORD, "style": world.STYLE_WORD}.get(concept, concept)
+    if word in world.SUBJECTS:
+        return content_training_set(word, CONTENT_IMAGES if n is None else n, seed)
+    if word in world.STYLE_CONCEPTS:
+        return style_training_set(word, 64 if n is None else n, seed)
+    raise ValueError(f"concept must be a toy-world subject or style word, 'content' or 'style', not {concept!r}")
 
 
 def peft_to_adapter(state: dict[str, torch.Tensor], alpha: float, metadata: dict[str, str]):
@@ -156,11 +204,17 @@ def peft_to_adapter(state: dict[str, torch.Tensor], alpha: float, metadata: dict
     return ad
 
 
-def train_lora(concept: str, out: Path = DATA_DIR, steps: int = 400, batch: int = 32, lr: float = 1e-3,
-               seed: int = 0, n_images: int = 64, log: Log = print) -> Path:
-    """DreamBooth-style PEFT LoRA (rank 8, every attention's to_q/k/v/out.0) on the bundled base UNet."""
+def train_lora(word: str, out: Path = LORA_DIR, steps: int | None = None, batch: int = LORA_BATCH,
+               lr: float | None = None, seed: int = 0, log: Log = print) -> Path:
+    """The recipe's PEFT LoRA of one held-out concept (rank 8, every attention's to_q/k/v/out.0) on the
+    frozen base UNet: DreamBooth for a subject, StyleDrop for a style (docs/toyworld.md)."""
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
+    is_content = word in world.SUBJECTS
+    if not is_content and word not in world.STYLE_CONCEPTS:
+        raise ValueError(f"{word!r} is not a toy-world subject or style")
+    steps = steps if steps is not None else (CONTENT_STEPS if is_content else STYLE_STEPS)
+    lr = lr if lr is not None else (CONTENT_LR if is_content else STYLE_LR)
     torch.set_num_threads(1)
     g = _seed_all(seed)
     base = load_base()
@@ -172,31 +226,39 @@ def train_lora(concept: str, out: Path = DATA_DIR, steps: int = 400, batch: int 
     for p in params:
         p.requires_grad_(True)
     unet.train()
-    images, captions = lora_training_set(concept, n_images, seed)
-    cond_all = base.encode_prompt(captions)
+    if is_content:
+        images, captions = content_training_set(word, CONTENT_IMAGES, seed)
+    else:
+        ref, cap = style_reference(word, seed)
+        images, captions = ref[None], [cap]
+    cond = base.encode_prompt(captions[:1])  # one caption per LoRA
     sched = ddpm_scheduler(base.config.get("scheduler"))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     t0 = time.time()
     for step in range(steps):
-        idx = torch.randint(0, images.shape[0], (batch,), generator=g)
-        loss = diffusion_loss(unet, sched, images[idx], cond_all[idx], g, min_snr_gamma=5.0)
+        if is_content:
+            x0 = images[torch.randint(0, images.shape[0], (batch,), generator=g)]
+        else:  # fresh augmentations of the one reference image every step
+            x0 = styledrop_augment(images[0], batch, g)
+        loss = diffusion_loss(unet, sched, x0, cond.expand(batch, -1, -1), g, min_snr_gamma=5.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"{concept} LoRA step {step}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+        if step % 100 == 0 or step == steps - 1:
+            log(f"{word} LoRA step {step}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s")
     state = get_peft_model_state_dict(unet)
-    prompt = world.caption(world.CONTENT_WORD, None) if concept == "content" else "in zkz style"
+    kind = "content" if is_content else "style"
     md = {
         "modelspec.architecture": "lora-merge/toyworld",
-        "modelspec.title": f"toy-world {concept} LoRA ({prompt!r})",
-        "lora_merge.toyworld.concept": concept,
-        "lora_merge.toyworld.training": json.dumps({"steps": steps, "batch": batch, "lr": lr, "seed": seed,
-                                                    "n_images": n_images, "rank": LORA_RANK}),
+        "modelspec.title": f"toy-world {kind} LoRA ({captions[0]!r})",
+        "lora_merge.toyworld.concept": kind,
+        "lora_merge.toyworld.word": word,
+        "lora_merge.toyworld.training": json.dumps({
+            "recipe": "dreambooth" if is_content else "styledrop", "steps": steps, "batch": batch, "lr": lr,
+            "seed": seed, "images": int(images.shape[0]), "caption": captions[0], "rank": LORA_RANK}),
     }
     ad = peft_to_adapter(state, float(LORA_RANK), md)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / LORA_FILES[concept]
-    written = save(ad, path, to="diffusers", dtype=torch.float16, force=True, metadata=md)
-    log(f"wrote {written} ({len(ad)} modules, {ad.num_params} values)")
+    written = save(ad, out / lora_file(word), to="diffusers", dtype=torch.float16, force=True, metadata=md)
+    log(f"wrote {written} ({len(ad)} modules, {ad.num_params} values, {time.time() - t0:.0f}s)")
     return Path(written)
