@@ -21,11 +21,15 @@ def names() -> list[str]:
     return [m["name"] for m in SAMPLING_TIME_MERGERS]
 
 
-def build(name: str, content: Adapter, style: Adapter, **params: Any) -> KLoRA:
-    """An unattached merger of ``content`` and ``style`` (``.attach(unet, scheduler=...)`` / ``.detach()``)."""
+def merger_class(name: str) -> type[KLoRA]:
     if name not in _CLASSES:
         raise UsageError(f"unknown sampling-time merger {name!r}; known: {', '.join(_CLASSES)}")
-    return _CLASSES[name](content, style, **params)
+    return _CLASSES[name]
 
 
-__all__ = ["SAMPLING_TIME_MERGERS", "build", "names"]
+def build(name: str, content: Adapter, style: Adapter, **params: Any) -> KLoRA:
+    """An unattached merger of ``content`` and ``style`` (``.attach(unet, scheduler=...)`` / ``.detach()``)."""
+    return merger_class(name)(content, style, **params)
+
+
+__all__ = ["SAMPLING_TIME_MERGERS", "build", "merger_class", "names"]

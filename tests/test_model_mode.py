@@ -424,6 +424,8 @@ def test_train_config_uses_the_declared_defaults():
     assert d.lambda_rev == declared["lambda_cycle"] and d.mask_kind == "rank"
     d = train_config(duo(mode="model", lambda_cycle=0.02))
     assert (d.lambda_cycle, d.lambda_rev) == (0.02, 0.02)
+    paper = train_config(duo(mode="model", preset="paper"))  # the preset reaches model mode too
+    assert (paper.prior_init, paper.lambda_prior, paper.lambda_cycle) == (True, 0.1, 0.01)
 
 
 def _image_dirs(tmp_path, world):
@@ -732,18 +734,19 @@ def test_bench_rows():
     from lora_merge.bench.variants import model_mode_variants
 
     rows = {v.label: v for v in model_mode_variants(None, ablations=True, calibrated=False)}
-    assert set(rows) == {"ziplora (model)", "duolora (model)", "duolora (model, ZipRank only)",
-                         "duolora (model, ZipRank + priors)", "duolora (model, ZipRank + Constyle)",
-                         "duolora (model, prior term, ones init)"}  # fmt: skip
+    assert set(rows) == {"ziplora (model)", "duolora (model)", "duolora (model, paper preset)",
+                         "duolora (model, ZipRank only)", "duolora (model, ZipRank + priors)"}  # fmt: skip
     assert "cycle_prompt" not in rows["ziplora (model)"].params
     only = rows["duolora (model, ZipRank only)"].params
     assert (
         only["mode"] == "model"
         and only["base"] == "toyworld"
-        and only["content_images"] == "toyworld:content"
+        and only["content_images"] == "toyworld:sks"
+        and only["cycle_prompt"] == "a sks object in zkz style"
     )
-    assert (only["lambda_prior"], only["prior_init"], only["lambda_cycle"]) == (0.0, False, 0.0)
-    assert "lambda_cycle" not in rows["duolora (model)"].params  # the full row: paper defaults
+    assert (only["lambda_prior"], only["lambda_cycle"]) == (0.0, 0.0)
+    assert "lambda_cycle" not in rows["duolora (model)"].params  # the full row (+ Constyle): the defaults
+    assert rows["duolora (model, paper preset)"].params["preset"] == "paper"
     assert [v.label for v in model_mode_variants(["ziplora"], ablations=False, calibrated=False)] == [
         "ziplora (model)"
     ]

@@ -41,11 +41,10 @@ def test_recipes_dreambooth_and_styledrop():
     assert cap == "a square in mrv style"
     aug, caps = style_training_set("mrv", 8)
     assert aug.shape == (8, 3, 16, 16) and set(caps) == {cap}
-    # every augmentation is the one reference image flipped/shifted/brightened: same colours, same layout
+    # every augmentation is the one reference image shifted by ≤ 1 px and brightened by ≤ 5 %
+    shifted = [torch.roll(ref, (dy, dx), (1, 2)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
     for a in aug:
-        best = min(float((a - t).abs().mean()) for t in (ref, ref.flip(-1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-                   for t in [torch.roll(t, (dy, dx), (1, 2))])
-        assert best < 0.06
+        assert min(float((a - t).abs().mean()) for t in shifted) < 0.06
 
 
 def test_suite_loras_load_and_sample():

@@ -330,3 +330,64 @@ def test_cli_ablation_report_and_sidecar(tmp_path):
     assert (tmp_path / "m.safetensors.masks.safetensors").exists()
     r = CliRunner().invoke(cli, ["merge", str(a), str(b), "-s", "ziplora", "--axis", "sideways", "-o", str(tmp_path / "x.safetensors")])
     assert r.exit_code != 0
+
+
+# ------------------------------------------------------------------ strength and presets
+def test_preserve_strength_keeps_each_loras_mean_at_one():
+    from lora_merge.strategies.pair_masks import preserve_strength
+
+    m = torch.tensor([0.2, 0.6, 1.0])
+    torch.testing.assert_close(preserve_strength(m), m / 0.6)
+    assert float(preserve_strength(m).mean()) == pytest.approx(1.0)
+    assert torch.equal(preserve_strength(torch.zeros(3)), torch.zeros(3))  # a LoRA switched off stays off
+    assert preserve_strength(torch.ones(0)).numel() == 0
+
+
+def test_strength_preserve_is_the_default_and_free_is_the_solved_masks():
+    c, s = _pair(0.5)
+    for strat in ("ziplora", "duolora"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            keep = lm.merge([c, s], None, strategy=strat, arch="sdxl", params={"steps": 5})
+            free = lm.merge([c, s], None, strategy=strat, arch="sdxl", params={"steps": 5, "strength": "free"})
+        checked = 0
+        for name, info in keep.report["layers"].items():
+            if "mask_content" not in info:
+                continue
+            for key in ("mask_content", "mask_style"):
+                kept, solved = info[key], free.report["layers"][name][key]
+                assert sum(kept) / len(kept) == pytest.approx(1.0, abs=1e-4)
+                # the same redistribution: proportional to the solved masks
+                ratio = [x / y for x, y in zip(kept, solved) if abs(y) > 1e-3]
+                assert max(ratio) - min(ratio) < 1e-3 * max(ratio)
+            checked += 1
+        assert checked > 0
+        # the solved masks do lower the strength (the reason for preserve)
+        free_means = [sum(i["mask_content"]) / len(i["mask_content"]) for i in free.report["layers"].values()
+                      if "mask_content" in i]
+        assert min(free_means) < 0.99
+
+
+def test_duolora_paper_preset_and_explicit_options_win():
+    import json
+
+    from click.testing import CliRunner
+
+    from lora_merge.cli import cli
+    from lora_merge.strategies import available_strategies
+    from lora_merge.strategies.duolora import PRESETS
+
+    cls = available_strategies()["duolora"]
+    paper = cls(preset="paper").config
+    for k, v in PRESETS["paper"].items():
+        assert paper[k] == v
+    assert cls(preset="paper", strength="preserve", lambda_prior=0.5).config["strength"] == "preserve"
+    assert cls(preset="paper", lambda_prior=0.5).config["lambda_prior"] == 0.5
+    default = cls().config
+    declared = {p.name: p.default for p in cls.params}
+    assert default == declared  # one default per parameter: the declared one
+    r = CliRunner().invoke(cli, ["strategies", "duolora", "--json"])
+    doc = json.loads(r.stdout)
+    params = {p["name"]: p for p in doc["params"]}
+    assert params["preset"]["default"] == "default" and params["preset"]["choices"] == ["default", "paper"]
+    assert params["strength"]["default"] == "preserve" and params["prior_init"]["default"] is False

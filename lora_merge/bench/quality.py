@@ -13,10 +13,13 @@ from typing import Any
 
 import torch
 
+from .. import load
 from ..adapter import Adapter
 from ..engine import merge
 from ..errors import UsageError
 from ..files import atomic_write
+from ..sampling_time import build as build_sampling_merger
+from ..sampling_time import names as sampling_names
 from ..toyworld import JOINT_PROMPT, world
 from ..toyworld.judge import load_judge
 from ..toyworld.model import ARCH, load_base
@@ -66,7 +69,7 @@ def _counts(names: list[str]) -> dict[str, int]:
 def evaluate(adapter_or_path: Adapter | str | os.PathLike | None, n: int = 64, seed: int = 0,
              prompt: str = JOINT_PROMPT,
              *, scale: float = 1.0, lora_group_scales: Mapping[str, float] | None = None, steps: int | None = None,
-             world_model=None, judge=None, return_images: bool = False) -> dict[str, Any]:
+             world_model=None, judge=None, return_images: bool = False, merger: Any = None) -> dict[str, Any]:
     """Sample ``n`` images of ``prompt`` (fixed seeds) with the adapter folded in, and judge them.
 
     Expected shape and style are read from the prompt (``"a sks object"`` asks for no style: its
@@ -77,7 +80,7 @@ def evaluate(adapter_or_path: Adapter | str | os.PathLike | None, n: int = 64, s
         raise UsageError(f"prompt {prompt!r} names no toy-world shape or style to judge")
     wm = world_model or _cached_base()
     imgs = sample(wm, prompt, eval_seeds(n, seed), adapter=adapter_or_path, scale=scale,
-                  lora_group_scales=lora_group_scales, steps=steps or DEFAULT_STEPS)
+                  lora_group_scales=lora_group_scales, steps=steps or DEFAULT_STEPS, merger=merger)
     res = judge_images(imgs, shape, style, judge)
     res["prompt"] = prompt
     if return_images:
@@ -119,8 +122,16 @@ def trainable_values(report: dict[str, Any]) -> int | None:
 
 def run_variant(v: Variant, content: Path, style: Path, n: int, seed: int = 0, world_model=None, judge=None,
                 arch: str | None = ARCH, prompt: str = JOINT_PROMPT) -> dict[str, Any]:
-    """Merge the two inputs as row ``v`` says, sample the joint ``prompt`` ``n`` times and judge it."""
+    """Merge the two inputs as row ``v`` says, sample the joint ``prompt`` ``n`` times and judge it (a
+    sampling-time merger, such as ``k-lora``, is attached while sampling instead)."""
     t0 = time.perf_counter()
+    if v.strategy in sampling_names():
+        merger = build_sampling_merger(v.strategy, load(content), load(style), weights=v.weights, **v.params)
+        ev = evaluate(None, n=n, seed=seed, prompt=prompt, world_model=world_model, judge=judge,
+                      return_images=True, merger=merger)
+        ev.update(label=v.label, strategy=v.strategy, params=v.params, weights=list(v.weights), merge_seconds=None,
+                  trainable_values=None, rank=None, mode="sampling")
+        return ev
     res = merge([content, style], None, strategy=v.strategy, weights=list(v.weights), params=v.params or None,
                 seed=seed, arch=arch)
     dt = time.perf_counter() - t0

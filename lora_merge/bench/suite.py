@@ -13,9 +13,12 @@ LoRA, base and judge files), so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import json
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +31,10 @@ from .._version import __version__
 from ..engine import merge
 from ..errors import LoraMergeError
 from ..files import atomic_write_json, input_sha256, make_dirs
+from ..sampling_time import SAMPLING_TIME_MERGERS, merger_class
 from ..sampling_time import build as build_sampling_merger
 from ..sampling_time import names as sampling_names
+from ..strategies import available_strategies
 from ..toyworld import world
 from ..toyworld.judge import load_judge, per_class_accuracy
 from ..toyworld.model import DATA_DIR, load_base
@@ -227,8 +232,8 @@ class Runner:
     def merge_row(self, pair: Pair, v: Variant) -> dict[str, Any]:
         c, s = self.lora_path(pair.subject), self.lora_path(pair.style)
         seeds = scoring_seeds(self.s.n, self.s.seed)
-        key = ("row", pair.name, v.label, v.strategy, v.params, list(v.weights), self.lora_sha(pair.subject),
-               self.lora_sha(pair.style), self.s.n, self.s.seed)
+        key = ("row", pair.name, v.label, v.strategy, strategy_fingerprint(v.strategy, v.params), list(v.weights),
+               self.lora_sha(pair.subject), self.lora_sha(pair.style), self.s.n, self.s.seed)
 
         def run():
             t0 = time.perf_counter()
@@ -236,18 +241,22 @@ class Runner:
                 merger = build_sampling_merger(v.strategy, load(c), load(s), weights=v.weights, **v.params)
                 m, imgs = self.judge_prompts([pair.joint_prompt], seeds, None, shape=pair.subject,
                                              style=pair.style, pair=pair, merger=merger)
-                counts = [r.counts() for r in merger.records]
-                share = sum(x.get("style", 0) for x in counts) / max(1, sum(sum(x.values()) for x in counts))
+                counts = [r.counts for r in merger.records]
+                total = sum(x["content"] + x["style"] for x in counts)
+                share = sum(x["style"] for x in counts) / total if total else None
                 m.update(merge_seconds=None, trainable_values=None, rank=None, style_layer_share=share,
                          gamma=merger.gamma, sample_seconds=time.perf_counter() - t0)
                 return m, imgs
-            res = merge([c, s], None, strategy=v.strategy, weights=list(v.weights), params=v.params or None,
-                        seed=self.s.seed, arch="toyworld")
+            with warnings.catch_warnings(record=True) as caught:  # kept in the row, not printed over the status
+                warnings.simplefilter("always")
+                res = merge([c, s], None, strategy=v.strategy, weights=list(v.weights), params=v.params or None,
+                            seed=self.s.seed, arch="toyworld")
             dt = time.perf_counter() - t0
             m, imgs = self.judge_prompts([pair.joint_prompt], seeds, res.adapter, shape=pair.subject,
                                          style=pair.style, pair=pair)
             m.update(merge_seconds=dt, trainable_values=trainable_values(res.report),
-                     rank=max(res.adapter.ranks) if len(res.adapter) else 0)
+                     rank=max(res.adapter.ranks) if len(res.adapter) else 0,
+                     warnings=sorted({type(w.message).__name__ for w in caught}))
             return m, imgs
         try:
             out = self.cached(key, run, f"{pair.name}: {v.label}", group=pair.name)
@@ -288,6 +297,29 @@ class Runner:
         row.update(mode="tuned", tuned_weights=list(best), validation={"n": self.s.val_n, "seeds": "validation",
                                                                        "scores": scores})
         return row
+
+
+def strategy_fingerprint(strategy: str, params: dict[str, Any]) -> list[Any]:
+    """What a row's result depends on besides the inputs: the strategy's resolved settings (its declared
+    defaults included, so changing a default recomputes the row) and the source of the module that
+    implements it (so does editing it; code it calls elsewhere is not covered: ``--no-cache``)."""
+    if strategy in SAMPLING_TIME:
+        spec = next(m for m in SAMPLING_TIME_MERGERS if m["name"] == strategy)
+        defaults = {p["name"]: p["default"] for p in spec["params"]}
+        return [{**defaults, **params}, _class_sha(merger_class(strategy))]
+    cls = available_strategies()[strategy]
+    return [cls(**params).config, _class_sha(cls)]
+
+
+def _class_sha(cls: type) -> list[str]:
+    """Source hashes of the modules defining ``cls`` and its lora-merge base classes."""
+    mods = dict.fromkeys(k.__module__ for k in cls.__mro__ if k.__module__.startswith("lora_merge"))
+    return [_source_sha(sys.modules[m]) for m in mods]
+
+
+def _source_sha(module: Any) -> str:
+    path = inspect.getsourcefile(module)
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else ""
 
 
 def row_head(v: Variant) -> dict[str, Any]:

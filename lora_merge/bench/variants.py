@@ -53,12 +53,14 @@ class Variant:
 #: parameters the registered strategy actually declares are run.
 ABLATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "duolora": [
+        ("paper preset", {"preset": "paper"}),
         ("no prior", {"lambda_prior": 0.0}),
         ("no hinge", {"lambda_hinge": 0.0}),
         ("no cycle", {"lambda_cycle": 0.0}),
-        ("no prior init", {"prior_init": False}),
+        ("prior init", {"prior_init": True}),
+        ("strength free", {"strength": "free"}),
     ],
-    "ziplora": [("no sim", {"lambda_sim": 0.0})],
+    "ziplora": [("no sim", {"lambda_sim": 0.0}), ("strength free", {"strength": "free"})],
 }
 
 
@@ -67,14 +69,14 @@ def _declared(strategy: str) -> set[str]:
     return {p.name for p in avail[strategy].params} if strategy in avail else set()
 
 
-#: ``lora-merge demo``'s strategies when none are named (those registered)
-DEMO_STRATEGIES = ("linear", "ziplora", "duolora")
+#: ``lora-merge demo``'s strategies when none are named (those registered; sampling-time mergers last)
+DEMO_STRATEGIES = ("linear", "ziplora", "duolora", "np-lora", "k-lora", "timestep-split")
 
 
 def demo_variants(strategies: str | Sequence[str] | None = None) -> list[Variant]:
     """``lora-merge demo``'s rows: linear at (1, 1) and (0.5, 0.5), then each other strategy with its
     defaults (``strategies``: names, or one comma-separated string)."""
-    avail = available_strategies()
+    avail = [*available_strategies(), *(m["name"] for m in SAMPLING_TIME_MERGERS)]
     if strategies:
         names = [s.strip() for s in strategies.split(",")] if isinstance(strategies, str) else list(strategies)
         names = [s for s in names if s]
@@ -173,18 +175,14 @@ def toyworld_common(strategy: str = "duolora", pair: Pair | None = None) -> dict
 
 
 #: (label, strategy, extra params).  DuoLoRA's paper ablation: ZipRank alone → + priors → + Constyle
-#: (= the full ``duolora (model)`` row).
+#: (= the full ``duolora (model)`` row), and the paper's own configuration (``--preset paper``: prior init,
+#: masks used as trained).
 MODEL_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("ziplora (model)", "ziplora", {}),
     ("duolora (model)", "duolora", {}),
-    (
-        "duolora (model, ZipRank only)",
-        "duolora",
-        {"lambda_prior": 0.0, "prior_init": False, "lambda_cycle": 0.0},
-    ),
+    ("duolora (model, paper preset)", "duolora", {"preset": "paper"}),
+    ("duolora (model, ZipRank only)", "duolora", {"lambda_prior": 0.0, "lambda_cycle": 0.0}),
     ("duolora (model, ZipRank + priors)", "duolora", {"lambda_cycle": 0.0}),
-    ("duolora (model, ZipRank + Constyle)", "duolora", {"lambda_prior": 0.0, "prior_init": False}),
-    ("duolora (model, prior term, ones init)", "duolora", {"prior_init": False, "lambda_cycle": 0.0}),
 )
 
 

@@ -16,11 +16,28 @@ from ..formats.dit_arch import FAMILIES as DIT_FAMILIES
 from ..priors import LayerPriors, load_priors
 from . import register
 from .base import LayerContext, MergePlan, Param
-from .pair_masks import INPUT_PARAMS, MODEL_MODE_PARAMS, REFINE_PARAMS, PairMaskStrategy, resolve
+from .pair_masks import (
+    INPUT_PARAMS,
+    MODEL_MODE_PARAMS,
+    REFINE_PARAMS,
+    STRENGTH_PARAM,
+    PairMaskStrategy,
+    resolve,
+)
 
 #: priors measured on a base model rather than read from a table, as ``"module:function"`` seams; the
 #: function takes ``(config, adapters, *, device, seed)`` and returns ``(LayerPriors, measurement)``
 PRIORS_SOURCES: dict[str, str] = {"measure": "lora_merge.model_mode.measure_priors:measured_priors_for"}
+
+
+#: named configurations (``--preset``): what each changes from the declared defaults
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # the paper (Roy et al. §4, algorithms.md §6): priors initialise the masks, λ_prior 0.1, λ_cycle 0.01,
+    # Adam 100 steps at lr 0.01, masks used as trained
+    "paper": {"prior_init": True, "lambda_prior": 0.1, "lambda_cycle": 0.01, "steps": 100, "lr": 0.01,
+              "strength": "free"},
+}
 
 
 @register
@@ -40,13 +57,24 @@ class DuoLoRA(PairMaskStrategy):
         Param("priors", str, "auto", "layer priors: auto (from the architecture; UNets only), sdxl, sd1, b-lora, "
               "flux-splitflux (FLUX.1 blocks), none, measure (measured on --base with the reference images, see "
               "docs/priors.md), or a priors file"),
-        Param("prior_init", bool, True, "initialize the masks from the priors (seeded draw); off: all ones"),
+        Param("prior_init", bool, False, "initialize the masks from the priors (seeded draw, the paper); off: "
+              "all ones (default: the prior init starts the masks at a mean of 0.375/0.22, docs/ziplora-duolora.md)"),
         Param("closed_form", bool, True, "solve the quadratic part in closed form (nearest to the "
               "initialization) before refining; off: Adam from the initialization, as the paper"),
+        STRENGTH_PARAM,
+        Param("preset", str, "default", "default: the defaults above; paper: the DuoLoRA paper's configuration "
+              "(prior init, λ_prior 0.1, masks used as trained: --strength free); options given explicitly "
+              "win over the preset", choices=tuple(PRESETS)),
         *REFINE_PARAMS,
         *INPUT_PARAMS,
         *MODEL_MODE_PARAMS,
     )  # fmt: skip
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        for key, value in PRESETS[self.config["preset"]].items():
+            if kwargs.get(key) is None:  # an explicit option wins over the preset
+                self.config[key] = value
 
     measured_priors: LayerPriors | None = None  # --priors measure: set in prepare()
     _measurement: Any = None

@@ -71,6 +71,17 @@ INPUT_PARAMS = (
           "--input-model stats"),
 )  # fmt: skip
 
+#: how solved masks are used: "preserve" keeps each LoRA's mean strength per layer (docs/quality.md,
+#: "Why the mask strategies lost the style"); "free" as solved (the papers)
+STRENGTHS = ("preserve", "free")
+STRENGTH_PARAM = Param(
+    "strength", str, "preserve",
+    "preserve: rescale each LoRA's masks in a layer to mean 1, so the masks move strength between a LoRA's "
+    "directions but never lower its overall strength (a concept vanishes below a strength threshold; "
+    "docs/ziplora-duolora.md); free: the masks as solved or trained (the papers)",
+    choices=STRENGTHS,
+)  # fmt: skip
+
 MODE_PARAM = Param(
     "mode", str, "weights",
     "weights: solve the masks from the two files alone; model: train them through the diffusion model on "
@@ -216,6 +227,8 @@ class PairMaskStrategy(MergeStrategy):
             st = self._setup(inputs, ctx)
             sol = M.solve(st["problem"], st["init"], closed_form=self.closed_form, steps=self.steps, lr=self.lr)
             extra, n_values = st["extra"], st["problem"].num_values
+        if self.strength == "preserve":
+            sol.mask_c, sol.mask_s = preserve_strength(sol.mask_c), preserve_strength(sol.mask_s)
         up, down = M.fold_pair(axis, bc, ac, bs, as_, sol.mask_c.to(ac.device), sol.mask_s.to(ac.device))
         self._record(ctx, n_values, sol)
         info: dict[str, Any] = {"mask_axis": axis, "trainable_values": n_values, **extra}
@@ -235,6 +248,9 @@ class PairMaskStrategy(MergeStrategy):
         """The masks model mode learned for this layer, folded into the pair (strength applied once)."""
         axis = self.axis_for(ctx)
         mc, ms = self._trained.masks[ctx.name]
+        if self.strength == "preserve":
+            mc = None if mc is None else preserve_strength(mc)
+            ms = None if ms is None else preserve_strength(ms)
         self._masks[f"{ctx.name}.mask_content"] = (mc if mc is not None else torch.ones(0)).contiguous()
         self._masks[f"{ctx.name}.mask_style"] = (ms if ms is not None else torch.ones(0)).contiguous()
         up, down, mc, ms = fold_masks(inputs, mc, ms, axis)
@@ -296,6 +312,15 @@ class PairMaskStrategy(MergeStrategy):
     def sidecars(self) -> dict[str, dict[str, torch.Tensor]]:
         """Every layer's masks, for the ``<output>.masks.safetensors`` sidecar (see docs)."""
         return {"masks": dict(self._masks)}
+
+
+def preserve_strength(mask: torch.Tensor) -> torch.Tensor:
+    """``mask / mean(mask)``: the same redistribution at the LoRA's own mean strength (a mask with mean
+    ≤ 1e-6 — the LoRA switched off in this layer — is left as it is)."""
+    if mask.numel() == 0:
+        return mask
+    mean = float(mask.float().mean())
+    return mask if mean <= 1e-6 else mask / mean
 
 
 def content_style_factors(inputs: Sequence[LayerInput]):

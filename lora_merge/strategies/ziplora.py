@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from . import register
 from .base import LayerContext, Param
-from .pair_masks import INPUT_PARAMS, REFINE_PARAMS, ZIPLORA_MODEL_PARAMS, PairMaskStrategy
+from .pair_masks import INPUT_PARAMS, REFINE_PARAMS, STRENGTH_PARAM, ZIPLORA_MODEL_PARAMS, PairMaskStrategy
 
 
 @register
@@ -24,6 +24,7 @@ class ZipLoRA(PairMaskStrategy):
         Param("lambda_sim", float, 0.01, "weight of the similarity term mean|m_c·m_s|", range=(0.0, None)),
         Param("closed_form", bool, True, "start from the closed-form minimizer of the quadratic part "
               "(off: start from all-ones masks, as the paper)"),
+        STRENGTH_PARAM,
         *REFINE_PARAMS,
         *INPUT_PARAMS,
         *ZIPLORA_MODEL_PARAMS,
