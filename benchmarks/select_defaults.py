@@ -2,6 +2,7 @@
 that ``lora-merge bench quality`` reports), the way tuned linear chooses its weights.
 
     python benchmarks/select_defaults.py timestep-split --val-n 16 --json docs/defaults-timestep-split.json
+    python benchmarks/select_defaults.py timestep-split-2 --val-n 16 --json docs/defaults-timestep-split-2.json
 
 Prints one row per candidate (mean validation joint accuracy over the pairs) as it is measured, then the
 best.  The candidates are a small grid written below; nothing here reads a test seed.
@@ -25,9 +26,15 @@ from lora_merge.toyworld import load_base, load_judge, sample
 from lora_merge.toyworld.suite import pairs as suite_pairs
 
 GRIDS = {
+    # the first grid (docs/defaults-timestep-split.json) ...
     "timestep-split": [
         {"switch": sw, "early": [1.0, es], "late": [lc, 1.0]}
         for sw, es, lc in itertools.product((0.2, 0.35, 0.5, 0.65), (0.0, 0.5), (0.0, 0.5, 1.0))
+    ],
+    # ... and the second, around its best point (later switches, a weaker early style)
+    "timestep-split-2": [
+        {"switch": sw, "early": [1.0, es], "late": [lc, 1.0]}
+        for sw, es, lc in itertools.product((0.5, 0.65, 0.75, 0.85), (0.0, 0.25, 0.5), (0.0, 1.0))
     ],
     "k-lora": [{"gamma": g} for g in ("auto", 0.5, 1.0, 2.0)],
 }
@@ -35,7 +42,7 @@ GRIDS = {
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("merger", choices=sorted(GRIDS))
+    ap.add_argument("grid", choices=sorted(GRIDS), help="a merger name, or a merger's later grid (NAME-2)")
     ap.add_argument("--val-n", type=int, default=16)
     ap.add_argument("--pairs", default=None)
     ap.add_argument("--json", type=Path, default=None)
@@ -47,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     seeds = validation_seeds(args.val_n)
     rows = []
     t0 = time.perf_counter()
-    for params in GRIDS[args.merger]:
+    merger = args.grid.removesuffix("-2")
+    for params in GRIDS[args.grid]:
         accs = []
         for p in ps:
-            m = build(args.merger, *loras[p.name], **params)
+            m = build(merger, *loras[p.name], **params)
             imgs = sample(world, p.joint_prompt, seeds, merger=m)
             accs.append(judge_metrics(imgs, judge, p.subject, p.style)["joint_acc"])
         row = {"params": params, "mean_joint": sum(accs) / len(accs), "per_pair": dict(zip([p.name for p in ps], accs))}
@@ -60,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     best = max(rows, key=lambda r: r["mean_joint"])
     print(f"best: {json.dumps(best['params'])} ({100 * best['mean_joint']:.1f}%)")
     if args.json:
-        args.json.write_text(json.dumps({"merger": args.merger, "val_n": args.val_n, "rows": rows, "best": best},
+        args.json.write_text(json.dumps({"merger": merger, "grid": args.grid, "val_n": args.val_n, "rows": rows,
+                                         "best": best},
                                         indent=1))
     return 0
 

@@ -26,8 +26,8 @@ from .errors import UsageError
 from .klora import KLoRA, StepRecord, _Layer, denoising_progress
 
 #: the default schedule (chosen on validation seeds; docs/strategies.md)
-DEFAULT_SWITCH = 0.65
-DEFAULT_EARLY = (1.0, 0.0)
+DEFAULT_SWITCH = 0.75
+DEFAULT_EARLY = (1.0, 0.25)
 DEFAULT_LATE = (0.0, 1.0)
 
 SPEC: dict[str, Any] = {

@@ -39,6 +39,7 @@ FLOORS = {
     "lora_merge.engine": 5,
     "lora_merge.model_mode": 6,
     "lora_merge": 6,  # the package root: re-exports of the public API
+    "lora_merge.__main__": 9,  # python -m lora_merge: the CLI
     "lora_merge.toyworld": 7,
     "lora_merge.bench": 8,
     "lora_merge.cli": 9,

@@ -209,7 +209,7 @@ def test_duolora_on_flux_needs_priors_and_runs_with_the_splitflux_table(tmp_path
 STRATEGY_PARAMS = {
     "linear": {}, "svd": {}, "ties": {"density": 0.5}, "dare": {"density": 0.5},
     "magnitude-prune": {"density": 0.5}, "blocks": {"take": "1:double_blocks,2:single_blocks"},
-    "ziplora": {"steps": 5}, "duolora": {"steps": 5, "priors": "flux-splitflux"},
+    "ziplora": {"steps": 5}, "duolora": {"steps": 5, "priors": "flux-splitflux"}, "np-lora": {},
 }
 
 

@@ -47,9 +47,9 @@ def markdown(res: dict[str, Any], command: str) -> str:
         "",
         (f"Measured by `{command}`: {len(res['pairs'])} pairs, {st['n']} test images per row (seeds "
          f"{st['seed']}·1000003 + i), tuned linear chosen on {st['val_n']} separate validation seeds, DDIM "
-         f"{st['steps']} steps, guidance {st['guidance']}; {res['date']}, {res['machine']}, "
+         f"{st['steps']} steps, guidance {st['guidance']}; {res['date']}, {res['machine']}; this pass "
          f"{res['seconds'] / 60:.1f} min ({res['cache']['computed']} rows computed, {res['cache']['hits']} from "
-         "the cache).  Accuracies are judged; intervals are 95 % bootstrap intervals.  What the columns mean: "
+         "the cache; the time of a whole run is in [quality.md](quality.md)).  Accuracies are judged; intervals are 95 % bootstrap intervals.  What the columns mean: "
          "[quality.md](quality.md)."),
         "",
         "## Checks",
@@ -136,8 +136,13 @@ def plot_mean(res: dict[str, Any], path: Path) -> Path:
     height = top + bar_h * len(rows) + 40
     img = Image.new("RGB", (width, max(height, 120)), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    d.text((10, 10), f"mean joint accuracy over {len(res['pairs'])} pairs (95 % CI); colour = mode", fill=(0, 0, 0),
-           font=font)
+    d.text((10, 6), f"mean joint accuracy over {len(res['pairs'])} pairs (95 % CI)", fill=(0, 0, 0), font=font)
+    x = 10
+    for mode, label in (("weights", "from the files"), ("tuned", "tuned linear"), ("model", "model mode"),
+                        ("sampling", "sampling time"), ("alone", "a LoRA alone")):
+        d.rectangle([x, 22, x + 9, 31], fill=_COLORS[mode])
+        d.text((x + 13, 21), label, fill=(0, 0, 0), font=font)
+        x += 20 + 7 * len(label)
     for frac in (0, 0.25, 0.5, 0.75, 1.0):
         x = left + int(plot_w * frac)
         d.line([x, top - 4, x, top + bar_h * len(rows)], fill=(225, 225, 225))

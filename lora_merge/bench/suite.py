@@ -47,6 +47,8 @@ from .variants import Variant
 
 #: scales of each LoRA's strength curve
 STRENGTHS = (0.25, 0.5, 0.6, 0.75, 1.0, 1.25, 1.5)
+#: ``--quick``'s: the recipe's two targets and one point below
+QUICK_STRENGTHS = (0.5, 0.6, 1.0)
 #: tuned linear's grid, per input
 TUNE_GRID = (0.4, 0.6, 0.8, 1.0, 1.2)
 #: validation seeds live far from the test seeds (test: ``seed·1000003 + i``)

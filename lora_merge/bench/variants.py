@@ -231,11 +231,12 @@ def model_mode_variants(
 def all_variants(strategies: Sequence[str] | None = None, ablations: bool = True, pair: Pair | None = None,
                  model_mode: bool = True) -> list[Variant]:
     """Every benchmark row of a pair: strategies (+ ablations), then the priors rows, then model mode and
-    calibrated statistics (``model_mode=False``: the file-only rows)."""
+    calibrated statistics (``model_mode=False``: the file-only rows; ``ablations=False``: each strategy
+    with its defaults only, in each mode)."""
     file_strategies = [s for s in strategies if s in available_strategies()] if strategies else None
     return [
         *(default_variants(file_strategies, ablations=ablations) if file_strategies != [] else []),
         *sampling_variants(strategies),
-        *priors_variants(strategies, pair, model_mode=model_mode),
-        *(model_mode_variants(strategies, ablations=ablations, pair=pair) if model_mode else []),
+        *(priors_variants(strategies, pair, model_mode=model_mode) if ablations else []),
+        *(model_mode_variants(strategies, ablations=ablations, calibrated=ablations, pair=pair) if model_mode else []),
     ]

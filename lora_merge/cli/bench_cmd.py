@@ -34,19 +34,23 @@ def default_cache() -> Path:
 @click.option("--no-ablations", is_flag=True, help="Run each strategy with its defaults only.")
 @click.option("--no-model-mode", is_flag=True, help="Skip the rows trained through the model (--mode model).")
 @click.option("--quick", is_flag=True,
-              help="3 pairs, n = 32, no ablations: a smoke run of every strategy (about 10 minutes on 2 cores).")
+              help="3 pairs, n = 32, no ablations, strength curves at 0.5/0.6/1.0 only: a smoke run of every "
+                   "strategy with its defaults.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("docs"), show_default=True,
               help="Folder for quality-results.md/.json and the images.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Row cache folder: an interrupted run resumes from it (default: ~/.cache/lora-merge/bench-quality).")
 @click.option("--no-cache", is_flag=True, help="Recompute every row and keep nothing.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Worker processes: the pairs are shared out, the rows meet in the cache, then one pass "
+                   "writes the results (each worker uses --threads torch threads).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite existing result files.")
 @json_option
 @threads_option
 def quality(pairs: str | None, n: int | None, val_n: int | None, strategies: str | None, no_ablations: bool,
-            no_model_mode: bool, quick: bool, out: Path, cache_dir: Path | None, no_cache: bool, seed: int,
-            force: bool, as_json: bool) -> None:
+            no_model_mode: bool, quick: bool, out: Path, cache_dir: Path | None, no_cache: bool, jobs: int,
+            seed: int, force: bool, as_json: bool) -> None:
     """Merge every content–style pair of the toy-world suite with every strategy (and its ablations),
     sample each pair's joint prompt ("a sks object in zkz style") on fixed test seeds and judge content,
     style and both, with 95 % bootstrap intervals, subject and style similarity.
@@ -58,7 +62,7 @@ def quality(pairs: str | None, n: int | None, val_n: int | None, strategies: str
     import torch
 
     from ..bench.report import outputs, public, write_all
-    from ..bench.suite import SuiteSettings, run_suite
+    from ..bench.suite import QUICK_STRENGTHS, SuiteSettings, run_suite
     from ..bench.variants import all_variants
     from ..files import check_output_folder, refuse_existing
     from ..sampling_time import SAMPLING_TIME_MERGERS
@@ -76,9 +80,14 @@ def quality(pairs: str | None, n: int | None, val_n: int | None, strategies: str
         refuse_existing(t, force)
         check_output_folder(t, create=True)
     settings = SuiteSettings(n=n or (32 if quick else 64), val_n=val_n or 16, seed=seed,
-                             cache=None if no_cache else (cache_dir or default_cache()))
+                             cache=None if no_cache else (cache_dir or default_cache()),
+                             **({"strengths": QUICK_STRENGTHS} if quick else {}))
     ablations = not (no_ablations or quick)
     err = stderr_console()
+    if jobs > 1 and len(chosen) > 1:
+        if settings.cache is None:
+            raise UsageError("--jobs needs the row cache (drop --no-cache)")
+        _run_workers(chosen, jobs, settings, strategies, no_ablations, no_model_mode, quick, seed, err)
     done = [0]
     with err.status("loading the toy world…") as status:
         def progress(msg: str) -> None:
@@ -92,7 +101,7 @@ def quality(pairs: str | None, n: int | None, val_n: int | None, strategies: str
         (["--quick"] if quick else []) + ([f"--pairs {pairs}"] if pairs else [])
         + ([f"--n {n}"] if n else []) + ([f"--val-n {val_n}"] if val_n else [])
         + ([f"--strategies {strategies}"] if strategies else []) + (["--no-ablations"] if no_ablations else [])
-        + (["--no-model-mode"] if no_model_mode else []))
+        + (["--no-model-mode"] if no_model_mode else []) + ([f"--jobs {jobs}"] if jobs > 1 else []))
     res["command"] = command.strip()
     res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     res["machine"] = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
@@ -101,6 +110,30 @@ def quality(pairs: str | None, n: int | None, val_n: int | None, strategies: str
         print_json(public(res))
         return
     _print_tables(res, out)
+
+
+def _run_workers(chosen, jobs, settings, strategies, no_ablations, no_model_mode, quick, seed, err) -> None:
+    """Fill the cache with ``jobs`` child ``lora-merge bench quality`` processes, pairs dealt round-robin."""
+    import subprocess
+    import sys
+    import tempfile
+
+    groups = [chosen[i::jobs] for i in range(jobs) if chosen[i::jobs]]
+    scratch = Path(tempfile.mkdtemp(prefix="lora-merge-bench-"))
+    procs = []
+    for k, group in enumerate(groups):
+        cmd = [sys.executable, "-m", "lora_merge", "bench", "quality", "--pairs", ",".join(p.name for p in group),
+               "--n", str(settings.n), "--val-n", str(settings.val_n), "--seed", str(seed), "--cache",
+               str(settings.cache), "--out", str(scratch / str(k)), "--force", "--json"]
+        cmd += (["--strategies", strategies] if strategies else []) + (["--no-ablations"] if no_ablations else [])
+        cmd += (["--no-model-mode"] if no_model_mode else []) + (["--quick"] if quick else [])
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    with err.status(f"{len(procs)} workers running {len(chosen)} pairs…"):
+        failed = [(p, p.communicate()[1]) for p in procs]
+    bad = [(p, e) for p, e in failed if p.returncode != 0]
+    if bad:
+        raise UsageError(f"a bench worker failed (exit {bad[0][0].returncode}): "
+                         f"{(bad[0][1] or '').strip().splitlines()[-1:] or ''}")
 
 
 def _print_tables(res: dict, out: Path) -> None:

@@ -10,7 +10,7 @@ from ..errors import UsageError
 from .common import json_option, print_json, stderr_console, stdout_console, threads_option
 
 #: the suite pair the demo merges by default
-DEMO_PAIR = "tqk+mrv"
+DEMO_PAIR = "ohwx+mrv"
 
 
 @click.command("demo")
@@ -28,9 +28,9 @@ DEMO_PAIR = "tqk+mrv"
 @threads_option
 @json_option
 def demo(n: int, out: Path, strategies: str | None, pair: str, seed: int, force: bool, as_json: bool) -> None:
-    """Merge a content LoRA and a style LoRA of the toy-world suite (default: the tqk notched square,
-    trained DreamBooth-style, and the mrv coarse-check style, trained StyleDrop-style on one image of a
-    square) with a few strategies, draw the joint prompt for each, and judge every image.
+    """Merge a content LoRA and a style LoRA of the toy-world suite (default: the ohwx hourglass, trained
+    DreamBooth-style on 6 striped photos, and the mrv coarse-check style, trained StyleDrop-style on one
+    image of a square) with a few strategies, draw the joint prompt for each, and judge every image.
 
     Writes a grid PNG (rows: content LoRA alone, style LoRA alone, then one row per strategy) and prints
     the judge's table.  Everything runs on CPU from the weights shipped with the package.

@@ -213,6 +213,7 @@ class Recipe:
         if not isinstance(data, dict):
             raise UsageError(f"{METADATA_KEY} metadata is not a mapping", where)
         data.pop("version", None)
+        _fill_recorded_defaults(data)
         return cls.from_dict(data)
 
     def with_overrides(self, **kw: Any) -> Recipe:
@@ -467,3 +468,15 @@ def _layer_weights(value: Any, path: Path | None) -> tuple[tuple[str, Any], ...]
             raise UsageError(f"layer weight for {pat!r} must be a number or a list", path) from None
         out.append((str(pat), val))
     return tuple(out)
+
+
+def _fill_recorded_defaults(data: dict[str, Any]) -> None:
+    """A recipe recorded before a strategy gained a parameter replays with the behaviour it had then: the
+    strategy's ``recorded_defaults`` fill the parameters the recipe lacks (e.g. ``strength: free`` for a
+    ziplora file merged before ``--strength`` existed)."""
+    strategy, params = data.get("strategy"), data.get("params")
+    cls = available_strategies().get(strategy) if isinstance(strategy, str) else None
+    if cls is None or not isinstance(params, dict):
+        return
+    for key, value in getattr(cls, "recorded_defaults", {}).items():
+        params.setdefault(key, value)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -142,6 +142,8 @@ class PairMaskStrategy(MergeStrategy):
     min_inputs = 2
     max_inputs = 2
     sidecar_suffixes = ("masks",)
+    #: what a recipe recorded before ``--strength`` existed meant (replayed as it was merged)
+    recorded_defaults: ClassVar[dict[str, Any]] = {"strength": "free"}
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
