@@ -163,6 +163,14 @@ class _Layer:
     conv: dict[str, Any] = field(default_factory=dict)
 
 
+def lora_output(layer: _Layer, concept: str, x: torch.Tensor) -> torch.Tensor:
+    """``ΔW·x`` of one concept's bound factors, as ``B(Ax)`` (a linear or a conv layer)."""
+    b, a = layer.bound[concept]
+    if layer.kind == "linear":
+        return F.linear(F.linear(x.to(a.dtype), a), b)
+    return F.conv2d(F.conv2d(x.to(a.dtype), a, None, **layer.conv), b)
+
+
 class _AttachMethod:
     """``KLoRA.attach(model, content, style, **options)`` builds and attaches; ``instance.attach(model)``
     attaches an instance built earlier (what ``toyworld.sampling.sample(merger=...)`` calls)."""
@@ -374,11 +382,18 @@ class KLoRA:
         return float(t)
 
     def _pre_hook(self, module, args, kwargs):
-        t = self.read_timestep(args, kwargs)
-        rec = StepRecord(t, denoising_progress(t, self._T), style_scale(t, self._T, self.alpha, self.beta),
-                         {name: self.choice(name, t) for name in self.layers})
+        rec = self._record(self.read_timestep(args, kwargs))
         self.records.append(rec)
         self._current = rec
+
+    def _record(self, t: float) -> StepRecord:
+        """What every hooked layer does in the model call at timestep ``t``."""
+        return StepRecord(t, denoising_progress(t, self._T), style_scale(t, self._T, self.alpha, self.beta),
+                          {name: self.choice(name, t) for name in self.layers})
+
+    def _extra(self, layer: _Layer, rec: StepRecord, x: torch.Tensor) -> torch.Tensor:
+        """What the hooked ``layer`` adds to its output for input ``x`` in the call ``rec``."""
+        return lora_output(layer, rec.choices[layer.name], x)
 
     def _post_hook(self, module, args, output):
         self._current = None
@@ -387,15 +402,9 @@ class KLoRA:
         def hook(module, args, output):
             rec = self._current
             if rec is None:
-                raise UsageError(f"K-LoRA: layer {layer.name!r} ran outside a call of the model it is "
-                                 "attached to (no timestep)")
-            b, a = layer.bound[rec.choices[layer.name]]
-            x = args[0]
-            if layer.kind == "linear":
-                extra = F.linear(F.linear(x.to(a.dtype), a), b)
-            else:
-                extra = F.conv2d(F.conv2d(x.to(a.dtype), a, None, **layer.conv), b)
-            return output + extra.to(output.dtype)
+                raise UsageError(f"{type(self).__name__}: layer {layer.name!r} ran outside a call of the model "
+                                 "it is attached to (no timestep)")
+            return output + self._extra(layer, rec, args[0]).to(output.dtype)
 
         return hook
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch.nn.functional as F
+import torch
 
 from .adapter import Adapter
 from .errors import UsageError
-from .klora import KLoRA, StepRecord, _Layer, denoising_progress
+from .klora import KLoRA, StepRecord, _Layer, denoising_progress, lora_output
 
 #: the default schedule (chosen on validation seeds; docs/strategies.md)
 DEFAULT_SWITCH = 0.75
@@ -74,33 +74,17 @@ class TimestepSplit(KLoRA):
     def phase(self, timestep: float) -> str:
         return "early" if denoising_progress(timestep, self._T) < self.switch else "late"
 
-    def _pre_hook(self, module, args, kwargs):
-        t = self.read_timestep(args, kwargs)
-        ph = self.phase(t)
-        rec = StepRecord(t, denoising_progress(t, self._T), 0.0, dict.fromkeys(self.layers, ph))  # type: ignore[arg-type]
-        self.records.append(rec)
-        self._current = rec
+    def _record(self, t: float) -> StepRecord:
+        return StepRecord(t, denoising_progress(t, self._T), 0.0,
+                          dict.fromkeys(self.layers, self.phase(t)))  # type: ignore[arg-type]
 
-    def _layer_hook(self, layer: _Layer):
-        def hook(module, args, output):
-            rec = self._current
-            if rec is None:
-                raise UsageError(f"timestep-split: layer {layer.name!r} ran outside a call of the model it is "
-                                 "attached to (no timestep)")
-            strengths = self.early if rec.choices[layer.name] == "early" else self.late
-            x = args[0]
-            for concept, s in zip(("content", "style"), strengths):
-                if s == 0.0 or concept not in layer.bound:
-                    continue
-                b, a = layer.bound[concept]
-                if layer.kind == "linear":
-                    extra = F.linear(F.linear(x.to(a.dtype), a), b)
-                else:
-                    extra = F.conv2d(F.conv2d(x.to(a.dtype), a, None, **layer.conv), b)
-                output = output + (s * extra).to(output.dtype)
-            return output
-
-        return hook
+    def _extra(self, layer: _Layer, rec: StepRecord, x: torch.Tensor) -> torch.Tensor:
+        strengths = self.early if rec.choices[layer.name] == "early" else self.late
+        out = torch.zeros((), dtype=x.dtype, device=x.device)
+        for concept, s in zip(("content", "style"), strengths):
+            if s != 0.0 and concept in layer.bound:
+                out = out + s * lora_output(layer, concept, x)
+        return out
 
     def report(self) -> dict[str, Any]:
         return {"method": "timestep-split", "switch": self.switch, "early": list(self.early),

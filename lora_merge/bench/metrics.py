@@ -83,19 +83,14 @@ def judge_metrics(images: torch.Tensor, judge, shape: str | None, style: str | N
             per[key] = v.tolist()
     if both is not None:
         out["joint_ci"] = list(bootstrap_ci(both, seed=seed))
-    shape_f, style_f = judge.embeddings(images)
-    if content_refs is not None:
-        ref_f = judge.embeddings(content_refs)[0]
-        sim = _cos(shape_f, ref_f).mean(1)
-        out["subject_sim"] = float(sim.mean())
-        out["subject_sim_ci"] = list(bootstrap_ci(sim, seed=seed + 1))
-        per["subject_sim"] = sim.tolist()
-    if style_refs is not None:
-        ref_f = judge.embeddings(style_refs)[1]
-        sim = _cos(style_f, ref_f).mean(1)
-        out["style_sim"] = float(sim.mean())
-        out["style_sim_ci"] = list(bootstrap_ci(sim, seed=seed + 2))
-        per["style_sim"] = sim.tolist()
+    feats = judge.embeddings(images)
+    for key, head, refs, salt in (("subject_sim", 0, content_refs, 1), ("style_sim", 1, style_refs, 2)):
+        if refs is None:
+            continue
+        sim = _cos(feats[head], judge.embeddings(refs)[head]).mean(1)
+        out[key] = float(sim.mean())
+        out[f"{key}_ci"] = list(bootstrap_ci(sim, seed=seed + salt))
+        per[key] = sim.tolist()
     if "subject_sim" in out and "style_sim" in out:
         out["hmean_sim"] = harmonic_mean(out["subject_sim"], out["style_sim"])
     out["shapes_seen"] = _counts([judge.shapes[i] for i in s_idx.tolist()])

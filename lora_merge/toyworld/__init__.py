@@ -22,7 +22,7 @@ import torch
 
 from ..errors import UsageError
 from .judge import Judge, load_judge
-from .model import ARCH, ToyWorld, load_base
+from .model import ARCH, DATA_DIR, ToyWorld, load_base
 from .sampling import apply_lora, sample
 from .suite import SUITE, Pair, pairs
 from .train import LORA_DIR, lora_file, lora_training_set
@@ -68,6 +68,7 @@ __all__ = [
     "ARCH",
     "CONTENT_PROMPT",
     "CONTENT_WORD",
+    "DATA_DIR",
     "IMAGE_SIZE",
     "JOINT_PROMPT",
     "SEEN_SHAPES",
