@@ -21,6 +21,7 @@ import torch
 from lora_merge import load
 from lora_merge.bench.metrics import judge_metrics
 from lora_merge.bench.suite import validation_seeds
+from lora_merge.files import atomic_write_json
 from lora_merge.sampling_time import build
 from lora_merge.toyworld import load_base, load_judge, sample
 from lora_merge.toyworld.suite import pairs as suite_pairs
@@ -68,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     best = max(rows, key=lambda r: r["mean_joint"])
     print(f"best: {json.dumps(best['params'])} ({100 * best['mean_joint']:.1f}%)")
     if args.json:
-        args.json.write_text(json.dumps({"merger": merger, "grid": args.grid, "val_n": args.val_n, "rows": rows,
-                                         "best": best},
-                                        indent=1))
+        atomic_write_json(args.json, {"merger": merger, "grid": args.grid, "val_n": args.val_n, "rows": rows,
+                                      "best": best}, indent=1)
     return 0
 
 

@@ -113,7 +113,7 @@ def test_tuned_linear_never_selects_on_test_seeds(monkeypatch):
 
     r = FakeRunner()
     row = r.tuned_linear(SUITE[0])
-    val, test = set(bs.validation_seeds(3)), set(bs.scoring_seeds(4))
+    val, test = set(bs.validation_seeds(3)), set(bs.eval_seeds(4))
     assert not val & test
     assert all(set(s) == val for s in seen[:4])  # the 2 × 2 grid: validation only
     assert set(seen[4]) == test  # the chosen weights, scored once on the test seeds

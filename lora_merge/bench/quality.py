@@ -17,13 +17,14 @@ from .. import load
 from ..adapter import Adapter
 from ..engine import merge
 from ..errors import UsageError
-from ..files import atomic_write
+from ..files import atomic_write, make_dirs
 from ..sampling_time import build as build_sampling_merger
 from ..sampling_time import names as sampling_names
 from ..toyworld import JOINT_PROMPT, world
 from ..toyworld.judge import load_judge
 from ..toyworld.model import ARCH, load_base
 from ..toyworld.sampling import DEFAULT_STEPS, sample
+from .metrics import judge_metrics
 from .variants import Variant
 
 
@@ -43,27 +44,10 @@ def eval_seeds(n: int, seed: int = 0) -> list[int]:
 
 
 def judge_images(images: torch.Tensor, shape: str | None, style: str | None, judge=None) -> dict[str, Any]:
-    """Fractions of images judged to have ``shape`` / ``style`` / both (None: not asked, reported as None)."""
-    judge = judge or _cached_judge()
-    s, t = judge.predict(images)
-    ok_s = (s == judge.shapes.index(shape)) if shape is not None else None
-    ok_t = (t == judge.styles.index(style)) if style is not None else None
-    both = ok_s & ok_t if ok_s is not None and ok_t is not None else (ok_s if ok_t is None else ok_t)
-    return {
-        "n": int(images.shape[0]),
-        "content_acc": float(ok_s.float().mean()) if ok_s is not None else None,
-        "style_acc": float(ok_t.float().mean()) if ok_t is not None else None,
-        "joint_acc": float(both.float().mean()) if both is not None else None,
-        "shapes_seen": _counts([judge.shapes[i] for i in s.tolist()]),
-        "styles_seen": _counts([judge.styles[i] for i in t.tolist()]),
-    }
-
-
-def _counts(names: list[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for nm in names:
-        out[nm] = out.get(nm, 0) + 1
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    """Fractions of images judged to have ``shape`` / ``style`` / both (None: not asked, reported as None),
+    and what the judge saw (the accuracy part of :func:`lora_merge.bench.metrics.judge_metrics`)."""
+    m = judge_metrics(images, judge or _cached_judge(), shape, style)
+    return {k: m[k] for k in ("n", "content_acc", "style_acc", "joint_acc", "shapes_seen", "styles_seen")}
 
 
 def evaluate(adapter_or_path: Adapter | str | os.PathLike | None, n: int = 64, seed: int = 0,
@@ -124,6 +108,8 @@ def run_variant(v: Variant, content: Path, style: Path, n: int, seed: int = 0, w
                 arch: str | None = ARCH, prompt: str = JOINT_PROMPT) -> dict[str, Any]:
     """Merge the two inputs as row ``v`` says, sample the joint ``prompt`` ``n`` times and judge it (a
     sampling-time merger, such as ``k-lora``, is attached while sampling instead)."""
+    if v.prepare is not None:
+        v.prepare()
     t0 = time.perf_counter()
     if v.strategy in sampling_names():
         merger = build_sampling_merger(v.strategy, load(content), load(style), weights=v.weights, **v.params)
@@ -164,7 +150,7 @@ def save_grid(rows: Sequence[tuple[str, torch.Tensor]], path: str | os.PathLike,
             tile = Image.fromarray(arr[c]).resize((size, size), Image.NEAREST)
             canvas.paste(tile, (label_w + c * (size + pad), y))
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     return atomic_write(out, lambda fh: canvas.save(fh, format="PNG"))
 
 

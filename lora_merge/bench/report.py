@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..files import atomic_write, atomic_write_json, atomic_write_text, make_dirs
+from ..files import atomic_write, atomic_write_json, atomic_write_text, make_dirs, output_transaction
 from .quality import pct, save_grid
 
 RESULT_MD = "quality-results.md"
@@ -197,15 +197,16 @@ def plot_similarity(res: dict[str, Any], path: Path) -> Path:
 
 
 def write_all(res: dict[str, Any], folder: Path, command: str) -> list[Path]:
-    """Every output of a run (the caller has checked overwrites)."""
+    """Every output of a run, put in place together or not at all (the caller has checked overwrites)."""
     written = []
-    for name, rows in res.get("_images", {}).items():
-        grid_rows = [(label, torch.as_tensor(im).permute(0, 3, 1, 2).float() / 127.5 - 1) for label, im in rows]
-        written.append(save_grid(grid_rows, folder / IMAGES / f"{name}.png"))
-    written.append(plot_mean(res, folder / MEAN_PLOT))
-    written.append(plot_similarity(res, folder / SCATTER_PLOT))
-    written.append(atomic_write_json(folder / RESULT_JSON, public(res)))
-    written.append(atomic_write_text(folder / RESULT_MD, markdown(res, command)))
+    with output_transaction():
+        for name, rows in res.get("_images", {}).items():
+            grid_rows = [(label, torch.as_tensor(im).permute(0, 3, 1, 2).float() / 127.5 - 1) for label, im in rows]
+            written.append(save_grid(grid_rows, folder / IMAGES / f"{name}.png"))
+        written.append(plot_mean(res, folder / MEAN_PLOT))
+        written.append(plot_similarity(res, folder / SCATTER_PLOT))
+        written.append(atomic_write_json(folder / RESULT_JSON, public(res)))
+        written.append(atomic_write_text(folder / RESULT_MD, markdown(res, command)))
     return written
 
 

@@ -42,7 +42,7 @@ from ..toyworld.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, sample
 from ..toyworld.suite import SUITE, Pair, style_check_prompts, unbound_prompts
 from ..toyworld.train import LORA_DIR, content_training_set, lora_file, style_reference
 from .metrics import judge_metrics, paired_bootstrap_ci
-from .quality import base_sanity, trainable_values
+from .quality import base_sanity, eval_seeds, trainable_values
 from .variants import Variant
 
 #: scales of each LoRA's strength curve
@@ -57,10 +57,6 @@ VALIDATION_OFFSET = 10**9
 Progress = Callable[[str], None]
 #: rows that merge while sampling (no file), by strategy name
 SAMPLING_TIME = tuple(sampling_names())
-
-
-def scoring_seeds(n: int, seed: int = 0) -> list[int]:
-    return [seed * 1_000_003 + i for i in range(n)]
 
 
 def validation_seeds(n: int, seed: int = 0) -> list[int]:
@@ -157,7 +153,7 @@ class Runner:
         prompts = list(prompts)
         per_seed = [prompts[i % len(prompts)] for i in range(len(seeds))]
         imgs = sample(self.w.model, per_seed, list(seeds), adapter=adapter, scale=scale, steps=self.s.steps,
-                      **({"merger": merger} if merger is not None else {}))
+                      merger=merger)
         crefs, srefs = self.refs(pair) if pair is not None else (None, None)
         m = judge_metrics(imgs, self.w.judge, shape, style, crefs, srefs, seed=self.s.seed)
         return m, imgs
@@ -191,7 +187,7 @@ class Runner:
         path = self.lora_path(word)
         sha = self.lora_sha(word)
         n = self.s.n
-        seeds = scoring_seeds(n, self.s.seed)
+        seeds = eval_seeds(n, self.s.seed)
         if is_subject:
             own_prompts, shape, style = [world.caption(word, None)], word, None
         else:
@@ -224,7 +220,7 @@ class Runner:
         binding = self.cached(("bind", word, sha, tuple(unbound), n, self.s.seed), run_bind,
                               f"{word} LoRA binding")
         at1 = next((c["acc"] for c in curve if c["scale"] == 1.0), None)
-        at06 = next((c["acc"] for c in curve if c["scale"] == 0.6), None) or _interp(curve, 0.6)
+        at06 = _interp(curve, 0.6)  # the measured point when the curve has one
         return {"word": word, "kind": "content" if is_subject else "style", "file": str(path), "sha256": sha,
                 "prompts": own_prompts, "curve": curve, "acc_at_1": at1, "acc_at_0.6": at06,
                 "leakage": leakage, "binding": binding,
@@ -233,11 +229,13 @@ class Runner:
     # ---------------------------------------------------------------- rows
     def merge_row(self, pair: Pair, v: Variant) -> dict[str, Any]:
         c, s = self.lora_path(pair.subject), self.lora_path(pair.style)
-        seeds = scoring_seeds(self.s.n, self.s.seed)
+        seeds = eval_seeds(self.s.n, self.s.seed)
         key = ("row", pair.name, v.label, v.strategy, strategy_fingerprint(v.strategy, v.params), list(v.weights),
                self.lora_sha(pair.subject), self.lora_sha(pair.style), self.s.n, self.s.seed)
 
         def run():
+            if v.prepare is not None:
+                v.prepare()
             t0 = time.perf_counter()
             if v.strategy in SAMPLING_TIME:  # no file: the merger picks a LoRA per layer and step while sampling
                 merger = build_sampling_merger(v.strategy, load(c), load(s), weights=v.weights, **v.params)
@@ -268,7 +266,7 @@ class Runner:
 
     def alone_row(self, pair: Pair, which: str) -> dict[str, Any]:
         word = pair.subject if which == "content" else pair.style
-        seeds = scoring_seeds(self.s.n, self.s.seed)
+        seeds = eval_seeds(self.s.n, self.s.seed)
         key = ("alone", pair.name, which, self.lora_sha(word), self.s.n, self.s.seed)
 
         def run():
@@ -436,8 +434,8 @@ __all__ = [
     "Runner",
     "SuiteSettings",
     "World",
+    "eval_seeds",
     "run_suite",
-    "scoring_seeds",
     "suite_means",
     "tune_linear",
     "validation_seeds",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +40,27 @@ DEFAULT_PAIR = Pair(world.CONTENT_WORD, world.STYLE_WORD)
 
 @dataclass
 class Variant:
-    """One benchmark row: a strategy with parameters and weights."""
+    """One benchmark row: a strategy with parameters and weights.  ``prepare`` writes a file the params
+    name (measured priors, calibrated statistics); it runs only when the row is computed, not when it
+    comes from the cache."""
 
     label: str
     strategy: str
     params: dict[str, Any] = field(default_factory=dict)
     weights: tuple[float, float] = (1.0, 1.0)
+    prepare: Callable[[], Any] | None = field(default=None, compare=False, repr=False)
+
+
+def once(key: str, make: Callable[[], Any]) -> Callable[[], Any]:
+    """``make`` run at most once per process for ``key`` (rows sharing one prepared file)."""
+    def run() -> Any:
+        if key not in _PREPARED:
+            _PREPARED[key] = make()
+        return _PREPARED[key]
+    return run
+
+
+_PREPARED: dict[str, Any] = {}
 
 
 # ------------------------------------------------------------------------------------ strategies
@@ -76,7 +91,7 @@ DEMO_STRATEGIES = ("linear", "ziplora", "duolora", "np-lora", "k-lora", "timeste
 def demo_variants(strategies: str | Sequence[str] | None = None) -> list[Variant]:
     """``lora-merge demo``'s rows: linear at (1, 1) and (0.5, 0.5), then each other strategy with its
     defaults (``strategies``: names, or one comma-separated string)."""
-    avail = [*available_strategies(), *(m["name"] for m in SAMPLING_TIME_MERGERS)]
+    avail = known_strategies()
     if strategies:
         names = [s.strip() for s in strategies.split(",")] if isinstance(strategies, str) else list(strategies)
         names = [s for s in names if s]
@@ -119,6 +134,11 @@ def default_variants(strategies: Sequence[str] | None = None, ablations: bool = 
 
 
 # ------------------------------------------------------------------------------------ sampling time
+def known_strategies() -> list[str]:
+    """Every name a row can use: the registered merge strategies, then the sampling-time mergers."""
+    return [*available_strategies(), *(m["name"] for m in SAMPLING_TIME_MERGERS)]
+
+
 def sampling_variants(strategies: Sequence[str] | None = None) -> list[Variant]:
     """Sampling-time mergers (no file; :mod:`lora_merge.sampling_time`) with their defaults."""
     names = [m["name"] for m in SAMPLING_TIME_MERGERS]
@@ -131,14 +151,18 @@ def pair_adapters(pair: Pair | None = None):
     return load(c), load(s)
 
 
+def priors_path(seed: int = 0, pair: Pair | None = None) -> Path:
+    pair = pair or DEFAULT_PAIR
+    return Path(tempfile.gettempdir()) / f"lora-merge-toyworld-priors-{pair.subject}-{pair.style}-{seed}.json"
+
+
 def toyworld_priors_file(seed: int = 0, pair: Pair | None = None) -> Path:
     """Measure the pair's LoRAs (default: the bundled sks + zkz) with the default settings and write the
-    priors to a file in the temp folder (rewritten on each call)."""
+    priors to :func:`priors_path` (rewritten on each call)."""
     pair = pair or DEFAULT_PAIR
     model = load_base_model(ARCH)
     _, result = measure_for_model(model, list(pair_adapters(pair)), None, None, None, None, seed)
-    path = Path(tempfile.gettempdir()) / f"lora-merge-toyworld-priors-{pair.subject}-{pair.style}-{seed}.json"
-    return write_measured(result, path, force=True)
+    return write_measured(result, priors_path(seed, pair), force=True)
 
 
 def priors_variants(strategies: Sequence[str] | None = None, pair: Pair | None = None,
@@ -152,7 +176,9 @@ def priors_variants(strategies: Sequence[str] | None = None, pair: Pair | None =
     rows = []
     if ARCH in builtin_priors():
         rows.append(Variant("duolora (SDXL-rule priors)", "duolora", {"priors": ARCH}))
-    rows.append(Variant("duolora (measured priors)", "duolora", {"priors": str(toyworld_priors_file(pair=pair))}))
+    path = priors_path(pair=pair)
+    rows.append(Variant("duolora (measured priors)", "duolora", {"priors": str(path)},
+                        prepare=once(str(path), lambda: toyworld_priors_file(pair=pair))))
     if model_mode and "mode" in declared:
         # the SDXL-rule model-mode row is model mode's own "duolora (model)" (priors auto = the rule)
         rows.append(Variant("duolora (model, measured priors)", "duolora",
@@ -205,7 +231,7 @@ def model_mode_variants(
     pair: Pair | None = None,
 ) -> list[Variant]:
     """Model mode (+ DuoLoRA's ablation) and weight space with statistics from ``calibrate`` (written to
-    ``stats_path``, default a temporary folder).  Only for selected strategies that declare the needed
+    ``stats_path``, default a file in the temp folder; written when a row first needs it).  Only for selected strategies that declare the needed
     parameters."""
     wanted = set(strategies) if strategies else {"ziplora", "duolora"}
 
@@ -221,9 +247,10 @@ def model_mode_variants(
         p = pair or DEFAULT_PAIR
         path = Path(stats_path) if stats_path else (
             Path(tempfile.gettempdir()) / f"lora-merge-toyworld-stats-{p.subject}-{p.style}.safetensors")
-        calibrate_toyworld(path, pair=pair)
+        make = once(str(path), lambda: calibrate_toyworld(path, pair=pair))
         for strat in stat_rows:
-            rows.append(Variant(f"{strat} (calibrated stats)", strat, {"input_model": "stats", "stats": str(path)}))
+            rows.append(Variant(f"{strat} (calibrated stats)", strat, {"input_model": "stats", "stats": str(path)},
+                                prepare=make))
     return rows
 
 

@@ -63,16 +63,14 @@ def quality(pairs: str | None, n: int | None, val_n: int | None, strategies: str
 
     from ..bench.report import outputs, public, write_all
     from ..bench.suite import QUICK_STRENGTHS, SuiteSettings, run_suite
-    from ..bench.variants import all_variants
+    from ..bench.variants import all_variants, known_strategies
     from ..files import check_output_folder, refuse_existing
-    from ..sampling_time import SAMPLING_TIME_MERGERS
-    from ..strategies import available_strategies
     from ..toyworld.suite import QUICK
     from ..toyworld.suite import pairs as suite_pairs
 
     chosen = suite_pairs(pairs or (list(QUICK) if quick else None))
     names = [s.strip() for s in strategies.split(",") if s.strip()] if strategies else None
-    avail = [*available_strategies(), *(m["name"] for m in SAMPLING_TIME_MERGERS)]
+    avail = known_strategies()
     for s in names or []:
         if s not in avail:
             raise UsageError(f"--strategies: unknown strategy {s!r}; available: {', '.join(avail)}")
@@ -132,8 +130,9 @@ def _run_workers(chosen, jobs, settings, strategies, no_ablations, no_model_mode
         failed = [(p, p.communicate()[1]) for p in procs]
     bad = [(p, e) for p, e in failed if p.returncode != 0]
     if bad:
-        raise UsageError(f"a bench worker failed (exit {bad[0][0].returncode}): "
-                         f"{(bad[0][1] or '').strip().splitlines()[-1:] or ''}")
+        proc, stderr = bad[0]
+        last = next((ln for ln in reversed((stderr or "").splitlines()) if ln.strip()), "no message")
+        raise UsageError(f"a bench worker failed (exit {proc.returncode}): {last.strip()}")
 
 
 def _print_tables(res: dict, out: Path) -> None:
