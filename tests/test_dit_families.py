@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import lora_merge
-from lora_merge.formats import dit_arch, wan
+from lora_merge.formats import dit_arch, sd3, wan
 from lora_merge.formats.layout import layout_of
 
 pytest.importorskip("diffusers")
@@ -45,17 +45,25 @@ def _lora_file(path, shapes, key, rank=1, seed=0):
 def _roundtrip_all(tmp_path, src, family):
     ad = lora_merge.load(src)
     assert lora_merge.arch.guess_arch(ad) == family and not ad.unparsed_keys
-    ref = {m.name: m for m in (wan.LAYOUT.to_diffusers(ad) if family == "wan" else ad)}
-    for to in ("diffusers", "peft", "kohya") + (("comfyui",) if family != "sd3" else ()):
+    to_diffusers = {"wan": wan.LAYOUT.to_diffusers, "sd3": sd3.to_diffusers}.get(family, lambda a: a)
+    ref = {m.name: m for m in to_diffusers(ad)}
+    for to in ("diffusers", "peft", "kohya", "comfyui"):
         out = tmp_path / (to if to == "peft" else f"{to}.safetensors")
         lora_merge.save(ad, out, to=to)
         back = lora_merge.load(out)
         assert lora_merge.arch.guess_arch(back) == family, to
-        mods = wan.LAYOUT.to_diffusers(back) if family == "wan" else back
+        mods = to_diffusers(back)
         assert set(mods.modules) == set(ref), to
         for m in mods:
             r = ref[m.name]
-            assert m.scale == r.scale and all(torch.equal(x, y) for x, y in zip(m.factors(), r.factors())), (to, m.name)
+            if m.rank == r.rank:  # same factors and scale: the same ΔW, bit for bit
+                assert m.scale == r.scale and all(torch.equal(x, y) for x, y in zip(m.factors(), r.factors())), (to, m.name)
+            else:  # split parts with their own downs were fused block-diagonally (rank summed): same ΔW·X
+                assert to in ("kohya", "comfyui") and family == "sd3", (to, m.name)
+                x = torch.randn(m.in_features, 2, generator=torch.Generator().manual_seed(0))
+                (b, a), (rb, ra) = m.factors(), r.factors()
+                want = r.scale * (rb @ (ra @ x))
+                torch.testing.assert_close(m.scale * (b @ (a @ x)), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
     return ad
 
 
@@ -88,15 +96,6 @@ def test_sd3_and_qwen_image_diffusers_names_roundtrip_exactly(tmp_path):
         key = lambda n: (f"transformer.{n}.lora_A.weight", f"transformer.{n}.lora_B.weight", None)
         ad = _roundtrip_all(d, _lora_file(d / "src.safetensors", shapes, key), family)
         assert dit_arch.family_summary(ad)["family"] == family
-
-
-def test_sd3_is_not_written_in_comfyui_names(tmp_path):
-    ad = lora_merge.Adapter(dialect="diffusers")
-    n = "transformer.transformer_blocks.0.attn.add_k_proj"
-    ad.modules[n] = lora_merge.LoraModule.from_tensors(n, torch.zeros(1, 1536), torch.zeros(1536, 1))
-    with pytest.raises(lora_merge.errors.FormatError, match="MMDiT"):
-        lora_merge.save(ad, tmp_path / "x.safetensors", to="comfyui")
-    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_wan_musubi_and_diffusers_loras_merge_exactly(tmp_path):

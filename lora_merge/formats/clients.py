@@ -63,6 +63,10 @@ def default_output_dialect(adapters: Adapter | list[Adapter]) -> str:
 def loader_note(adapter: Adapter, dialect: str) -> str | None:
     """One sentence naming the common loaders that will not read ``adapter`` written as ``dialect``, or
     None when they all do (or the adapter is not an SD LoRA, where only diffusers/PEFT matter)."""
+    if dialect in ("kohya", "comfyui") and arch.guess_arch(adapter) == "sd3":
+        return (f"{dialect}-dialect SD3 file (MMDiT names, fused qkv): sd-scripts and ComfyUI read it, but "
+                "diffusers' StableDiffusion3Pipeline.load_lora_weights converts no SD3 names (0.42) — write "
+                "--to diffusers for diffusers pipelines")
     if not is_sd_lora(adapter):
         return None
     if dialect == "diffusers":

@@ -1,8 +1,9 @@
 """ComfyUI / original-model dialect of DiT LoRAs: ``diffusion_model.<native path>.lora_up.weight``,
 ``.lora_down.weight`` and a 0-d ``.alpha`` (``lora_A``/``lora_B`` are read too), e.g.
-``diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight`` (Flux) or
+``diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight`` (Flux),
+``diffusion_model.joint_blocks.0.x_block.attn.qkv…`` (SD3) or
 ``diffusion_model.blocks.0.self_attn.q.lora_A.weight`` (Wan).  CLIP-L text-encoder modules are
-``text_encoders.clip_l.transformer.<path>`` (``clip_g`` for SDXL's second); an SD UNet is
+``text_encoders.clip_l.transformer.<path>`` (``clip_g`` for SDXL's second, ``t5xxl`` for SD3's T5); an SD UNet is
 ``diffusion_model.<SGM path>`` (``input_blocks.1.1…``, the keys of the original checkpoint).  Module names are canonical ``transformer.<native path>``
 (and ``text_encoder.<path>``); the writer puts DiT families in their native layout first
 (:mod:`lora_merge.formats.layout`).
@@ -13,7 +14,6 @@ import re
 
 import torch
 
-from .. import arch
 from ..adapter import Adapter, TensorRef
 from ..errors import FormatError
 from . import names
@@ -21,7 +21,8 @@ from .common import carried_metadata, cast, make_module, read_scalar, standard_a
 from .registry import FileDialect, Written
 
 PREFIXES = {"diffusion_model.": "transformer.", "text_encoders.clip_l.transformer.": "text_encoder.",
-            "text_encoders.clip_g.transformer.": "text_encoder_2."}
+            "text_encoders.clip_g.transformer.": "text_encoder_2.",
+            "text_encoders.t5xxl.transformer.": "text_encoder_3."}
 _BACK = {v: k for k, v in PREFIXES.items()}
 _KEY = re.compile(r"^(?P<m>.+)\.(?:(?P<r>lora_up|lora_down|lora_A|lora_B)\.weight|(?P<a>alpha))$")
 _ROLE = {"lora_up": "up", "lora_B": "up", "lora_down": "down", "lora_A": "down"}
@@ -82,9 +83,6 @@ def comfy_name(canonical: str, up_attn: frozenset[int] = frozenset({0, 1})) -> s
 
 
 def write(adapter: Adapter, dtype: torch.dtype | None, metadata: dict[str, str]) -> Written:
-    if arch.guess_arch(adapter) == "sd3":
-        raise FormatError("ComfyUI names SD3/3.5 modules in the MMDiT layout (joint_blocks.N.x_block.attn.qkv, "
-                          "fused), which lora-merge does not write; write kohya or diffusers", adapter.display_name)
     tensors: dict[str, torch.Tensor] = {}
     up_attn = frozenset(int(n.split(".")[2]) for n in adapter.modules
                         if n.startswith("unet.up_blocks.") and ".attentions." in n) or frozenset({0, 1})

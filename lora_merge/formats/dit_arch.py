@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .. import arch
 from ..adapter import Adapter
-from . import flux, wan
+from . import flux, sd3, wan
 from .layout import layout_of
 
 __all__ = ["FAMILIES", "DitFacts", "family_summary", "meta_model"]
@@ -61,6 +61,13 @@ def _is_wan(ad: Adapter) -> bool:
     return any(_WAN.match(n) for n in ad.modules)
 
 
+def _is_sd3(ad: Adapter) -> bool:
+    """SD3's MMDiT names (``joint_blocks``, ``t_embedder`` …) or diffusers names only SD3 has
+    (``pos_embed.proj``, SD3.5's ``attn2``); SD3 LoRAs of the shared double-block names are told apart from
+    Flux by their hidden size (see :func:`_is_flux`) and fall back to ``arch.guess_arch``'s rule."""
+    return sd3.has_native_names(ad) or sd3.has_diffusers_only_names(ad)
+
+
 def _is_flux(ad: Adapter) -> bool:
     names = ad.modules
     if any(flux.is_native(n) or n.startswith("transformer.single_transformer_blocks.") for n in names):
@@ -73,9 +80,8 @@ def _is_flux(ad: Adapter) -> bool:
                                     for n, m in names.items())
 
 
-for _name, _detect in (("qwen-image", _is_qwen), ("wan", _is_wan), ("flux", _is_flux)):
+for _name, _detect in (("qwen-image", _is_qwen), ("wan", _is_wan), ("sd3", _is_sd3), ("flux", _is_flux)):
     arch.register_arch(_name, FAMILIES[_name].display, detect=_detect)
-arch.ARCH_NAMES.setdefault("sd3", FAMILIES["sd3"].display)
 
 
 def meta_model(family: str, **config):
@@ -90,9 +96,11 @@ def meta_model(family: str, **config):
 
 
 _BLOCK = re.compile(r"^transformer\.(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|"
-                    r"blocks)\.(\d+)\.")
+                    r"joint_blocks|blocks)\.(\d+)\.")
 _DISPLAY_LIST = {"double_blocks": "double", "transformer_blocks": "double", "single_blocks": "single",
                  "single_transformer_blocks": "single", "blocks": "blocks"}
+#: families whose native layout fuses q, k and v (inspect says "fused" / "split")
+_FUSED = {"flux": flux.LAYOUT, "sd3": sd3.LAYOUT}
 
 
 def family_summary(adapter: Adapter, family: str | None = None) -> dict | None:
@@ -104,17 +112,18 @@ def family_summary(adapter: Adapter, family: str | None = None) -> dict | None:
     for n in adapter.modules:
         m = _BLOCK.match(n)
         if m:
-            lst = _DISPLAY_LIST[m.group(1)] if family == "flux" else m.group(1)
+            lst = (_DISPLAY_LIST[m.group(1)] if family == "flux" else
+                   "transformer_blocks" if m.group(1) == "joint_blocks" else m.group(1))
             touched.setdefault(lst, set()).add(int(m.group(2)))
     lay = layout_of(adapter)
     out = {"family": family, "family_name": FAMILIES[family].display,
            "blocks": {k: len(v) for k, v in sorted(touched.items())},
            "blocks_in_model": dict(FAMILIES[family].blocks)}
-    if family == "flux":
-        kind = lay[1] if lay else "diffusers"
+    if family in _FUSED:
+        kind = lay[1] if lay and lay[0] == family else "diffusers"
         out["layout"] = kind
         out["attention"] = {"native": "fused", "diffusers": "split", "mixed": "mixed"}[kind]
-        out["layout_note"] = flux.LAYOUT.describe[kind]
+        out["layout_note"] = _FUSED[family].describe[kind]
     elif lay is not None and lay[0] == family:
         out["layout"] = lay[1]
         out["attention"] = "split"

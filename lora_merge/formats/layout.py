@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .. import arch
 from ..adapter import Adapter, TensorRef
 from ..errors import UsageError
 
@@ -67,8 +68,11 @@ def layouts() -> tuple[Layout, ...]:
 
 
 def family_of(adapter: Adapter) -> tuple[Layout, str] | None:
-    """``(Layout, "native"|"diffusers"|"mixed")`` of the first family that recognises the adapter."""
-    for lay in _LAYOUTS.values():
+    """``(Layout, "native"|"diffusers"|"mixed")`` of the adapter's family: the one ``arch.guess_arch``
+    names first (Flux and SD3 share some names: ``final_layer``, the double-block ``attn.to_q``), then the
+    first family that recognises the adapter."""
+    guess = arch.guess_arch(adapter)
+    for lay in sorted(_LAYOUTS.values(), key=lambda lay: lay.family != guess):
         got = lay.detect(adapter)
         if got is not None:
             return lay, got

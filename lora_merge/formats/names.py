@@ -29,20 +29,25 @@ query_key_value dense_h_to_4h dense_4h_to_h
 double_blocks single_blocks img_attn txt_attn img_mlp txt_mlp img_mod txt_mod img_in txt_in time_in vector_in
 guidance_in in_layer out_layer final_layer adaLN_modulation cross_attn k_img v_img text_embedding
 time_projection patch_embedding
+joint_blocks x_block context_block t_embedder y_embedder pos_embed
+wi_0 wi_1
 """
 COMPOUNDS: frozenset[tuple[str, ...]] = frozenset(tuple(w.split("_")) for w in _COMPOUND_WORDS.split())
 _MAX_WORDS = max(len(c) for c in COMPOUNDS)
 
 UNET_PREFIX = "lora_unet_"
-TE_PREFIXES = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+TE_PREFIXES = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+               "lora_te3_": "text_encoder_3"}  # SD3's T5-XXL (kohya's lora_sd3.py)
 #: canonical component → kohya prefix (SDXL files use lora_te1_ for the first text encoder)
 COMPONENT_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_",
-                    "transformer": "lora_transformer_"}
-#: first components of DiT paths in their native layout (Flux's ``double_blocks``, Wan's ``blocks``) that
-#: kohya sd-scripts / musubi-tuner write under ``lora_unet_``; their canonical component is ``transformer``
+                    "text_encoder_3": "lora_te3_", "transformer": "lora_transformer_"}
+#: first components of DiT paths in their native layout (Flux's ``double_blocks``, SD3's ``joint_blocks``,
+#: Wan's ``blocks``) that kohya sd-scripts / musubi-tuner write under ``lora_unet_``; their canonical
+#: component is ``transformer``
 DIT_NATIVE_HEADS = frozenset({"double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in",
                               "guidance_in", "final_layer", "blocks", "single_transformer_blocks",
-                              "transformer_blocks"})
+                              "transformer_blocks", "joint_blocks", "x_embedder", "context_embedder",
+                              "t_embedder", "y_embedder"})
 
 
 def _restore_dots(flat: str) -> str:
