@@ -228,8 +228,9 @@ def is_diffusion_adapter(adapter: Adapter) -> bool:
     """Whether the adapter's modules belong to a diffusion pipeline (UNet, text encoders, transformer)."""
     def diffusion(n: str) -> bool:
         comp = component_of(n)
-        if comp == "transformer":  # SD3/FLUX blocks, not GPT-2's transformer.h.N
-            return "transformer_blocks" in n or "double_blocks" in n
+        if comp == "transformer":  # DiT blocks (FLUX.1, SD3, Wan), not GPT-2's transformer.h.N
+            return re.match(r"transformer\.(transformer_blocks|single_transformer_blocks|double_blocks|"
+                            r"single_blocks|joint_blocks|blocks)\.\d+\.", n) is not None
         return comp != "model" or unet_block_of(n) is not None
 
     return any(diffusion(n) for n in adapter.modules)

@@ -30,7 +30,7 @@ def judge_priors(
     content: Adapter,
     style: Adapter,
     *,
-    granularity: str = "resolution",
+    granularity: str | None = "resolution",
     scale: float = 0.0,
     n: int = 64,
     seed: int = 0,
@@ -52,11 +52,12 @@ def judge_priors(
     ``progress(done, total, description)`` is called after each judged evaluation."""
     if not 0.0 <= scale < 1.0:
         raise UsageError(f"--scale must be in [0, 1) (the strength a group is scaled down to), got {scale}")
+    granularity = granularity or "resolution"  # the toy world is a UNet
     wm = world_model or load_base(device=device)
     jd = judge or load_judge()
     cp = content_prompt or CONTENT_PROMPT
     sp = style_prompt or STYLE_PROMPT
-    groups, unprobed = probe_groups(wm.unet, content, style, int(wm.image_size), granularity)
+    groups, unprobed = probe_groups(wm, content, style, int(wm.image_size), granularity)
     done, total = [0], judge_work(len(groups))
     if progress:
         progress(0, total, "judged experiment")

@@ -7,14 +7,17 @@ from ..errors import UsageError
 from .common import allow_pickle_option, fmt_num, json_option, print_json, stderr_console, stdout_console
 
 GRANULARITY_HELP = ("Groups to probe: resolution (attention blocks grouped by latent resolution), block (each "
-                    "UNet block), attention (each attention sub-block, B-LoRA's unit) or layer (each LoRA layer).")
+                    "UNet block; each transformer block of a DiT), attention (each attention sub-block, B-LoRA's "
+                    "unit) or layer (each LoRA layer). Default: resolution for a UNet, block for a DiT (FLUX.1, "
+                    "SD3/3.5), which has no resolutions.")
 
 
 @click.command("measure", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("content", required=False, type=click.Path())
 @click.argument("style", required=False, type=click.Path())
 @click.option("--base", "base", required=True, metavar="MODEL",
-              help="A local diffusers pipeline folder (SD 1.x, SDXL) or 'toyworld'. Nothing is downloaded.")
+              help="A local diffusers pipeline folder (SD 1.x, SDXL, FLUX.1, SD3/3.5) or 'toyworld'. Nothing is "
+              "downloaded.")
 @click.option("--content-images", type=click.Path(), help="Folder of the content LoRA's reference images "
               "(toyworld: its training renders).")
 @click.option("--content-prompt", help="Prompt of the content images (toyworld: 'a sks object').")
@@ -22,7 +25,7 @@ GRANULARITY_HELP = ("Groups to probe: resolution (attention blocks grouped by la
               "(toyworld: its training renders).")
 @click.option("--style-prompt", help="Prompt of the style images (toyworld: each render's training caption).")
 @click.option("--granularity", type=click.Choice(["resolution", "block", "attention", "layer"]),
-              default="resolution", show_default=True, help=GRANULARITY_HELP)
+              default=None, help=GRANULARITY_HELP)
 @click.option("--judge", "use_judge", is_flag=True,
               help="toyworld only: run the paper's experiment instead — generate with each group scaled down and "
               "score content and style with the toy world's judge.")
@@ -41,11 +44,11 @@ GRANULARITY_HELP = ("Groups to probe: resolution (attention blocks grouped by la
               help="Role rule: |content_lost − style_lost| below this → neutral.")
 @click.option("--floor", default=0.05, show_default=True, type=float,
               help="Role rule: max(content_lost, style_lost) below this → neutral.")
-@click.option("--batch-size", default=8, show_default=True, type=int, help="UNet batch size.")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="Denoiser batch size.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
-              help="UNet dtype (deviations are always summed in fp64).")
+              help="Denoiser dtype (deviations are always summed in fp64).")
 @click.option("-o", "--output", type=click.Path(), help="Write the priors file (JSON, or YAML by extension); "
               "use it with `lora-merge merge C S --strategy duolora --priors FILE`.")
 @click.option("--plot", type=click.Path(), help="Write a bar chart PNG of the two profiles and the roles.")
@@ -55,8 +58,9 @@ GRANULARITY_HELP = ("Groups to probe: resolution (attention blocks grouped by la
 def measure(content, style, base, content_images, content_prompt, style_images, style_prompt, granularity,
             use_judge, compare, scale, samples, n_images, n_judge, margin, floor, batch_size, seed, device, dtype,
             output, plot, force, allow_pickle, as_json):
-    """Measure which UNet block groups carry CONTENT's and which STYLE's effect, and assign each group a
-    role (content, style, neutral) by the documented rule (docs/priors.md).
+    """Measure which block groups of the base model (UNet resolutions or blocks; a DiT's transformer
+    blocks) carry CONTENT's and which STYLE's effect, and assign each group a role (content, style,
+    neutral) by the documented rule (docs/priors.md).
 
     For each group, that LoRA's layers in the group are scaled down and the fraction of the LoRA's effect
     on its own reference images that is lost is measured: ‖ε_full − ε_without_group‖² / ‖ε_full − ε_base‖²

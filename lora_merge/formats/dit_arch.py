@@ -17,7 +17,7 @@ from ..adapter import Adapter
 from . import flux, sd3, wan
 from .layout import layout_of
 
-__all__ = ["FAMILIES", "DitFacts", "family_summary", "meta_model"]
+__all__ = ["FAMILIES", "FUSED_LAYOUTS", "DitFacts", "family_summary", "meta_model"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,8 @@ _DISPLAY_LIST = {"double_blocks": "double", "transformer_blocks": "double", "sin
                  "single_transformer_blocks": "single", "blocks": "blocks"}
 #: families whose native layout fuses q, k and v (inspect says "fused" / "split")
 _FUSED = {"flux": flux.LAYOUT, "sd3": sd3.LAYOUT}
+#: their name maps (block twins for measured priors: ``transformer_blocks.3`` ↔ ``double_blocks.3``)
+FUSED_LAYOUTS = {"flux": flux.FLUX, "sd3": sd3.SD3}
 
 
 def family_summary(adapter: Adapter, family: str | None = None) -> dict | None:

@@ -96,6 +96,14 @@ class FusedLayout:
             return (P + self._top_back[name[len(P):]], 0, 1)
         return None
 
+    def native_block(self, block: str) -> str | None:
+        """``transformer.transformer_blocks.3`` (a diffusers block path) → its native path, or None."""
+        head, _, i = block.removeprefix(P).rpartition(".")
+        for native_head, (diff_head, _) in self.blocks.items():
+            if head == diff_head:
+                return f"{P}{native_head}.{i}"
+        return None
+
     def is_native(self, name: str) -> bool:
         return self.native_to_diffusers(name) is not None
 

@@ -1,6 +1,7 @@
 """The frozen base model that model mode runs LoRAs through.
 
-:func:`load_base_model` loads a local diffusers pipeline folder (SD 1.x, SDXL) or a registered named model
+:func:`load_base_model` loads a local diffusers pipeline folder (SD 1.x, SDXL; FLUX.1 and SD3/3.5 through
+:mod:`lora_merge.model_mode.dit_base`) or a registered named model
 (the bundled toy world registers ``"toyworld"``) into a :class:`BaseModel`: UNet, a DDPM-type scheduler
 (for adding noise), a prompt encoder that returns UNet keyword arguments, and an image encoder (VAE ×
 scaling factor; identity for pixel-space models).  Nothing is ever downloaded (``local_files_only=True``).
@@ -26,7 +27,7 @@ from ..errors import UsageError
 class BaseModel:
     """A frozen text-to-image UNet with what it takes to make noisy latents and UNet conditioning."""
 
-    unet: nn.Module
+    unet: nn.Module  # the denoiser: a UNet (a DiT transformer in dit_base.FlowBaseModel)
     scheduler: Any  # DDPM-type: alphas_cumprod, add_noise, config.num_train_timesteps/prediction_type
     arch: str | None
     image_size: int
@@ -50,6 +51,11 @@ class BaseModel:
             return images.to(self.device, self.dtype)
         with torch.no_grad():
             return self.encode_images_fn(images).to(self.device, self.dtype)
+
+    @property
+    def lora_prefix(self) -> str:
+        """The component prefix of the adapter module names that live in the denoiser."""
+        return "unet."
 
     @property
     def num_train_timesteps(self) -> int:
@@ -136,7 +142,8 @@ def load_base_model(
     spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
 ) -> BaseModel:
-    """Load ``spec`` — a local diffusers pipeline folder (SD 1.x / SDXL) or a name given to
+    """Load ``spec`` — a local diffusers pipeline folder (SD 1.x / SDXL UNets; FLUX.1 and SD3/3.5
+    transformers, :mod:`lora_merge.model_mode.dit_base`) or a name given to
     :func:`register_base_model` (the bundled toy world is ``"toyworld"``) — frozen, in eval mode.
 
     A folder's weights are read from ``.safetensors`` files only: a component with only pickle weights
@@ -157,7 +164,7 @@ def load_base_model(
             named = ", ".join(repr(n) for n in sorted(_NAMED_MODELS)) or "none registered"
             raise UsageError(
                 "base model is not a local folder (nothing is downloaded); pass a diffusers pipeline "
-                f"folder (SD 1.x or SDXL) or a registered name ({named})",
+                f"folder (SD 1.x, SDXL, FLUX.1, SD3/3.5) or a registered name ({named})",
                 spec,
             )
         model = _load_pipeline_folder(path, device, dtype, allow_pickle)
@@ -166,8 +173,18 @@ def load_base_model(
     return model
 
 
+#: pipeline class (``model_index.json`` ``_class_name``) → loader ``(path, index, device, dtype, allow_pickle)``
+#: for pipelines that are not UNet pipelines; :mod:`lora_merge.model_mode.dit_base` registers FLUX.1 and SD3
+_PIPELINE_LOADERS: dict[str, Callable[..., BaseModel]] = {}
+
+
+def register_pipeline_loader(class_name: str, loader: Callable[..., BaseModel]) -> None:
+    """Load pipeline folders whose ``model_index.json`` names ``class_name`` with ``loader``."""
+    _PIPELINE_LOADERS[class_name] = loader
+
+
 #: the pipeline components whose weights are loaded
-WEIGHT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
+WEIGHT_FOLDERS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 PICKLE_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth")
 
 
@@ -192,13 +209,19 @@ def check_safetensors_weights(path: Path, allow_pickle: bool) -> None:
 def _load_pipeline_folder(path: Path, device: torch.device, dtype: torch.dtype,
                           allow_pickle: bool = False) -> BaseModel:
     index_file = path / "model_index.json"
-    if not index_file.is_file() or not (path / "unet").is_dir():
-        raise UsageError("not a diffusers pipeline folder (needs model_index.json and unet/)", path)
+    if not index_file.is_file() or not ((path / "unet").is_dir() or (path / "transformer").is_dir()):
+        raise UsageError("not a diffusers pipeline folder (needs model_index.json and unet/ or transformer/)", path)
     try:
         index = json.loads(index_file.read_text())
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read model_index.json: {exc}", path) from None
     check_safetensors_weights(path, allow_pickle)
+    loader = _PIPELINE_LOADERS.get(str(index.get("_class_name")))
+    if loader is not None:
+        return loader(path, index, device, dtype, allow_pickle)
+    if not (path / "unet").is_dir():
+        raise UsageError(f"a {index.get('_class_name', 'pipeline')} folder without unet/: the supported "
+                         f"transformer pipelines are {', '.join(sorted(_PIPELINE_LOADERS))}", path)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     # never unpickle without --allow-pickle: safetensors only (None: diffusers' default, safetensors first)

@@ -28,12 +28,15 @@ import torch
 from ..arch import unet_block_resolutions
 from ..errors import UsageError
 from ..files import parse_dtype
+from ..formats.dit_arch import FUSED_LAYOUTS
+from ..formats.layout import align
 from ..priors.measured import (
     DEFAULT_FLOOR,
     DEFAULT_MARGIN,
     BlockGroup,
     MeasuredPriors,
     from_losses,
+    group_dit_modules,
     group_modules,
     to_layer_priors,
 )
@@ -178,7 +181,7 @@ def measure_priors(
     content_prompt: str | Sequence[str],
     style_images: torch.Tensor,
     style_prompt: str | Sequence[str],
-    granularity: str = "resolution",
+    granularity: str | None = None,
     scale: float = 0.0,
     n_noise: int = 4,
     seed: int = 0,
@@ -202,11 +205,15 @@ def measure_priors(
         lat_s = base.encode_images(style_images).float().cpu()
         cond_c = concept_cond(base, content_prompt, lat_c.shape[0], n_noise)
         cond_s = concept_cond(base, style_prompt, lat_s.shape[0], n_noise)
-    groups, unprobed = probe_groups(base.unet, content, style, lat_c.shape[-1], granularity)
+    prefix = getattr(base, "lora_prefix", "unet.")
+    if prefix != "unet.":  # a DiT: its LoRAs are attached in the diffusers layout (fused modules split)
+        content, style = (align(ad, None, layout="diffusers", family=base.arch) for ad in (content, style))
+    granularity = granularity or ("resolution" if prefix == "unet." else "block")
+    groups, unprobed = probe_groups(base, content, style, lat_c.shape[-1], granularity)
     tick = _counter(progress, noise_work(len(groups)), "noise measure")
     fixed_c = fixed_noisy_set(lat_c, base, n_noise, seed)
     fixed_s = fixed_noisy_set(lat_s, base, n_noise, seed + 1)
-    loras = attach_loras(base.unet, [content, style])
+    loras = attach_loras(base.unet, [content, style], prefix=prefix)
     was_training = base.unet.training
     base.unet.eval()
     try:
@@ -263,16 +270,23 @@ def load_references(model: Any, content_images: str | None, content_prompt: str 
     return out[0], out[1], out[2], out[3]
 
 
-def probe_groups(unet: Any, content: Adapter, style: Adapter, latent_size: int,
+def probe_groups(base: Any, content: Adapter, style: Adapter, latent_size: int,
                  granularity: str) -> tuple[list[BlockGroup], list[str]]:
-    """The groups a measurement probes (UNet layers of either LoRA) and the names it leaves at full
-    strength (text-encoder layers, UNet layers outside the down/mid/up blocks)."""
+    """The groups a measurement probes (denoiser layers of either LoRA) and the names it leaves at full
+    strength (text-encoder layers, UNet layers outside the down/mid/up blocks, DiT embedders)."""
     names = [m.name for m in content] + [m.name for m in style]
-    unet_names = [n for n in names if n.startswith("unet.")]
-    groups, unprobed = group_modules(unet_names, _block_resolutions(unet, latent_size), granularity)
+    prefix = getattr(base, "lora_prefix", "unet.")
+    own = [n for n in names if n.startswith(prefix)]
+    if prefix == "unet.":
+        groups, unprobed = group_modules(own, _block_resolutions(base.unet, latent_size), granularity)
+    else:
+        layout = FUSED_LAYOUTS.get(base.arch)
+        twins = (lambda b: tuple(t for t in [layout.native_block(b)] if t)) if layout else None
+        groups, unprobed = group_dit_modules(own, granularity, twins)
     if not groups:
-        raise UsageError("neither LoRA has layers in the base model's UNet blocks; nothing to measure")
-    return groups, sorted(set(unprobed) | (set(names) - set(unet_names)))
+        where = "UNet" if prefix == "unet." else "transformer"
+        raise UsageError(f"neither LoRA has layers in the base model's {where} blocks; nothing to measure")
+    return groups, sorted(set(unprobed) | (set(names) - set(own)))
 
 
 def measure(

@@ -15,14 +15,17 @@ layers, grouped by the latent resolution they run at (SDXL 1024 px: 64 = ``down_
 ``up_blocks.1``, 32 = ``down_blocks.2`` + ``mid_block`` + ``up_blocks.0``); ``block`` — one group per UNet
 block; ``attention`` — one per attention sub-block (B-LoRA's unit, ``up_blocks.0.attentions.1``);
 ``layer`` — one per LoRA'd layer.  LoRA layers outside the UNet blocks (text encoder, ``conv_in``, time
-embedding) are never probed and stay at full strength.
+embedding) are never probed and stay at full strength.  A DiT (FLUX.1, SD3/3.5) has neither resolutions
+nor UNet sub-blocks: :func:`group_dit_modules` makes one group per transformer block (``block``, its default)
+or per layer.
 
 :func:`to_layer_priors` turns a measurement into a :class:`~lora_merge.priors.table.LayerPriors`.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ __all__ = [
     "assign_role",
     "compare",
     "from_losses",
+    "group_dit_modules",
     "group_modules",
     "group_patterns",
     "priors_document",
@@ -49,7 +53,7 @@ __all__ = [
     "write_measured",
 ]
 
-GRANULARITIES = ("resolution", "block", "attention", "layer")
+GRANULARITIES = ("resolution", "block", "attention", "layer")  # UNets; DiTs: DIT_GRANULARITIES
 DEFAULT_MARGIN = 0.1
 DEFAULT_FLOOR = 0.05
 
@@ -108,6 +112,47 @@ def group_modules(
         groups.sort(key=lambda g: g.resolution or 0)
     else:
         groups.sort(key=lambda g: (block_sort_key(g.blocks[0]), g.name))
+    return groups, unprobed
+
+
+#: a DiT block path (diffusers names): ``transformer.transformer_blocks.3``, ``…single_transformer_blocks.5``,
+#: Wan's ``transformer.blocks.7``
+_DIT_BLOCK = re.compile(r"^transformer\.((?:single_transformer_blocks|transformer_blocks|blocks)\.\d+)\.")
+DIT_GRANULARITIES = ("block", "layer")
+
+
+def _dit_sort_key(block: str) -> tuple[int, int]:
+    head, _, i = block.rpartition(".")
+    return (1 if head.startswith("single") else 0, int(i))
+
+
+def group_dit_modules(module_names: Iterable[str], granularity: str = "block",
+                      twins: Callable[[str], tuple[str, ...]] | None = None) -> tuple[list[BlockGroup], list[str]]:
+    """Probe groups of a DiT LoRA (module names in the diffusers layout): one per transformer block
+    (``block``) or per layer (``layer``); a DiT has no latent resolutions.  ``twins(block_path)`` gives
+    the block's names in the family's other layouts (``transformer.double_blocks.3`` for Flux's
+    ``transformer.transformer_blocks.3``), so a priors file made from the groups applies to native and
+    diffusers files alike.  Returns ``(groups, unprobed)``: modules outside the blocks (embedders, final
+    layer, text encoders) are not probed."""
+    if granularity not in DIT_GRANULARITIES:
+        raise UsageError(f"granularity {granularity!r} is for UNets; a DiT has no latent resolutions or UNet "
+                         f"sub-blocks: use {' or '.join(DIT_GRANULARITIES)}")
+    buckets: dict[str, list[str]] = {}
+    unprobed: list[str] = []
+    for name in sorted(set(module_names)):
+        m = _DIT_BLOCK.match(name)
+        if m is None:
+            unprobed.append(name)
+            continue
+        buckets.setdefault(m.group(1) if granularity == "block" else name.removeprefix("transformer."), []).append(name)
+    groups = []
+    for key, mods in buckets.items():
+        block = "transformer." + _DIT_BLOCK.match(mods[0]).group(1)
+        names = (block,) if granularity == "block" else ("transformer." + key,)
+        if twins is not None and granularity == "block":
+            names = names + tuple(t for t in twins(block) if t not in names)
+        groups.append(BlockGroup(name=key, blocks=names, resolution=None, modules=tuple(mods)))
+    groups.sort(key=lambda g: (_dit_sort_key(_DIT_BLOCK.match(g.modules[0]).group(1)), g.name))
     return groups, unprobed
 
 
@@ -213,8 +258,9 @@ def compare(a: MeasuredPriors, b: MeasuredPriors) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------- priors file
 def group_patterns(group: BlockGroup) -> list[str]:
-    """Priors-file patterns of a group: ``unet.<block>`` per member (a layer name for ``layer``)."""
-    return [b if b.startswith("unet.") else f"unet.{b}" for b in group.blocks]
+    """Priors-file patterns of a group: ``unet.<block>`` per member (a layer name for ``layer``); DiT
+    groups already hold ``transformer.<block>`` names (both layouts')."""
+    return [b if b.startswith(("unet.", "transformer.")) else f"unet.{b}" for b in group.blocks]
 
 
 def to_layer_priors(result: MeasuredPriors, source: str | None = None) -> LayerPriors:
