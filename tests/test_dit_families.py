@@ -115,3 +115,37 @@ def test_wan_musubi_and_diffusers_loras_merge_exactly(tmp_path):
     for nb, mb in b.modules.items():
         ma = a.modules[wan.diffusers_to_native(nb)]
         torch.testing.assert_close(got[nb].delta(), 0.5 * ma.delta() + mb.delta(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dialect", ["musubi", "comfyui"])
+def test_qwen_image_non_diffusers_files_read_like_diffusers_converter(tmp_path, dialect):
+    """musubi-tuner (``lora_unet_transformer_blocks_0_img_mlp_net_0_proj``) and ComfyUI
+    (``diffusion_model.transformer_blocks.0.attn.to_q``) Qwen-Image files, every Linear of the model
+    (top-level ones included): same module names and ΔW as diffusers' own Qwen converter gives."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_qwen_lora_to_diffusers
+    from safetensors.torch import load_file
+
+    lin = _linears(dit_arch.meta_model("qwen-image", num_layers=2))
+    if dialect == "musubi":
+        def key(n):
+            k = "lora_unet_" + n.replace(".", "_")
+            return f"{k}.lora_down.weight", f"{k}.lora_up.weight", f"{k}.alpha"
+    else:
+        def key(n):
+            return f"diffusion_model.{n}.lora_down.weight", f"diffusion_model.{n}.lora_up.weight", f"diffusion_model.{n}.alpha"
+    path = _lora_file(tmp_path / "q.safetensors", lin, key, rank=2)
+    theirs = _convert_non_diffusers_qwen_lora_to_diffusers(load_file(str(path)))
+    ad = lora_merge.load(path)
+    assert not ad.unparsed_keys and lora_merge.arch.guess_arch(ad) == "qwen-image"
+    assert set(ad.modules) == {k.rsplit(".", 2)[0] for k in theirs}
+    g = torch.Generator().manual_seed(0)
+    for name, m in ad.modules.items():
+        x = torch.randn(m.in_features, 2, generator=g)
+        b, a = m.factors()
+        want = theirs[f"{name}.lora_B.weight"] @ (theirs[f"{name}.lora_A.weight"] @ x)
+        torch.testing.assert_close(m.scale * (b @ (a @ x)), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    # our kohya output is musubi's layout (lora_unet_<path>), which diffusers' converter reads alike
+    out = lora_merge.save(ad, tmp_path / "ours.safetensors", to="kohya")
+    keys = load_file(str(out)).keys()
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert _convert_non_diffusers_qwen_lora_to_diffusers(load_file(str(out))).keys() == theirs.keys()

@@ -1,7 +1,8 @@
-"""Architecture facts of DiT families (FLUX.1, SD3/3.5, Wan 2.x, Qwen-Image) and their detection.
+"""Architecture facts of DiT families (FLUX.1, FLUX.2, SD3/3.5, Wan 2.x, Qwen-Image) and their detection.
 
 The block counts and hidden sizes are those of the diffusers model classes' default configs
 (``FluxTransformer2DModel``: 19 double-stream and 38 single-stream blocks, hidden 3072;
+``Flux2Transformer2DModel``: 8 double-stream and 48 single-stream blocks, hidden 6144;
 ``SD3Transformer2DModel``; ``WanTransformer3DModel``: 40 blocks, hidden 5120 (14B);
 ``QwenImageTransformer2DModel``: 60 blocks, hidden 3072).  ``tests/test_dit_arch.py`` builds each class
 on the meta device (no weights) and checks these numbers and every module name the dialects use.
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 from .. import arch
 from ..adapter import Adapter
-from . import flux, sd3, wan
+from . import flux, flux2, sd3, wan
 from .layout import layout_of
 
 __all__ = ["FAMILIES", "FUSED_LAYOUTS", "DitFacts", "family_summary", "meta_model"]
@@ -33,6 +34,8 @@ class DitFacts:
 FAMILIES: dict[str, DitFacts] = {
     "flux": DitFacts("flux", "FLUX.1", "FluxTransformer2DModel",
                      {"transformer_blocks": 19, "single_transformer_blocks": 38}, 3072),
+    "flux2": DitFacts("flux2", "FLUX.2", "Flux2Transformer2DModel",
+                      {"transformer_blocks": 8, "single_transformer_blocks": 48}, 6144),
     "sd3": DitFacts("sd3", "Stable Diffusion 3 / 3.5", "SD3Transformer2DModel", {"transformer_blocks": 18}, 1152),
     "wan": DitFacts("wan", "Wan 2.x", "WanTransformer3DModel", {"blocks": 40}, 5120),
     "qwen-image": DitFacts("qwen-image", "Qwen-Image", "QwenImageTransformer2DModel",
@@ -80,7 +83,8 @@ def _is_flux(ad: Adapter) -> bool:
                                     for n, m in names.items())
 
 
-for _name, _detect in (("qwen-image", _is_qwen), ("wan", _is_wan), ("sd3", _is_sd3), ("flux", _is_flux)):
+for _name, _detect in (("qwen-image", _is_qwen), ("wan", _is_wan), ("sd3", _is_sd3), ("flux2", flux2.has_flux2_names),
+                      ("flux", _is_flux)):
     arch.register_arch(_name, FAMILIES[_name].display, detect=_detect)
 
 
@@ -100,9 +104,9 @@ _BLOCK = re.compile(r"^transformer\.(double_blocks|single_blocks|transformer_blo
 _DISPLAY_LIST = {"double_blocks": "double", "transformer_blocks": "double", "single_blocks": "single",
                  "single_transformer_blocks": "single", "blocks": "blocks"}
 #: families whose native layout fuses q, k and v (inspect says "fused" / "split")
-_FUSED = {"flux": flux.LAYOUT, "sd3": sd3.LAYOUT}
+_FUSED = {"flux": flux.LAYOUT, "flux2": flux2.LAYOUT, "sd3": sd3.LAYOUT}
 #: their name maps (block twins for measured priors: ``transformer_blocks.3`` ↔ ``double_blocks.3``)
-FUSED_LAYOUTS = {"flux": flux.FLUX, "sd3": sd3.SD3}
+FUSED_LAYOUTS = {"flux": flux.FLUX, "flux2": flux2.FLUX2, "sd3": sd3.SD3}
 
 
 def family_summary(adapter: Adapter, family: str | None = None) -> dict | None:
@@ -114,7 +118,7 @@ def family_summary(adapter: Adapter, family: str | None = None) -> dict | None:
     for n in adapter.modules:
         m = _BLOCK.match(n)
         if m:
-            lst = (_DISPLAY_LIST[m.group(1)] if family == "flux" else
+            lst = (_DISPLAY_LIST[m.group(1)] if family in ("flux", "flux2") else
                    "transformer_blocks" if m.group(1) == "joint_blocks" else m.group(1))
             touched.setdefault(lst, set()).add(int(m.group(2)))
     lay = layout_of(adapter)

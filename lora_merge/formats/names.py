@@ -30,6 +30,8 @@ double_blocks single_blocks img_attn txt_attn img_mlp txt_mlp img_mod txt_mod im
 guidance_in in_layer out_layer final_layer adaLN_modulation cross_attn k_img v_img text_embedding
 time_projection patch_embedding
 joint_blocks x_block context_block t_embedder y_embedder pos_embed
+double_stream_modulation_img double_stream_modulation_txt single_stream_modulation time_guidance_embed
+to_qkv_mlp_proj linear_in linear_out
 wi_0 wi_1
 """
 COMPOUNDS: frozenset[tuple[str, ...]] = frozenset(tuple(w.split("_")) for w in _COMPOUND_WORDS.split())
@@ -47,7 +49,9 @@ COMPONENT_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_enco
 DIT_NATIVE_HEADS = frozenset({"double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in",
                               "guidance_in", "final_layer", "blocks", "single_transformer_blocks",
                               "transformer_blocks", "joint_blocks", "x_embedder", "context_embedder",
-                              "t_embedder", "y_embedder"})
+                              "t_embedder", "y_embedder", "proj_out", "norm_out", "time_text_embed",
+                              "double_stream_modulation_img", "double_stream_modulation_txt",
+                              "single_stream_modulation", "time_guidance_embed"})
 
 
 def _restore_dots(flat: str) -> str:
@@ -203,8 +207,7 @@ def canonical_to_kohya(name: str, *, sgm: bool = False, te1: bool = False,
         return UNET_PREFIX + rest.replace(".", "_")
     if comp == "text_encoder":
         return ("lora_te1_" if te1 else "lora_te_") + rest.replace(".", "_")
-    if comp == "transformer" and rest.split(".", 1)[0] in DIT_NATIVE_HEADS - {"single_transformer_blocks",
-                                                                               "transformer_blocks"}:
+    if comp == "transformer" and rest.split(".", 1)[0] in DIT_NATIVE_HEADS:  # musubi / sd-scripts: lora_unet_
         return UNET_PREFIX + rest.replace(".", "_")
     if comp in COMPONENT_PREFIX:
         return COMPONENT_PREFIX[comp] + rest.replace(".", "_")
