@@ -229,8 +229,9 @@ def is_diffusion_adapter(adapter: Adapter) -> bool:
     def diffusion(n: str) -> bool:
         comp = component_of(n)
         if comp == "transformer":  # DiT blocks (FLUX.1, SD3, Wan), not GPT-2's transformer.h.N
-            return re.match(r"transformer\.(transformer_blocks|single_transformer_blocks|double_blocks|"
-                            r"single_blocks|joint_blocks|blocks)\.\d+\.", n) is not None
+            return re.match(r"transformer\.((transformer_blocks|single_transformer_blocks|double_blocks|"
+                            r"single_blocks|joint_blocks|blocks)\.\d+\.|(layers|noise_refiner|context_refiner)"
+                            r"\.\d+\.(attention|feed_forward|adaLN_modulation)\.)", n) is not None
         return comp != "model" or unet_block_of(n) is not None
 
     return any(diffusion(n) for n in adapter.modules)

@@ -177,3 +177,19 @@ def test_diffusers_loads_our_flux2_output_and_outputs_change_by_delta_w(tmp_path
         got = model(**inputs)[0]
     assert (want - base).abs().max() > 1e-3
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_qkv_only_file_reads_as_flux1_unless_arch_flux2(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from lora_merge.cli import cli
+
+    p = _file(tmp_path / "qkv.safetensors", {"transformer.double_blocks.0.img_attn.qkv": (48, 16)}, _kohya)
+    fams = []
+    for extra in ([], ["--arch", "flux2"]):
+        r = CliRunner().invoke(cli, ["inspect", str(p), "--json", *extra], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        fams.append(json.loads(r.stdout)["dit"]["family"])
+    assert fams == ["flux", "flux2"]

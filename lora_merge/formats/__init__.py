@@ -2,13 +2,13 @@
 
 Each dialect is one :class:`Dialect` object in the registry (:mod:`lora_merge.formats.registry`); the
 built-ins are registered here, in the order that breaks detection ties: kohya, diffusers, PEFT, ComfyUI,
-LyCORIS, XLabs.  ``dit_arch``, ``flux``, ``flux2``, ``layout``, ``sd3`` and ``wan`` are imported for what they register (the
+LyCORIS, XLabs.  ``dit_arch``, ``flux``, ``flux2``, ``layout``, ``sd3``, ``wan`` and ``zimage`` are imported for what they register (the
 DiT architecture facts and the layout conversions).
 :mod:`lora_merge.formats.api` (``load``/``save``/``convert``) loops over the registry.
 """
 from __future__ import annotations
 
-from . import comfyui, diffusers, dit_arch, flux, flux2, kohya, layout, lycoris, peft, sd3, wan, xlabs  # noqa: F401  (registrations)
+from . import comfyui, diffusers, dit_arch, flux, flux2, kohya, layout, lycoris, peft, sd3, wan, xlabs, zimage  # noqa: F401  (registrations)
 from .registry import (
     Dialect,
     Located,

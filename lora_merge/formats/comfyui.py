@@ -1,5 +1,6 @@
 """ComfyUI / original-model dialect of DiT LoRAs: ``diffusion_model.<native path>.lora_up.weight``,
-``.lora_down.weight`` and a 0-d ``.alpha`` (``lora_A``/``lora_B`` are read too), e.g.
+``.lora_down.weight`` and a 0-d ``.alpha`` (``lora_A``/``lora_B`` and ``lora.up``/``lora.down`` are read
+too), e.g.
 ``diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight`` (Flux),
 ``diffusion_model.joint_blocks.0.x_block.attn.qkv…`` (SD3) or
 ``diffusion_model.blocks.0.self_attn.q.lora_A.weight`` (Wan).  CLIP-L text-encoder modules are
@@ -24,8 +25,8 @@ PREFIXES = {"diffusion_model.": "transformer.", "text_encoders.clip_l.transforme
             "text_encoders.clip_g.transformer.": "text_encoder_2.",
             "text_encoders.t5xxl.transformer.": "text_encoder_3."}
 _BACK = {v: k for k, v in PREFIXES.items()}
-_KEY = re.compile(r"^(?P<m>.+)\.(?:(?P<r>lora_up|lora_down|lora_A|lora_B)\.weight|(?P<a>alpha))$")
-_ROLE = {"lora_up": "up", "lora_B": "up", "lora_down": "down", "lora_A": "down"}
+_KEY = re.compile(r"^(?P<m>.+)\.(?:(?P<r>lora_up|lora_down|lora_A|lora_B|lora\.up|lora\.down)\.weight|(?P<a>alpha))$")
+_ROLE = {"lora_up": "up", "lora_B": "up", "lora.up": "up", "lora_down": "down", "lora_A": "down", "lora.down": "down"}
 
 
 def _parse(key: str) -> tuple[str, str] | None:
@@ -65,7 +66,7 @@ def read(refs: dict[str, TensorRef], metadata: dict[str, str], path) -> Adapter:
         if set(parts) == {"alpha"}:
             unparsed.append(parts["alpha"][0])
             continue
-        src = (parts.get("down") or parts.get("up"))[0].rsplit(".", 2)[0]  # type: ignore[index]
+        src = (parts.get("down") or parts.get("up"))[0].rsplit(".", 2)[0].removesuffix(".lora")  # type: ignore[index]
         alpha = read_scalar(parts["alpha"][1], path, parts["alpha"][0]) if "alpha" in parts else None
         ad.modules[name] = make_module(name, parts.get("down", (None, None))[1], parts.get("up", (None, None))[1],
                                        path, src, alpha)

@@ -3,6 +3,7 @@
 The block counts and hidden sizes are those of the diffusers model classes' default configs
 (``FluxTransformer2DModel``: 19 double-stream and 38 single-stream blocks, hidden 3072;
 ``Flux2Transformer2DModel``: 8 double-stream and 48 single-stream blocks, hidden 6144;
+``ZImageTransformer2DModel``: 30 layers and 2 + 2 refiner blocks, hidden 3840;
 ``SD3Transformer2DModel``; ``WanTransformer3DModel``: 40 blocks, hidden 5120 (14B);
 ``QwenImageTransformer2DModel``: 60 blocks, hidden 3072).  ``tests/test_dit_arch.py`` builds each class
 on the meta device (no weights) and checks these numbers and every module name the dialects use.
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from .. import arch
 from ..adapter import Adapter
-from . import flux, flux2, sd3, wan
+from . import flux, flux2, sd3, wan, zimage
 from .layout import layout_of
 
 __all__ = ["FAMILIES", "FUSED_LAYOUTS", "DitFacts", "family_summary", "meta_model"]
@@ -38,6 +39,8 @@ FAMILIES: dict[str, DitFacts] = {
                       {"transformer_blocks": 8, "single_transformer_blocks": 48}, 6144),
     "sd3": DitFacts("sd3", "Stable Diffusion 3 / 3.5", "SD3Transformer2DModel", {"transformer_blocks": 18}, 1152),
     "wan": DitFacts("wan", "Wan 2.x", "WanTransformer3DModel", {"blocks": 40}, 5120),
+    "z-image": DitFacts("z-image", "Z-Image", "ZImageTransformer2DModel",
+                        {"layers": 30, "noise_refiner": 2, "context_refiner": 2}, 3840),
     "qwen-image": DitFacts("qwen-image", "Qwen-Image", "QwenImageTransformer2DModel",
                            {"transformer_blocks": 60}, 3072),
 }
@@ -83,7 +86,8 @@ def _is_flux(ad: Adapter) -> bool:
                                     for n, m in names.items())
 
 
-for _name, _detect in (("qwen-image", _is_qwen), ("wan", _is_wan), ("sd3", _is_sd3), ("flux2", flux2.has_flux2_names),
+for _name, _detect in (("qwen-image", _is_qwen), ("wan", _is_wan), ("z-image", zimage.has_zimage_names), ("sd3", _is_sd3),
+                      ("flux2", flux2.has_flux2_names),
                       ("flux", _is_flux)):
     arch.register_arch(_name, FAMILIES[_name].display, detect=_detect)
 
@@ -100,13 +104,13 @@ def meta_model(family: str, **config):
 
 
 _BLOCK = re.compile(r"^transformer\.(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|"
-                    r"joint_blocks|blocks)\.(\d+)\.")
+                    r"joint_blocks|blocks|layers|noise_refiner|context_refiner)\.(\d+)\.")
 _DISPLAY_LIST = {"double_blocks": "double", "transformer_blocks": "double", "single_blocks": "single",
                  "single_transformer_blocks": "single", "blocks": "blocks"}
 #: families whose native layout fuses q, k and v (inspect says "fused" / "split")
-_FUSED = {"flux": flux.LAYOUT, "flux2": flux2.LAYOUT, "sd3": sd3.LAYOUT}
+_FUSED = {"flux": flux.LAYOUT, "flux2": flux2.LAYOUT, "sd3": sd3.LAYOUT, "z-image": zimage.LAYOUT}
 #: their name maps (block twins for measured priors: ``transformer_blocks.3`` ↔ ``double_blocks.3``)
-FUSED_LAYOUTS = {"flux": flux.FLUX, "flux2": flux2.FLUX2, "sd3": sd3.SD3}
+FUSED_LAYOUTS = {"flux": flux.FLUX, "flux2": flux2.FLUX2, "sd3": sd3.SD3, "z-image": zimage.ZIMAGE}
 
 
 def family_summary(adapter: Adapter, family: str | None = None) -> dict | None:

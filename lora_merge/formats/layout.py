@@ -49,6 +49,12 @@ class Layout:
     to_diffusers: Callable[[Adapter], Adapter]
     #: how ``inspect`` describes each layout ("fused qkv / linear1", …)
     describe: dict[str, str]
+    #: dialects that write this family in another layout than :data:`DIALECT_LAYOUT` says (musubi-tuner
+    #: writes Z-Image's kohya files with diffusers module names)
+    dialect_layout: dict[str, str] | None = None
+
+    def layout_for(self, dialect: str | None) -> str | None:
+        return (self.dialect_layout or {}).get(dialect or "") or DIALECT_LAYOUT.get(dialect or "")
 
 
 _LAYOUTS: dict[str, Layout] = {}
@@ -90,17 +96,15 @@ def align(adapter: Adapter, dialect: str | None, *, layout: str | None = None,
     """The adapter in the layout ``dialect`` writes (or ``layout`` when given); the adapter itself when it
     is already there, belongs to no registered family, or the dialect has no preference.  ``family``
     (``--arch flux``) forces the family instead of detecting it."""
-    want = layout or DIALECT_LAYOUT.get(dialect or "")
-    if want is None:
-        return adapter
     if family in _LAYOUTS:
-        lay = _LAYOUTS[family]
-        return lay.to_native(adapter) if want == "native" else lay.to_diffusers(adapter)
-    hit = family_of(adapter)
-    if hit is None:
-        return adapter
-    lay, have = hit
-    if have == want:
+        lay, have = _LAYOUTS[family], None
+    else:
+        hit = family_of(adapter)
+        if hit is None:
+            return adapter
+        lay, have = hit
+    want = layout or lay.layout_for(dialect)
+    if want is None or have == want:
         return adapter
     return lay.to_native(adapter) if want == "native" else lay.to_diffusers(adapter)
 

@@ -32,6 +32,7 @@ time_projection patch_embedding
 joint_blocks x_block context_block t_embedder y_embedder pos_embed
 double_stream_modulation_img double_stream_modulation_txt single_stream_modulation time_guidance_embed
 to_qkv_mlp_proj linear_in linear_out
+feed_forward noise_refiner context_refiner all_final_layer all_x_embedder cap_embedder
 wi_0 wi_1
 """
 COMPOUNDS: frozenset[tuple[str, ...]] = frozenset(tuple(w.split("_")) for w in _COMPOUND_WORDS.split())
@@ -51,7 +52,8 @@ DIT_NATIVE_HEADS = frozenset({"double_blocks", "single_blocks", "img_in", "txt_i
                               "transformer_blocks", "joint_blocks", "x_embedder", "context_embedder",
                               "t_embedder", "y_embedder", "proj_out", "norm_out", "time_text_embed",
                               "double_stream_modulation_img", "double_stream_modulation_txt",
-                              "single_stream_modulation", "time_guidance_embed"})
+                              "single_stream_modulation", "time_guidance_embed", "layers", "noise_refiner",
+                              "context_refiner", "all_final_layer", "all_x_embedder", "cap_embedder"})
 
 
 def _restore_dots(flat: str) -> str:

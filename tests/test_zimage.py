@@ -1,0 +1,120 @@
+"""Z-Image LoRAs: facts from ``ZImageTransformer2DModel`` (meta device), the original (fused
+``attention.qkv``) and diffusers names, diffusers' Z-Image checkpoint and LoRA converters as oracles,
+musubi-tuner's kohya names, round trips and the fused × split merge."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lora_merge
+from lora_merge.formats import dit_arch
+from lora_merge.formats.layout import layout_of
+from lora_merge.formats.zimage import ZIMAGE
+
+pytest.importorskip("diffusers")
+pytest.importorskip("accelerate")
+
+SMALL = {"dim": 32, "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "cap_feat_dim": 16,
+         "axes_dims": [4, 6, 6], "axes_lens": [64, 32, 32]}
+
+
+def _natives(model) -> dict[str, tuple[int, int]]:
+    out: dict[str, list] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            hit = ZIMAGE.diffusers_to_native("transformer." + n) or ("transformer." + n, 0, 1)
+            out.setdefault(hit[0], [None] * hit[2])[hit[1]] = tuple(m.weight.shape)
+    return {n: (sum(p[0] for p in parts), parts[0][1]) for n, parts in out.items()}
+
+
+def _file(path, natives, key, rank=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for j, (native, (o, i)) in enumerate(natives.items()):
+        down, up, a = key(native[len("transformer."):])
+        sd[down] = torch.randn(rank, i, generator=g) / i**0.5
+        sd[up] = torch.randn(o, rank, generator=g) * 0.1
+        sd[a] = torch.tensor(float(rank * (1 + j % 3)))
+    save_file(sd, str(path))
+    return path
+
+
+def _comfy(p):  # the original names; ".lora.down" is the form diffusers' converter splits qkv from
+    return f"diffusion_model.{p}.lora.down.weight", f"diffusion_model.{p}.lora.up.weight", f"diffusion_model.{p}.alpha"
+
+
+def _musubi(p):
+    k = "lora_unet_" + p.replace(".", "_")
+    return f"{k}.lora_down.weight", f"{k}.lora_up.weight", f"{k}.alpha"
+
+
+def test_facts_and_every_module_has_a_name_in_both_layouts():
+    model = dit_arch.meta_model("z-image")
+    assert len(model.layers) == 30 and len(model.noise_refiner) == 2 and len(model.context_refiner) == 2
+    assert model.config.dim == dit_arch.FAMILIES["z-image"].hidden == 3840
+    natives = _natives(model)
+    assert natives["transformer.layers.0.attention.qkv"] == (3 * 3840, 3840)
+    assert "transformer.final_layer.adaLN_modulation.1" in natives and "transformer.x_embedder" in natives
+
+
+def test_native_file_matches_diffusers_checkpoint_and_lora_converters(tmp_path):
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_z_image_lora_to_diffusers
+    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+
+    natives = _natives(dit_arch.meta_model("z-image", **SMALL))
+    path = _file(tmp_path / "c.safetensors", natives, _comfy)
+    ad = lora_merge.load(path)
+    assert ad.dialect == "comfyui" and not ad.unparsed_keys
+    assert lora_merge.arch.guess_arch(ad) == "z-image" and layout_of(ad) == ("z-image", "native")
+    ours = {m.name: m for m in ZIMAGE.to_diffusers(ad)}
+    # the checkpoint converter on dense native ΔW: the same ΔW per diffusers weight
+    dense = {m.name[len("transformer."):] + ".weight": m.delta() for m in ad}
+    ck = convert_z_image_transformer_checkpoint_to_diffusers(dict(dense))
+    assert {f"transformer.{k[:-len('.weight')]}" for k in ck} == set(ours)
+    for k, d in ck.items():
+        torch.testing.assert_close(ours[f"transformer.{k[:-len('.weight')]}"].delta(), d, rtol=1e-6, atol=1e-7)
+    # diffusers' Z-Image LoRA converter reads the file alike, except that it leaves the original names of
+    # the top-level modules (final_layer.*, x_embedder), which its model does not have; we rename them
+    theirs = _convert_non_diffusers_z_image_lora_to_diffusers(load_file(str(path)))
+    renamed = {n: ZIMAGE.native_to_diffusers(n)[0] if n[len("transformer."):] in ZIMAGE.top else n
+               for n in {k.rsplit(".", 2)[0] for k in theirs}}
+    assert set(renamed.values()) == set(ours)
+    assert {n for n, r in renamed.items() if n != r} == {"transformer.final_layer.linear", "transformer.x_embedder",
+                                                         "transformer.final_layer.adaLN_modulation.1"}
+    for n, r in renamed.items():
+        want = theirs[f"{n}.lora_B.weight"] @ theirs[f"{n}.lora_A.weight"]
+        torch.testing.assert_close(ours[r].delta(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_musubi_names_roundtrip_every_dialect_and_merge_with_native(tmp_path):
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_z_image_lora_to_diffusers
+
+    natives = _natives(dit_arch.meta_model("z-image", **SMALL))
+    diff_names = {}
+    for n, (o, i) in natives.items():  # musubi writes the diffusers names (split q/k/v)
+        parts = ZIMAGE.native_to_diffusers(n) or (n,)
+        for p in parts:
+            diff_names[p] = (o // len(parts), i)
+    path = _file(tmp_path / "musubi.safetensors", diff_names, _musubi)
+    ad = lora_merge.load(path)
+    assert ad.dialect == "kohya" and not ad.unparsed_keys and set(ad.modules) == set(diff_names)
+    assert layout_of(ad) == ("z-image", "diffusers")
+    theirs = _convert_non_diffusers_z_image_lora_to_diffusers(load_file(str(path)))
+    assert {k.rsplit(".", 2)[0] for k in theirs} == set(ad.modules)
+    for to in ("kohya", "diffusers", "peft", "comfyui"):
+        out = tmp_path / (to if to == "peft" else f"{to}.safetensors")
+        lora_merge.save(ad, out, to=to)
+        back = lora_merge.load(out)
+        assert layout_of(back) == ("z-image", "native" if to == "comfyui" else "diffusers"), to
+        got = {m.name: m for m in ZIMAGE.to_diffusers(back)}
+        for n, m in ad.modules.items():
+            torch.testing.assert_close(got[n].delta(), m.delta(), rtol=1e-6, atol=1e-7)
+    # our kohya output is musubi's own layout
+    assert load_file(str(tmp_path / "kohya.safetensors")).keys() == load_file(str(path)).keys()
+    native = _file(tmp_path / "c.safetensors", natives, _comfy, seed=3)
+    res = lora_merge.merge([path, native], tmp_path / "m.safetensors", weights=[1.0, 0.5])
+    got = {m.name: m.delta() for m in ZIMAGE.to_diffusers(lora_merge.load(res.output))}
+    dn = {m.name: m.delta() for m in ZIMAGE.to_diffusers(lora_merge.load(native))}
+    for n, m in ad.modules.items():
+        torch.testing.assert_close(got[n], m.delta() + 0.5 * dn[n], rtol=1e-5, atol=1e-6)
