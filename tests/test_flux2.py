@@ -4,11 +4,11 @@ round trips, the fused × split merge, and diffusers loading our output into a t
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from conftest import lora_file_from_shapes
+from safetensors.torch import load_file
 
 import lora_merge
 from lora_merge.formats import dit_arch
@@ -38,16 +38,7 @@ def _natives(model) -> dict[str, tuple[int, int]]:
 
 
 def _file(path, natives, key, rank=2, seed=0, alpha=True):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for j, (native, (o, i)) in enumerate(natives.items()):
-        down, up, a = key(native[len("transformer."):])
-        sd[down] = torch.randn(rank, i, generator=g) / i**0.5
-        sd[up] = torch.randn(o, rank, generator=g) * 0.1
-        if alpha:
-            sd[a] = torch.tensor(float(rank * (1 + j % 3)))
-    save_file(sd, str(path))
-    return path
+    return lora_file_from_shapes(path, natives, key, rank, seed, alpha)
 
 
 def _kohya(p):
@@ -154,7 +145,7 @@ def test_flux1_and_flux2_files_are_not_merged_together(tmp_path):
     assert not (tmp_path / "m.safetensors").exists()
 
 
-def test_diffusers_loads_our_flux2_output_and_outputs_change_by_delta_w(tmp_path):
+def test_diffusers_loads_our_flux2_output_and_outputs_change_by_delta_w(tmp_path, diffusers_loads):
     model = _tiny()
     natives = {n: s for n, s in _natives(model).items() if "blocks" in n}
     src = _file(tmp_path / "k.safetensors", natives, _kohya, seed=5)
@@ -167,29 +158,4 @@ def test_diffusers_loads_our_flux2_output_and_outputs_change_by_delta_w(tmp_path
     inputs = {"hidden_states": torch.randn(1, 4, 16, generator=g), "encoder_hidden_states": torch.randn(1, 3, 24, generator=g),
               "timestep": torch.tensor([0.5]), "img_ids": torch.zeros(4, 4), "txt_ids": torch.zeros(3, 4),
               "guidance": torch.tensor([3.5]), "return_dict": False}
-    with torch.no_grad():
-        want, base = ref(**inputs)[0], model(**inputs)[0]
-    state, metadata = diffusers.Flux2Pipeline.lora_state_dict(str(out), return_lora_metadata=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.load_lora_adapter(state, prefix="transformer", adapter_name="ours", metadata=metadata)
-    with torch.no_grad():
-        got = model(**inputs)[0]
-    assert (want - base).abs().max() > 1e-3
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-
-
-def test_a_qkv_only_file_reads_as_flux1_unless_arch_flux2(tmp_path):
-    import json
-
-    from click.testing import CliRunner
-
-    from lora_merge.cli import cli
-
-    p = _file(tmp_path / "qkv.safetensors", {"transformer.double_blocks.0.img_attn.qkv": (48, 16)}, _kohya)
-    fams = []
-    for extra in ([], ["--arch", "flux2"]):
-        r = CliRunner().invoke(cli, ["inspect", str(p), "--json", *extra], catch_exceptions=False)
-        assert r.exit_code == 0, r.output
-        fams.append(json.loads(r.stdout)["dit"]["family"])
-    assert fams == ["flux", "flux2"]
+    diffusers_loads(model, ref, diffusers.Flux2Pipeline, out, inputs)

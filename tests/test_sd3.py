@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
 import pytest
 import torch
+from conftest import run_cli as cli
 from safetensors.torch import load_file, save_file
 
 import lora_merge
-from lora_merge.cli import main
 from lora_merge.formats import dit_arch, sd3
 from lora_merge.formats.layout import layout_of
 
@@ -25,13 +24,6 @@ pytest.importorskip("peft")
 TINY = {"sample_size": 8, "patch_size": 2, "in_channels": 4, "out_channels": 4, "num_layers": 3,
         "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 24, "caption_projection_dim": 16,
         "pooled_projection_dim": 12, "pos_embed_max_size": 8, "dual_attention_layers": (0,), "qk_norm": "rms_norm"}
-
-
-def cli(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def _tiny_model(seed=0):
@@ -219,7 +211,7 @@ def test_our_kohya_sd3_writer_matches_diffusers_converter(tmp_path):
         torch.testing.assert_close(oracle[n[len("transformer."):]], m.delta(), rtol=1e-5, atol=1e-6)
 
 
-def test_diffusers_loads_our_conversion_of_a_kohya_sd3_file_and_outputs_change_by_delta_w(tmp_path):
+def test_diffusers_loads_our_conversion_of_a_kohya_sd3_file_and_outputs_change_by_delta_w(tmp_path, diffusers_loads):
     model = _tiny_model()
     natives = {n: s for n, s in _native_modules(model).items() if ".joint_blocks." in n or "final_layer" in n}
     src = _kohya_file(tmp_path / "k.safetensors", natives, seed=5)
@@ -234,16 +226,7 @@ def test_diffusers_loads_our_conversion_of_a_kohya_sd3_file_and_outputs_change_b
               "encoder_hidden_states": torch.randn(1, 3, 24, generator=g),
               "pooled_projections": torch.randn(1, 12, generator=g), "timestep": torch.tensor([500.0]),
               "return_dict": False}
-    with torch.no_grad():
-        want, base = ref(**inputs)[0], model(**inputs)[0]
-    state, metadata = diffusers.StableDiffusion3Pipeline.lora_state_dict(str(out), return_lora_metadata=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.load_lora_adapter(state, prefix="transformer", adapter_name="ours", metadata=metadata)
-    with torch.no_grad():
-        got = model(**inputs)[0]
-    assert (want - base).abs().max() > 1e-3
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    diffusers_loads(model, ref, diffusers.StableDiffusion3Pipeline, out, inputs)
 
 
 # ---------------------------------------------------------------- merge, inspect, bad input

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from conftest import lora_file_from_shapes
+from safetensors.torch import load_file
 
 import lora_merge
 from lora_merge.formats import dit_arch
@@ -29,15 +30,7 @@ def _natives(model) -> dict[str, tuple[int, int]]:
 
 
 def _file(path, natives, key, rank=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for j, (native, (o, i)) in enumerate(natives.items()):
-        down, up, a = key(native[len("transformer."):])
-        sd[down] = torch.randn(rank, i, generator=g) / i**0.5
-        sd[up] = torch.randn(o, rank, generator=g) * 0.1
-        sd[a] = torch.tensor(float(rank * (1 + j % 3)))
-    save_file(sd, str(path))
-    return path
+    return lora_file_from_shapes(path, natives, key, rank, seed)
 
 
 def _comfy(p):  # the original names; ".lora.down" is the form diffusers' converter splits qkv from
