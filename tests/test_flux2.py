@@ -7,8 +7,8 @@ import copy
 
 import pytest
 import torch
-from conftest import lora_file_from_shapes
-from safetensors.torch import load_file
+from conftest import lora_file_from_shapes, run_cli
+from safetensors.torch import load_file, save_file
 
 import lora_merge
 from lora_merge.formats import dit_arch
@@ -159,3 +159,30 @@ def test_diffusers_loads_our_flux2_output_and_outputs_change_by_delta_w(tmp_path
               "timestep": torch.tensor([0.5]), "img_ids": torch.zeros(4, 4), "txt_ids": torch.zeros(3, 4),
               "guidance": torch.tensor([3.5]), "return_dict": False}
     diffusers_loads(model, ref, diffusers.Flux2Pipeline, out, inputs)
+
+
+def test_a_lokr_file_on_fused_qkv_splits_exactly(tmp_path, capsys):
+    """LoKr is common for FLUX.2: a Kronecker update of the fused qkv has no shared-A split, so its exact
+    dense ΔW is split by rows (diffusers instead targets the model's fused to_qkv)."""
+    g = torch.Generator().manual_seed(2)
+    h = 16
+    sd = {"diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1": torch.randn(4, 4, generator=g),
+          "diffusion_model.double_blocks.0.img_attn.qkv.lokr_w2": torch.randn(3 * h // 4, h // 4, generator=g),
+          "diffusion_model.single_blocks.0.linear1.lokr_w1": torch.randn(3, 2, generator=g),
+          "diffusion_model.single_blocks.0.linear1.lokr_w2": torch.randn(9 * h // 3, h // 2, generator=g)}
+    save_file(sd, str(tmp_path / "lokr.safetensors"))
+    ad = lora_merge.load(tmp_path / "lokr.safetensors")
+    assert lora_merge.arch.guess_arch(ad) == "flux2"
+    fused = {m.name: m.delta() for m in ad}
+    out = tmp_path / "d.safetensors"
+    code, _, err = run_cli(["convert", tmp_path / "lokr.safetensors", out, "--to", "diffusers", "--rank", h], capsys)
+    assert code == 0, err
+    got = {m.name: m.delta() for m in lora_merge.load(out)}
+    q = fused["transformer.double_blocks.0.img_attn.qkv"]
+    torch.testing.assert_close(q, torch.kron(sd["diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1"],
+                                             sd["diffusion_model.double_blocks.0.img_attn.qkv.lokr_w2"]))
+    for i, part in enumerate(("to_q", "to_k", "to_v")):
+        torch.testing.assert_close(got[f"transformer.transformer_blocks.0.attn.{part}"], q[i * h:(i + 1) * h],
+                                   rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj"],
+                               fused["transformer.single_blocks.0.linear1"], rtol=1e-4, atol=1e-5)
