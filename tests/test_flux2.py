@@ -186,3 +186,10 @@ def test_a_lokr_file_on_fused_qkv_splits_exactly(tmp_path, capsys):
                                    rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got["transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj"],
                                fused["transformer.single_blocks.0.linear1"], rtol=1e-4, atol=1e-5)
+
+
+def test_an_attention_only_diffusers_lora_of_full_size_flux2_is_flux2():
+    ad = lora_merge.Adapter(dialect="diffusers")
+    n = "transformer.transformer_blocks.0.attn.to_q"
+    ad.modules[n] = lora_merge.LoraModule.from_tensors(n, torch.zeros(1, 6144), torch.zeros(6144, 1))
+    assert lora_merge.arch.guess_arch(ad) == "flux2"

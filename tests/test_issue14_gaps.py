@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -239,3 +240,75 @@ def test_every_strategy_merges_a_fused_kohya_and_a_split_diffusers_flux_lora(tmp
         assert double
         for m in double:
             torch.testing.assert_close(m.delta(), da[m.name].delta(), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- 4b. every strategy on every other DiT family
+#: small configs of each family's diffusers class (built on the meta device: only the names and shapes)
+SMALL_DIT = {
+    "sd3": {"num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 24,
+            "caption_projection_dim": 16, "pooled_projection_dim": 12},
+    "flux2": {"num_layers": 2, "num_single_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2,
+              "joint_attention_dim": 24, "in_channels": 16, "timestep_guidance_channels": 16,
+              "axes_dims_rope": (2, 2, 2, 2)},
+    "z-image": {"dim": 32, "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "cap_feat_dim": 16,
+                "axes_dims": [4, 6, 6], "axes_lens": [64, 32, 32]},
+    "wan": {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "text_dim": 16, "freq_dim": 16,
+            "ffn_dim": 32},
+    "qwen-image": {"num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 16,
+                   "axes_dims_rope": (2, 2, 4)},
+}
+_BLOCK_RX = re.compile(r"^(transformer_blocks|blocks|layers)\.(\d+)\.")
+
+
+def _family_pair(tmp_path, family):
+    """Input 1 in the kohya dialect (the family's kohya layout: native/fused where it has one), input 2 in
+    diffusers names; every Linear of blocks 0 and 1 (input 1) or block 1 (input 2), each with its own
+    factors."""
+    from lora_merge.formats import dit_arch
+
+    model = dit_arch.meta_model(family, **SMALL_DIT[family])
+    g = torch.Generator().manual_seed(5)
+    ads = [lora_merge.Adapter(dialect="diffusers"), lora_merge.Adapter(dialect="diffusers")]
+    for n, m in model.named_modules():
+        hit = _BLOCK_RX.match(n)
+        if not isinstance(m, torch.nn.Linear) or hit is None:
+            continue
+        for j, ad in enumerate(ads):
+            if j == 1 and hit.group(2) != "1":
+                continue
+            r = 2 + j
+            ad.modules["transformer." + n] = lora_merge.LoraModule.from_tensors(
+                "transformer." + n, torch.randn(r, m.in_features, generator=g) / m.in_features**0.5,
+                torch.randn(m.out_features, r, generator=g) * 0.1, alpha=float(r))
+    a = lora_merge.save(ads[0], tmp_path / "a_kohya.safetensors", to="kohya")
+    b = lora_merge.save(ads[1], tmp_path / "b_diffusers.safetensors", to="diffusers")
+    return a, b, ads
+
+
+@pytest.mark.parametrize("family", sorted(SMALL_DIT))
+@pytest.mark.parametrize("strategy", sorted(STRATEGY_PARAMS))
+@pytest.mark.filterwarnings("ignore")
+def test_every_strategy_merges_each_dit_family_across_dialects(tmp_path, strategy, family):
+    from lora_merge.formats.layout import layout_of
+    from lora_merge.priors.table import LayerPriors, PriorRule
+
+    a, b, ads = _family_pair(tmp_path, family)
+    assert lora_merge.arch.guess_arch(lora_merge.load(a)) == family
+    assert lora_merge.arch.guess_arch(lora_merge.load(b)) == family
+    params = dict(STRATEGY_PARAMS[strategy])
+    if strategy == "blocks":
+        params["take"] = r"1:re:\.0\.,2:re:\.1\."
+    if strategy == "duolora":  # a DiT has no resolution priors: a block table written as a priors file
+        pri = LayerPriors([PriorRule("*.0.*", "content"), PriorRule("*.1.*", "style")], family, "test table")
+        params["priors"] = str(pri.to_file(tmp_path / "priors.json"))
+    res = lora_merge.merge([a, b], tmp_path / "m.safetensors", strategy=strategy, params=params,
+                           rank=None if strategy == "linear" else 4, to="diffusers")
+    back = lora_merge.load(res.output)
+    assert layout_of(back) in (None, (family, "diffusers"))
+    assert set(back.modules) == set(ads[0].modules)  # input 2's modules are a subset of input 1's
+    for m in back:
+        assert torch.isfinite(m.delta()).all()
+    if strategy == "linear":  # exact: the dense sum in the diffusers layout
+        for n, m in back.modules.items():
+            want = ads[0][n].delta() + (ads[1][n].delta() if n in ads[1].modules else 0)
+            torch.testing.assert_close(m.delta(), want, rtol=1e-5, atol=1e-6)

@@ -67,11 +67,12 @@ _NAMES = re.compile(r"^transformer\.(double_stream_modulation_(img|txt)\.|single
                     r"transformer_blocks\.\d+\.(ff|ff_context)\.linear_(in|out)$)")
 _LINEAR1 = re.compile(r"^transformer\.single_blocks\.\d+\.linear1$")
 _MLP_IN = re.compile(r"^transformer\.double_blocks\.\d+\.(img|txt)_mlp\.0$")
-_BLOCK = re.compile(r"^transformer\.(double_blocks|single_blocks)\.\d+\.")
+_BLOCK = re.compile(r"^transformer\.(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.\d+\.")
 
 
 def has_flux2_names(adapter: Adapter) -> bool:
-    """Names only FLUX.2 has, or FLUX.1 names with FLUX.2's shapes (SwiGLU ratio-3 MLPs, hidden 6144)."""
+    """Names only FLUX.2 has, or FLUX.1 names with FLUX.2's shapes (SwiGLU ratio-3 MLPs), or block
+    modules of hidden size 6144 (FLUX.2 dev; no other family has it)."""
     for n, m in adapter.modules.items():
         if _NAMES.match(n):
             return True

@@ -164,8 +164,9 @@ class FusedLayout:
         for m in adapter:
             for part in self.split_module(m, adapter.source):
                 if part.name in mods:
-                    raise FormatError(f"module {part.name} is in the file twice (as {mods[part.name].source_key} "
-                                      f"and {part.source_key})", adapter.source)
+                    first = mods[part.name].source_key or mods[part.name].name
+                    raise FormatError(f"module {part.name} is in the file twice (as {first} and "
+                                      f"{part.source_key or m.name})", adapter.source)
                 mods[part.name] = part
         return _with_modules(adapter, mods)
 
