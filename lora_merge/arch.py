@@ -170,11 +170,16 @@ def block_of(name: str) -> str:
     sub = sub_block_of(name)
     if sub is not None:
         return f"unet.{sub}"
-    m = re.search(r"(?:layers|layer|h|blocks|transformer_blocks|single_transformer_blocks)\.(\d+)", name)
+    m = _LAYER_RE.search(name)
     comp = component_of(name)
     if m:
-        return f"{comp}.{m.group(0)}" if comp != "model" else m.group(0)
+        return f"{comp}.{m.group(1)}" if comp != "model" else m.group(1)
     return comp
+
+
+#: a numbered layer or block as whole path components (``double_blocks.3`` is not ``blocks.3``)
+_LAYER_RE = re.compile(r"(?:^|\.)((?:layers|layer|h|blocks|transformer_blocks|single_transformer_blocks|double_blocks|"
+                       r"single_blocks|joint_blocks|noise_refiner|context_refiner)\.\d+)(?:\.|$)")
 
 
 def resolution_of(name: str, arch: str | None) -> int | None:

@@ -330,3 +330,12 @@ def test_xlabs_flux_file_reads_like_diffusers_converter(tmp_path):
     assert torch.count_nonzero(ours["transformer.single_transformer_blocks.3.proj_mlp"].up.load()) == 0
     out = lora_merge.save(ad, tmp_path / "k.safetensors", to="kohya")
     assert lora_merge.load(out).dialect == "kohya"
+
+
+def test_per_block_table_keeps_double_and_single_blocks_apart():
+    from lora_merge.arch import block_of
+
+    assert block_of("transformer.double_blocks.3.img_attn.qkv") == "transformer.double_blocks.3"
+    assert block_of("transformer.single_blocks.3.linear1") == "transformer.single_blocks.3"
+    assert block_of("transformer.joint_blocks.0.x_block.attn.qkv") == "transformer.joint_blocks.0"
+    assert block_of("text_encoder.text_model.encoder.layers.11.mlp.fc1") == "text_encoder.layers.11"
