@@ -213,3 +213,24 @@ def test_dit_groups_by_block_and_by_layer_with_twins():
     assert len(layers) == 4 and all(len(g.modules) == 1 for g in layers)
     with pytest.raises(UsageError, match="no latent resolutions"):
         group_dit_modules(names, "attention")
+
+
+def test_full_size_flux_and_sd35_predictions_have_the_right_shapes_on_the_meta_device():
+    """The packing, position ids, guidance and conditioning of dit_base at the real sizes (FLUX.1-dev and
+    SD3.5-medium configs at 1024 px, T5 512 / 333 tokens), run on the meta device: shapes only, no weights."""
+    import accelerate
+
+    from lora_merge.model_mode.dit_base import _flux_predict, _sd3_predict
+
+    meta = {"device": "meta"}
+    with accelerate.init_empty_weights(include_buffers=True):
+        flux = diffusers.FluxTransformer2DModel(guidance_embeds=True)
+        sd35 = diffusers.SD3Transformer2DModel(num_layers=24, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+                                               attention_head_dim=64, num_attention_heads=24, caption_projection_dim=1536)
+    x = torch.empty(1, 16, 128, 128, **meta)
+    out = _flux_predict(flux)(x, torch.tensor([500], **meta), {
+        "encoder_hidden_states": torch.empty(1, 512, 4096, **meta), "pooled_projections": torch.empty(1, 768, **meta)})
+    assert out.shape == (1, 64 * 64, 64)  # 2 × 2 patches of 16 channels, one token each
+    out = _sd3_predict(sd35)(x, torch.tensor([500.0], **meta), {
+        "encoder_hidden_states": torch.empty(1, 77 + 256, 4096, **meta), "pooled_projections": torch.empty(1, 2048, **meta)})
+    assert out.shape == x.shape
