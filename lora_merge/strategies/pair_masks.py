@@ -93,8 +93,8 @@ MODE_PARAM = Param(
 #: priors — are the strategies' own, and model mode reads them too)
 MODEL_MODE_PARAMS: tuple[Param, ...] = (
     MODE_PARAM,
-    Param("base", str, None, "model mode: base model, a local diffusers pipeline folder (SD 1.x, SDXL) or a "
-          "registered one such as 'toyworld'"),
+    Param("base", str, None, "model mode and --priors measure: base model, a local diffusers pipeline folder "
+          "(SD 1.x, SDXL; FLUX.1 and SD3/3.5 for --priors measure only) or a registered one such as 'toyworld'"),
     Param("content_images", str, None, "model mode: folder of content reference images (or a registered "
           "source such as toyworld:content)"),
     Param("content_prompt", str, None, "model mode: prompt of the content images"),
