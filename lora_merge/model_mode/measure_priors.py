@@ -1,8 +1,10 @@
-"""The noise-prediction measure of layer priors on a diffusers UNet (docs/priors.md).
+"""The noise-prediction measure of layer priors on a diffusers UNet or DiT (docs/priors.md).
 
 DuoLoRA's priors (low resolution → content, high → style) come from one experiment on SDXL: scale
 down one group of layers and see whether the subject or the style is lost.  This module repeats it on
-any diffusers UNet, cheaply: for each block group ``g`` (:func:`lora_merge.priors.measured.group_modules`)
+any diffusers UNet — and on FLUX.1 / SD3 transformers (:mod:`lora_merge.model_mode.dit_base`; groups are
+transformer blocks, :func:`lora_merge.priors.measured.group_dit_modules`, the LoRAs attached in the
+diffusers layout) — cheaply: for each block group ``g`` (:func:`lora_merge.priors.measured.group_modules`)
 and each LoRA ``L`` on its own reference images and prompt, on a fixed seeded set of noisy latents
 ``x_t`` and timesteps ``t``::
 
