@@ -1,4 +1,4 @@
-"""Measured layer priors on DiT pipelines (FLUX.1, SD3/3.5): a tiny pipeline folder of each, built from
+"""Measured layer priors on DiT pipelines (FLUX.1, SD3/3.5, Z-Image): a tiny pipeline folder of each, built from
 configs (no downloads), through ``lora-merge priors measure`` and ``duolora --priors measure``.
 
 A LoRA confined to one transformer block must be found in that block, whichever layout its file has (a
@@ -15,6 +15,7 @@ import torch
 
 import lora_merge
 from lora_merge.errors import UsageError
+from lora_merge.formats.layout import layout_of
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -89,6 +90,25 @@ def make_sd3_pipeline(root: Path) -> Path:
     return root
 
 
+def make_zimage_pipeline(root: Path) -> Path:
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    diffusers.ZImageTransformer2DModel(in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                                       cap_feat_dim=16, axes_dims=[4, 6, 6],
+                                       axes_lens=[64, 32, 32]).save_pretrained(root / "transformer")
+    _common(root)
+    _tokenizer(root / "tokenizer")
+    cfg = json.loads((root / "tokenizer" / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}<|startoftext|>{{ m['content'] }}{% endfor %}"
+    (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    Qwen3Model(Qwen3Config(vocab_size=len(TOKS), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                           max_position_embeddings=1024)).save_pretrained(root / "text_encoder")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
+    return root
+
+
 def _lora(transformer, blocks: tuple[str, ...], seed: int) -> lora_merge.Adapter:
     """A diffusers-layout LoRA on every Linear of the given blocks (strong enough to matter)."""
     g = torch.Generator().manual_seed(seed)
@@ -116,6 +136,7 @@ CASES = {
     "flux": (make_flux_pipeline, ("single_transformer_blocks.0.",), ("transformer_blocks.1.",),
              "transformer.single_blocks.0"),
     "sd3": (make_sd3_pipeline, ("transformer_blocks.0.",), ("transformer_blocks.1.",), "transformer.joint_blocks.0"),
+    "z-image": (make_zimage_pipeline, ("layers.0.",), ("layers.1.",), "transformer.layers.0"),
 }
 
 
@@ -125,11 +146,14 @@ def dit_setup(request, tmp_path_factory):
     make, c_blocks, s_blocks, twin = CASES[family]
     root = tmp_path_factory.mktemp(f"dit_{family}")
     pipe = make(root / "pipe")
-    cls = diffusers.FluxTransformer2DModel if family == "flux" else diffusers.SD3Transformer2DModel
+    cls = {"flux": diffusers.FluxTransformer2DModel, "sd3": diffusers.SD3Transformer2DModel,
+           "z-image": diffusers.ZImageTransformer2DModel}[family]
     transformer = cls.from_pretrained(pipe / "transformer")
-    # the content LoRA in kohya's native layout (fused qkv / linear1), the style LoRA in diffusers names
-    lora_merge.save(_lora(transformer, c_blocks, 1), root / "content.safetensors", to="kohya")
+    # the content LoRA in the native layout (fused qkv / linear1), the style LoRA in diffusers names
+    native = "comfyui" if family == "z-image" else "kohya"  # (musubi's Z-Image kohya files use diffusers names)
+    lora_merge.save(_lora(transformer, c_blocks, 1), root / "content.safetensors", to=native)
     lora_merge.save(_lora(transformer, s_blocks, 2), root / "style.safetensors", to="diffusers")
+    assert layout_of(lora_merge.load(root / "content.safetensors"))[1] == "native"
     return {"family": family, "root": root, "pipe": pipe, "content_group": c_blocks[0][:-1],
             "style_group": s_blocks[0][:-1], "twin": twin,
             "c_images": _images(root / "c_images", 1), "s_images": _images(root / "s_images", 2)}

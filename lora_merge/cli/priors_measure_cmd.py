@@ -9,14 +9,14 @@ from .common import allow_pickle_option, fmt_num, json_option, print_json, stder
 GRANULARITY_HELP = ("Groups to probe: resolution (attention blocks grouped by latent resolution), block (each "
                     "UNet block; each transformer block of a DiT), attention (each attention sub-block, B-LoRA's "
                     "unit) or layer (each LoRA layer). Default: resolution for a UNet, block for a DiT (FLUX.1, "
-                    "SD3/3.5), which has no resolutions.")
+                    "SD3/3.5, Z-Image), which has no resolutions.")
 
 
 @click.command("measure", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("content", required=False, type=click.Path())
 @click.argument("style", required=False, type=click.Path())
 @click.option("--base", "base", required=True, metavar="MODEL",
-              help="A local diffusers pipeline folder (SD 1.x, SDXL, FLUX.1, SD3/3.5) or 'toyworld'. Nothing is "
+              help="A local diffusers pipeline folder (SD 1.x, SDXL, FLUX.1, SD3/3.5, Z-Image) or 'toyworld'. Nothing is "
               "downloaded.")
 @click.option("--content-images", type=click.Path(), help="Folder of the content LoRA's reference images "
               "(toyworld: its training renders).")

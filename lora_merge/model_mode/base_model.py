@@ -1,6 +1,6 @@
 """The frozen base model that model mode runs LoRAs through.
 
-:func:`load_base_model` loads a local diffusers pipeline folder (SD 1.x, SDXL; FLUX.1 and SD3/3.5 through
+:func:`load_base_model` loads a local diffusers pipeline folder (SD 1.x, SDXL; FLUX.1, SD3/3.5 and Z-Image through
 :mod:`lora_merge.model_mode.dit_base`) or a registered named model
 (the bundled toy world registers ``"toyworld"``) into a :class:`BaseModel`: UNet, a DDPM-type scheduler
 (for adding noise), a prompt encoder that returns UNet keyword arguments, and an image encoder (VAE ×
@@ -142,7 +142,7 @@ def load_base_model(
     spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
 ) -> BaseModel:
-    """Load ``spec`` — a local diffusers pipeline folder (SD 1.x / SDXL UNets; FLUX.1 and SD3/3.5
+    """Load ``spec`` — a local diffusers pipeline folder (SD 1.x / SDXL UNets; FLUX.1, SD3/3.5, Z-Image
     transformers, :mod:`lora_merge.model_mode.dit_base`) or a name given to
     :func:`register_base_model` (the bundled toy world is ``"toyworld"``) — frozen, in eval mode.
 
@@ -174,7 +174,7 @@ def load_base_model(
 
 
 #: pipeline class (``model_index.json`` ``_class_name``) → loader ``(path, index, device, dtype, allow_pickle)``
-#: for pipelines that are not UNet pipelines; :mod:`lora_merge.model_mode.dit_base` registers FLUX.1 and SD3
+#: for pipelines that are not UNet pipelines; :mod:`lora_merge.model_mode.dit_base` registers FLUX.1, SD3, Z-Image
 _PIPELINE_LOADERS: dict[str, Callable[..., BaseModel]] = {}
 
 

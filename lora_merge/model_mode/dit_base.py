@@ -1,8 +1,8 @@
-"""Flow-matching DiT pipelines (FLUX.1, SD3/3.5) as a :class:`~lora_merge.model_mode.base_model.BaseModel`,
+"""Flow-matching DiT pipelines (FLUX.1, SD3/3.5, Z-Image) as a :class:`~lora_merge.model_mode.base_model.BaseModel`,
 for the noise measure of layer priors (``lora-merge priors measure --base FOLDER``, ``duolora --priors
 measure``).
 
-What it reproduces of diffusers' ``FluxPipeline`` / ``StableDiffusion3Pipeline`` (no weights are
+What it reproduces of diffusers' ``FluxPipeline`` / ``StableDiffusion3Pipeline`` / ``ZImagePipeline`` (no weights are
 downloaded; a local pipeline folder, safetensors only unless ``--allow-pickle``):
 
 * **noise**: rectified flow, ``x_t = (1 − σ)·x_0 + σ·ε`` with ``σ = t / 1000``; the transformer predicts the
@@ -33,8 +33,10 @@ from ..errors import UsageError
 from .base_model import BaseModel, expand_cond, register_pipeline_loader
 
 #: pipeline class (model_index.json ``_class_name``) → family
-FLOW_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
-_TRANSFORMER = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}
+FLOW_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "ZImagePipeline": "z-image"}
+_TRANSFORMER = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
+                "z-image": "ZImageTransformer2DModel"}
+ZIMAGE_PROMPT_TOKENS = 512  # ZImagePipeline's max_sequence_length
 FLUX_GUIDANCE = 3.5
 
 
@@ -87,7 +89,7 @@ def load_flow_pipeline(path: Path, index: dict, device: torch.device, dtype: tor
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if family == "sd3":
         image_size = int(transformer.config.sample_size) * vae_factor
-    else:  # FluxTransformer2DModel has no sample size; the pipeline's default is 1024 px (the VAE's)
+    else:  # the Flux and Z-Image transformers have no sample size; the pipelines default to 1024 px (the VAE's)
         image_size = int(getattr(vae.config, "sample_size", 1024))
     if image_size % (2 * vae_factor):
         raise UsageError(f"image size {image_size} does not give an even latent size", path)
@@ -101,8 +103,10 @@ def load_flow_pipeline(path: Path, index: dict, device: torch.device, dtype: tor
 
     if family == "flux":
         encode_prompt, predict = _flux_prompt_encoder(path, device, allow_pickle), _flux_predict(transformer)
-    else:
+    elif family == "sd3":
         encode_prompt, predict = _sd3_prompt_encoder(path, device, transformer, allow_pickle), _sd3_predict(transformer)
+    else:
+        encode_prompt, predict = _zimage_prompt_encoder(path, device, allow_pickle), _zimage_predict(transformer)
     return FlowBaseModel(unet=transformer, scheduler=scheduler, arch=family, image_size=image_size,
                          encode_prompt_fn=encode_prompt, encode_images_fn=encode_images, name=os.fspath(path),
                          device=device, dtype=dtype, predict_fn=predict)
@@ -196,6 +200,40 @@ def _sd3_prompt_encoder(path: Path, device, transformer, allow_pickle: bool) -> 
             t5_embeds = torch.zeros(len(prompts), t5_len, joint, device=device, dtype=clip_embeds.dtype)
         return {"encoder_hidden_states": torch.cat([clip_embeds, t5_embeds], dim=-2),
                 "pooled_projections": torch.cat([pl, pg], dim=-1)}
+    return encode
+
+
+# ---------------------------------------------------------------- Z-Image
+def _zimage_predict(transformer):
+    """Z-Image takes lists (one latent of one frame and one caption of its own length per sample), the
+    time as ``1 − σ``, and predicts the negative velocity (``ZImagePipeline`` negates it)."""
+    def predict(x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        caps, lens = cond["cap_feats"], cond["cap_lens"]
+        out = transformer(list(x.unsqueeze(2).unbind(0)), (1000 - t.to(x.dtype)) / 1000,
+                          [caps[i, :int(lens[i])] for i in range(x.shape[0])], return_dict=False)[0]
+        return -torch.stack(list(out)).squeeze(2)
+    return predict
+
+
+def _zimage_prompt_encoder(path: Path, device, allow_pickle: bool) -> Callable:
+    """The prompt in the tokenizer's chat template (``enable_thinking``), the text encoder's penultimate
+    hidden states of the real tokens, as ``ZImagePipeline._encode_prompt``; kept left-aligned and padded
+    with their lengths, so a batch can be sliced."""
+    from transformers import AutoModel
+
+    tok, te = _load_text(path, "text_encoder", AutoModel, allow_pickle, device)
+
+    def encode(prompts: list[str]) -> dict:
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=True) for p in prompts]
+        inp = tok(texts, padding="max_length", max_length=ZIMAGE_PROMPT_TOKENS, truncation=True, return_tensors="pt")
+        ids, mask = inp.input_ids.to(device), inp.attention_mask.to(device).bool()
+        hidden = te(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        lens = mask.sum(dim=1)
+        caps = torch.zeros_like(hidden)
+        for i in range(len(prompts)):
+            caps[i, :int(lens[i])] = hidden[i][mask[i]]
+        return {"cap_feats": caps, "cap_lens": lens}
     return encode
 
 

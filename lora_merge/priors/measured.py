@@ -117,13 +117,17 @@ def group_modules(
 
 #: a DiT block path (diffusers names): ``transformer.transformer_blocks.3``, ``…single_transformer_blocks.5``,
 #: Wan's ``transformer.blocks.7``
-_DIT_BLOCK = re.compile(r"^transformer\.((?:single_transformer_blocks|transformer_blocks|blocks)\.\d+)\.")
+_DIT_BLOCK = re.compile(r"^transformer\.((?:single_transformer_blocks|transformer_blocks|blocks|layers|noise_refiner|"
+                        r"context_refiner)\.\d+)\.")
+#: the order block lists run in (refiners before Z-Image's main layers, double before single streams)
+_DIT_ORDER = {"noise_refiner": 0, "context_refiner": 0, "transformer_blocks": 1, "blocks": 1, "layers": 1,
+              "single_transformer_blocks": 2}
 DIT_GRANULARITIES = ("block", "layer")
 
 
-def _dit_sort_key(block: str) -> tuple[int, int]:
+def _dit_sort_key(block: str) -> tuple[int, str, int]:
     head, _, i = block.rpartition(".")
-    return (1 if head.startswith("single") else 0, int(i))
+    return (_DIT_ORDER.get(head, 1), head, int(i))
 
 
 def group_dit_modules(module_names: Iterable[str], granularity: str = "block",

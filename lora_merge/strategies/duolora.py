@@ -109,8 +109,8 @@ class DuoLoRA(PairMaskStrategy):
         if spec == "auto" and arch in DIT_FAMILIES:  # no UNet resolutions, so no DuoLoRA priors
             table = "--priors flux-splitflux or a priors file" if arch == "flux" else "--priors FILE"
             base = ("--base: its diffusers pipeline folder, with --content-images/--content-prompt/--style-images/"
-                    "--style-prompt" if arch in ("flux", "sd3") else
-                    "--base: a model registered with register_base_model; only FLUX.1 and SD3 pipeline folders load")
+                    "--style-prompt" if arch in ("flux", "sd3", "z-image") else
+                    "--base: a model registered with register_base_model; only FLUX.1, SD3 and Z-Image pipeline folders load")
             raise UsageError(
                 f"duolora: DuoLoRA's resolution priors do not exist for a DiT ({DIT_FAMILIES[arch].display} has no "
                 f"UNet resolutions); give a block table ({table}) or --priors measure on a base model you supply "

@@ -94,7 +94,7 @@ MODE_PARAM = Param(
 MODEL_MODE_PARAMS: tuple[Param, ...] = (
     MODE_PARAM,
     Param("base", str, None, "model mode and --priors measure: base model, a local diffusers pipeline folder "
-          "(SD 1.x, SDXL; FLUX.1 and SD3/3.5 for --priors measure only) or a registered one such as 'toyworld'"),
+          "(SD 1.x, SDXL; FLUX.1, SD3/3.5 and Z-Image for --priors measure only) or a registered one such as 'toyworld'"),
     Param("content_images", str, None, "model mode: folder of content reference images (or a registered "
           "source such as toyworld:content)"),
     Param("content_prompt", str, None, "model mode: prompt of the content images"),
