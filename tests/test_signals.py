@@ -127,3 +127,19 @@ def test_signal_from_outside_during_startup(tmp_path, sig):
     out, err = proc.communicate(timeout=120)
     proc.stderr_text = err
     _check_clean(tmp_path, inputs, before, subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+
+
+def test_a_signal_that_breaks_an_import_still_exits_130(monkeypatch, capsys):
+    """A signal raised inside a C extension's import (numpy, under torch) can surface as an ImportError on
+    the retry ("cannot load module more than once per process"): once the handler has run, any error from
+    the start-up imports is the interrupt."""
+    import lora_merge.cli as cli_mod
+
+    monkeypatch.setitem(sys.modules, "lora_merge.files", None)  # the import now raises ImportError
+    monkeypatch.setitem(cli_mod._STATE, "signalled", True)
+    with pytest.raises(SystemExit) as exc:
+        cli_mod._main(["inspect", "x.safetensors"])
+    assert exc.value.code == 130 and "interrupted" in capsys.readouterr().err
+    monkeypatch.setitem(cli_mod._STATE, "signalled", False)  # without a signal the error is the error
+    with pytest.raises(ImportError):
+        cli_mod._main(["inspect", "x.safetensors"])

@@ -124,7 +124,9 @@ def _main(argv: list[str] | None) -> None:
         from ..errors import Interrupted, LoraMergeError
         from ..files import clear_interrupt, interrupted, note_interrupt, output_transaction
     except BaseException as exc:  # an interrupt while these (and torch) are imported
-        if type(exc).__name__ in ("Interrupted", "KeyboardInterrupt"):
+        # the signal may surface as another error: raised inside numpy's C import, it leaves numpy half
+        # loaded and the retry fails with "ImportError: cannot load module more than once per process"
+        if _STATE["signalled"] or type(exc).__name__ in ("Interrupted", "KeyboardInterrupt"):
             _interrupted()
         raise
     clear_interrupt()
