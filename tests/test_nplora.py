@@ -8,29 +8,15 @@ import math
 import pytest
 import torch
 from conftest import run_cli
+from test_strategies_classic import N1, N2, N3, NAMES, make  # the same three UNet layers and random factors
 
 import lora_merge as lm
-from lora_merge import Adapter, LoraModule
 from lora_merge.errors import MissingModuleWarning, UsageError
 from lora_merge.strategies import get_strategy
 
-N1 = "unet.up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-N2 = "unet.up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_v"
-N3 = "unet.down_blocks.2.attentions.0.transformer_blocks.0.ff.net.2"
-NAMES = (N1, N2, N3)
-D_OUT, D_IN = 16, 12
+D_OUT, D_IN = 16, 12  # make()'s layer shape
 RC, RS = 4, 3  # content and style ranks
 W = (0.8, 1.3)  # user weights (content, style)
-
-
-def make(seed, r, alpha, names=NAMES):
-    g = torch.Generator().manual_seed(seed)
-    ad = Adapter(dialect="diffusers")
-    for n in names:
-        ad.modules[n] = LoraModule.from_tensors(
-            n, torch.randn(r, D_IN, generator=g), torch.randn(D_OUT, r, generator=g), alpha
-        )
-    return ad
 
 
 @pytest.fixture
