@@ -132,6 +132,12 @@ def unet_block_resolutions(unet: Any, latent_size: int | None = None) -> dict[st
     return res
 
 
+#: the numbered block lists of DiT transformers, in native and diffusers names: FLUX double/single, SD3's
+#: joint blocks, Wan's blocks, Z-Image's layers and refiners
+DIT_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "double_blocks", "single_blocks",
+                   "joint_blocks", "blocks", "layers", "noise_refiner", "context_refiner")
+#: a DiT block path: group 1 ``transformer_blocks.3``, group 2 the list, group 3 the index
+DIT_BLOCK_RE = re.compile(rf"^transformer\.(({'|'.join(DIT_BLOCK_LISTS)})\.(\d+))\.")
 _BLOCK_RE = re.compile(r"(?:^|\.)((?:down_blocks|up_blocks)\.\d+|mid_block)(?:\.(attentions|resnets|downsamplers|upsamplers)\.(\d+))?")
 
 
@@ -178,8 +184,7 @@ def block_of(name: str) -> str:
 
 
 #: a numbered layer or block as whole path components (``double_blocks.3`` is not ``blocks.3``)
-_LAYER_RE = re.compile(r"(?:^|\.)((?:layers|layer|h|blocks|transformer_blocks|single_transformer_blocks|double_blocks|"
-                       r"single_blocks|joint_blocks|noise_refiner|context_refiner)\.\d+)(?:\.|$)")
+_LAYER_RE = re.compile(rf"(?:^|\.)((?:{'|'.join(('layer', 'h') + DIT_BLOCK_LISTS)})\.\d+)(?:\.|$)")
 
 
 def resolution_of(name: str, arch: str | None) -> int | None:

@@ -103,8 +103,6 @@ def meta_model(family: str, **config):
         return cls(**config)
 
 
-_BLOCK = re.compile(r"^transformer\.(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|"
-                    r"joint_blocks|blocks|layers|noise_refiner|context_refiner)\.(\d+)\.")
 _DISPLAY_LIST = {"double_blocks": "double", "transformer_blocks": "double", "single_blocks": "single",
                  "single_transformer_blocks": "single", "blocks": "blocks"}
 #: families whose native layout fuses q, k and v (inspect says "fused" / "split")
@@ -120,11 +118,11 @@ def family_summary(adapter: Adapter, family: str | None = None) -> dict | None:
         return None
     touched: dict[str, set[int]] = {}
     for n in adapter.modules:
-        m = _BLOCK.match(n)
+        m = arch.DIT_BLOCK_RE.match(n)
         if m:
-            lst = (_DISPLAY_LIST[m.group(1)] if family in ("flux", "flux2") else
-                   "transformer_blocks" if m.group(1) == "joint_blocks" else m.group(1))
-            touched.setdefault(lst, set()).add(int(m.group(2)))
+            lst = (_DISPLAY_LIST[m.group(2)] if family in ("flux", "flux2") else
+                   "transformer_blocks" if m.group(2) == "joint_blocks" else m.group(2))
+            touched.setdefault(lst, set()).add(int(m.group(3)))
     lay = layout_of(adapter)
     out = {"family": family, "family_name": FAMILIES[family].display,
            "blocks": {k: len(v) for k, v in sorted(touched.items())},

@@ -119,7 +119,7 @@ def align_inputs(adapters: list[Adapter], dialect: str | None, family: str | Non
             kinds = sorted({m.lycoris_type for m in ad if getattr(m, "lycoris_type", None)})  # type: ignore
             raise UsageError(f"{ad.display_name}: holds {'/'.join(kinds)} modules, whose ΔW is not a low-rank "
                              "B·A; give --rank K to merge it (each merged layer is re-factored to rank K)")
-    if family is None and len({layout_of(ad) and layout_of(ad)[0] for ad in adapters} - {None}) > 1:
+    if family is None and len({hit[0] for ad in adapters if (hit := layout_of(ad))}) > 1:
         # one merge is one model: when the inputs alone point to different families (a double-block-only
         # LoRA of a small Flux looks like SD3), the family is guessed from all their modules together
         union = Adapter(modules={n: m for ad in adapters for n, m in ad.modules.items()})

@@ -24,13 +24,12 @@ or per layer.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..arch import block_sort_key, sub_block_of, unet_block_of
+from ..arch import DIT_BLOCK_RE, block_sort_key, sub_block_of, unet_block_of
 from ..errors import UsageError
 from .table import ROLES, LayerPriors, PriorRule
 
@@ -115,10 +114,6 @@ def group_modules(
     return groups, unprobed
 
 
-#: a DiT block path (diffusers names): ``transformer.transformer_blocks.3``, ``…single_transformer_blocks.5``,
-#: Wan's ``transformer.blocks.7``
-_DIT_BLOCK = re.compile(r"^transformer\.((?:single_transformer_blocks|transformer_blocks|blocks|layers|noise_refiner|"
-                        r"context_refiner)\.\d+)\.")
 #: the order block lists run in (refiners before Z-Image's main layers, double before single streams)
 _DIT_ORDER = {"noise_refiner": 0, "context_refiner": 0, "transformer_blocks": 1, "blocks": 1, "layers": 1,
               "single_transformer_blocks": 2}
@@ -141,22 +136,21 @@ def group_dit_modules(module_names: Iterable[str], granularity: str = "block",
     if granularity not in DIT_GRANULARITIES:
         raise UsageError(f"granularity {granularity!r} is for UNets; a DiT has no latent resolutions or UNet "
                          f"sub-blocks: use {' or '.join(DIT_GRANULARITIES)}")
-    buckets: dict[str, list[str]] = {}
+    buckets: dict[str, tuple[str, list[str]]] = {}  # group → (its block, its modules)
     unprobed: list[str] = []
     for name in sorted(set(module_names)):
-        m = _DIT_BLOCK.match(name)
+        m = DIT_BLOCK_RE.match(name)
         if m is None:
             unprobed.append(name)
             continue
-        buckets.setdefault(m.group(1) if granularity == "block" else name.removeprefix("transformer."), []).append(name)
+        key = m.group(1) if granularity == "block" else name.removeprefix("transformer.")
+        buckets.setdefault(key, (m.group(1), []))[1].append(name)
     groups = []
-    for key, mods in buckets.items():
-        block = "transformer." + _DIT_BLOCK.match(mods[0]).group(1)
-        names = (block,) if granularity == "block" else ("transformer." + key,)
+    for key, (_block, mods) in sorted(buckets.items(), key=lambda kv: (_dit_sort_key(kv[1][0]), kv[0])):
+        names = ("transformer." + key,)
         if twins is not None and granularity == "block":
-            names = names + tuple(t for t in twins(block) if t not in names)
+            names += tuple(t for t in twins(names[0]) if t not in names)
         groups.append(BlockGroup(name=key, blocks=names, resolution=None, modules=tuple(mods)))
-    groups.sort(key=lambda g: (_dit_sort_key(_DIT_BLOCK.match(g.modules[0]).group(1)), g.name))
     return groups, unprobed
 
 
