@@ -8,7 +8,7 @@ Cases, measured alternately in every round:
 * ``ziplora``, ``duolora`` (``lambda_cycle`` = 0: no Constyle), ``duolora+constyle`` (both cycles on, the
   strategy's default): one step of ``lora_merge.model_mode.mask_training.train_masks`` — the package's own
   loop, configured from the strategy's declared defaults exactly as ``--mode model`` does
-  (``lora_merge.model_mode.solver.train_config``).  A step's time is the interval between two consecutive
+  (the strategy's ``mask_objective()`` and ``SolveOptions.from_config``).  A step's time is the interval between two consecutive
   optimizer steps of that loop (a ``torch.optim`` step post-hook; on CUDA it synchronizes first), so it holds
   the batch sampling, every UNet pass, the loss terms, backward and ``Adam.step()`` and nothing of the
   run's setup or its before/after evaluation.
@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 from lora_merge.arch import ATTENTION_TARGETS
 from lora_merge.model_mode.base_model import BaseModel
-from lora_merge.model_mode.mask_training import TrainConfig, train_masks
-from lora_merge.model_mode.solver import train_config
+from lora_merge.masks import Concept, MaskObjective, References, SolveOptions
+from lora_merge.model_mode.mask_training import train_masks
 from lora_merge.strategies import get_strategy
 
 #: label → (strategy, parameter overrides); everything else is the strategy's declared default
@@ -63,11 +63,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # ------------------------------------------------------------------------------------------ shared helpers
 def mask_config(strategy: str, overrides: dict[str, Any], *, steps: int, mixed_precision: str = "no",
-                batch_size: int = 1, seed: int = 0) -> TrainConfig:
-    """The :class:`TrainConfig` ``--strategy STRATEGY --mode model`` would train with (the strategy's
-    declared defaults, ``overrides`` applied)."""
+                batch_size: int = 1, seed: int = 0, device: Any = "cpu") -> tuple[MaskObjective, SolveOptions]:
+    """The objective and solver options ``--strategy STRATEGY --mode model`` would train with (the
+    strategy's declared defaults, ``overrides`` applied)."""
     params = {**overrides, "steps": steps, "mixed_precision": mixed_precision, "batch_size": batch_size}
-    return train_config(get_strategy(strategy)(**params), seed)
+    strat = get_strategy(strategy)(mode="model", **params)
+    options = SolveOptions.from_config(strat.config, device=device, seed=seed, progress=False)
+    return strat.mask_objective(), options
 
 
 class StepTimer:
@@ -171,13 +173,12 @@ def mask_steps(setup: Setup, case: str, steps: int, mixed_precision: str, batch_
                seed: int = 0) -> tuple[list[float], Any]:
     """Run ``train_masks`` for ``case`` for ``steps`` steps: the per-step seconds (steps 2..N) and the result."""
     strategy, overrides = CASES[case]
-    tcfg = mask_config(strategy, overrides, steps=steps, mixed_precision=mixed_precision,
-                       batch_size=batch_size, seed=seed)
-    tcfg.cycle_prompt = setup.cycle_prompt if strategy == "duolora" else None
+    objective, options = mask_config(strategy, overrides, steps=steps, mixed_precision=mixed_precision,
+                                     batch_size=batch_size, seed=seed, device=setup.base.device)
+    refs = References(Concept(setup.content, setup.content_prompt), Concept(setup.style, setup.style_prompt),
+                      setup.cycle_prompt)
     with StepTimer(setup.base.device) as timer:
-        result = train_masks(setup.base, setup.adapters, content_images=setup.content,
-                             content_prompt=setup.content_prompt, style_images=setup.style,
-                             style_prompt=setup.style_prompt, config=tcfg)  # fmt: skip
+        result = train_masks(setup.base, setup.adapters, refs, objective, options)
     return timer.step_seconds(), result
 
 

@@ -47,6 +47,7 @@ from model_mode_cost import StepTimer, mask_config
 from lora_merge.adapter import Adapter, LoraModule
 from lora_merge.arch import ATTENTION_TARGETS
 from lora_merge.model_mode.base_model import BaseModel
+from lora_merge.masks import Concept, References
 from lora_merge.model_mode.mask_training import train_masks
 
 #: stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (every field; diffusers' defaults written out)
@@ -255,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = {"lambda_cycle": 0.0} if args.no_constyle else {}
     mixed = "no" if dtype == torch.float32 else args.dtype
-    tcfg = mask_config("duolora", overrides, steps=args.steps, mixed_precision=mixed, seed=args.seed)
-    tcfg.cycle_prompt = CYCLE_PROMPT
+    objective, options = mask_config("duolora", overrides, steps=args.steps, mixed_precision=mixed, seed=args.seed,
+                                     device=dev)
     content = reference_images(4, res, args.seed + 1)
     style = reference_images(4, res, args.seed + 2)
     if dev.type == "cuda":
@@ -264,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.reset_peak_memory_stats(dev)
     every = max(1, args.steps // 10)
     with StepTimer(dev, print_every=every) as timer:
-        result = train_masks(base, adapters, content_images=content, content_prompt=CONTENT_PROMPT,
-                             style_images=style, style_prompt=STYLE_PROMPT, config=tcfg)  # fmt: skip
+        refs = References(Concept(content, CONTENT_PROMPT), Concept(style, STYLE_PROMPT), CYCLE_PROMPT)
+        result = train_masks(base, adapters, refs, objective, options)
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
     per_step = timer.step_seconds()  # steps 2..N
     warm = min(max(args.warmup, 1), args.steps - 1)  # step 1 has no interval; keep at least one step

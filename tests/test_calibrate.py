@@ -12,6 +12,7 @@ from safetensors import safe_open
 from lora_merge.errors import UsageError
 from lora_merge.input_models import load_stats
 from lora_merge.model_mode.base_model import register_base_model
+from lora_merge.masks import Concept, References
 from lora_merge.model_mode.calibrate import calibrate, record_moments, select_layers
 from lora_merge.model_mode.tiny import random_lora, tiny_base_model
 
@@ -63,10 +64,7 @@ def test_file_matches_direct_computation(base, images, tmp_path):
         summary = calibrate(
             base,
             out,
-            content_images=images[0],
-            content_prompt="a sks thing",
-            style_images=images[1],
-            style_prompt="zkz style",
+            References(Concept(images[0], "a sks thing"), Concept(images[1], "zkz style")),
             samples=2,
             batch_size=4,
             seed=3,
@@ -102,10 +100,7 @@ def test_conv_layers_record_unfolded_patches(base, images):
         mom = record_moments(
             base,
             [name],
-            content_images=images[0],
-            content_prompt="a",
-            style_images=images[1],
-            style_prompt="b",
+            References(Concept(images[0], "a"), Concept(images[1], "b")),
             samples=1,
             seed=0,
         )
@@ -124,10 +119,7 @@ def test_low_rank_option(base, images, tmp_path):
     calibrate(
         base,
         out,
-        content_images=images[0],
-        content_prompt="a",
-        style_images=images[1],
-        style_prompt="b",
+        References(Concept(images[0], "a"), Concept(images[1], "b")),
         layers="attn2.to_k",
         samples=1,
         rank=3,
@@ -139,10 +131,7 @@ def test_low_rank_option(base, images, tmp_path):
         calibrate(
             base,
             out,
-            content_images=images[0],
-            content_prompt="a",
-            style_images=images[1],
-            style_prompt="b",
+            References(Concept(images[0], "a"), Concept(images[1], "b")),
             samples=1,
         )
 

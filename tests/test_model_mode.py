@@ -15,9 +15,9 @@ from lora_merge.errors import UsageError
 from lora_merge.model_mode.base_model import load_base_model
 from lora_merge.model_mode.images import load_image_folder
 from lora_merge.model_mode.lora_layers import MaskedLoraLayer, attach_loras
+from lora_merge.masks import Concept, MaskObjective, References, SolveOptions
 from lora_merge.model_mode.mask_training import (
-    MaskObjective,
-    TrainConfig,
+    MaskLoss,
     _Data,
     _sample,
     layer_roles,
@@ -25,11 +25,30 @@ from lora_merge.model_mode.mask_training import (
     similarity_term,
     train_masks,
 )
-from lora_merge.model_mode.solver import train_config
 from lora_merge.model_mode.tiny import random_lora, tiny_base_model
 from lora_merge.strategies import get_strategy
 from lora_merge.strategies.base import LayerInput
-from lora_merge.strategies.pair_masks import check_model_inputs, check_weights_mode, fold_masks
+from lora_merge.strategies.pair_masks import check_weights_mode, fold_masks
+
+
+def objective_of(strategy: str = "duolora", **params) -> MaskObjective:
+    """The objective ``strategy`` builds from ``params`` (its declared defaults for the rest)."""
+    return get_strategy(strategy)(mode="model", **params).mask_objective()
+
+
+def solve_options(seed: int = 0, batch_size: int = 1, mixed_precision: str = "no") -> SolveOptions:
+    return SolveOptions(device=torch.device("cpu"), seed=seed, base=None, mixed_precision=mixed_precision,
+                        batch_size=batch_size, progress=False)
+
+
+def train(base, adapters, content, style, strategy="ziplora", *, eval_batches=0, seed=0, batch_size=1,
+          mixed_precision="no", keep_attached=False, **params):
+    """:func:`train_masks` with ``strategy``'s objective; ``content``/``style`` are ``(images, prompt)``."""
+    refs = References(Concept(*content), Concept(*style))
+    return train_masks(base, adapters, refs, objective_of(strategy, **params),
+                       solve_options(seed, batch_size, mixed_precision), eval_batches=eval_batches,
+                       keep_attached=keep_attached)  # fmt: skip
+
 
 
 @pytest.fixture(scope="module")
@@ -199,9 +218,9 @@ def test_torch_terms_equal_the_weight_space_definitions():
                 assert float(prior_rank_term(mc, ms, role, lam)) == pytest.approx(want, abs=1e-5)
 
 
-def _objective(world, cfg, roles=None, seed=0):
+def _objective(world, objective, roles=None, seed=0):
     base = world.base
-    loras = attach_loras(base.unet, world.adapters, mask_kinds=cfg.mask_kind)
+    loras = attach_loras(base.unet, world.adapters, mask_kinds=objective.axis)
     g = torch.Generator().manual_seed(seed)
     for p in loras.mask_parameters():
         p.data = torch.rand(p.shape, generator=g) + 0.2
@@ -215,7 +234,7 @@ def _objective(world, cfg, roles=None, seed=0):
         },
     )
     batch = _sample(data, base, 2, torch.Generator().manual_seed(seed + 1))
-    return loras, MaskObjective(base, loras, data, cfg, roles or {}), batch
+    return loras, MaskLoss(base, loras, data, objective, roles or {}), batch
 
 
 def test_each_switch_removes_its_term(world, priors_file):
@@ -227,8 +246,7 @@ def test_each_switch_removes_its_term(world, priors_file):
     calls = []
     hook = world.base.unet.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        cfg = TrainConfig(strategy="duolora", **full)
-        loras, obj, batch = _objective(world, cfg, roles)
+        loras, obj, batch = _objective(world, objective_of("duolora", **full), roles)
         try:
             calls.clear()
             terms = obj(batch)
@@ -242,7 +260,7 @@ def test_each_switch_removes_its_term(world, priors_file):
                 ("cycle", "lambda_cycle"),
                 ("rev", "lambda_rev"),
             ):
-                obj.lam = TrainConfig(strategy="duolora", **{**full, lam_key: 0.0}).weights()
+                obj.lam = objective_of("duolora", **{**full, lam_key: 0.0}).term_weights()
                 calls.clear()
                 off = obj(batch)
                 assert term not in off
@@ -253,7 +271,7 @@ def test_each_switch_removes_its_term(world, priors_file):
                 g_off = torch.autograd.grad(off["total"], loras.mask_parameters())
                 assert any(not torch.allclose(a, b) for a, b in zip(g_off, grads_full))
             # with all switches off only the two reconstruction terms remain
-            obj.lam = TrainConfig(strategy="duolora").weights() | {"sim": 0, "prior": 0, "cycle": 0, "rev": 0}
+            obj.lam = objective_of("duolora").term_weights() | {"sim": 0, "prior": 0, "cycle": 0, "rev": 0}
             base_only = obj(batch)
             assert set(base_only) == {"content", "style", "total"}
             assert float(base_only["total"]) == pytest.approx(
@@ -267,15 +285,14 @@ def test_each_switch_removes_its_term(world, priors_file):
 
 def test_gradient_of_a_disabled_term_is_exactly_absent(world):
     """Similarity off: mask gradients equal those of the reconstruction terms alone."""
-    cfg = TrainConfig(strategy="ziplora", lambda_sim=0.0)
-    loras, obj, batch = _objective(world, cfg)
+    loras, obj, batch = _objective(world, objective_of("ziplora", lambda_sim=0.0))
     try:
         t = obj(batch)
         g = torch.autograd.grad(t["total"], loras.mask_parameters())
         t2 = obj(batch)
         g2 = torch.autograd.grad(t2["content"] + t2["style"], loras.mask_parameters())
         assert all(torch.allclose(a, b) for a, b in zip(g, g2))
-        obj.lam = TrainConfig(strategy="ziplora", lambda_sim=1.0).weights()
+        obj.lam = objective_of("ziplora", lambda_sim=1.0).term_weights()
         t3 = obj(batch)
         g3 = torch.autograd.grad(t3["total"], loras.mask_parameters())
         assert any(not torch.allclose(a, b) for a, b in zip(g, g3))
@@ -287,26 +304,9 @@ def test_gradient_of_a_disabled_term_is_exactly_absent(world):
 def test_training_decreases_objective_counts_steps_and_trains_only_masks(world, priors_file):
     base = world.base
     before = {k: v.clone() for k, v in base.unet.state_dict().items()}
-    cfg = TrainConfig(
-        strategy="duolora",
-        steps=5,
-        lr=0.05,
-        lambda_sim=0.0,
-        lambda_prior=0.1,
-        priors=priors_file,
-        prior_init=True,
-        eval_batches=2,
-        batch_size=2,
-    )
-    res = train_masks(
-        base,
-        world.adapters,
-        content_images=world.images["content"],
-        content_prompt="a sks thing",
-        style_images=world.images["style"],
-        style_prompt="zkz style",
-        config=cfg,
-    )
+    res = train(base, world.adapters, (world.images["content"], "a sks thing"), (world.images["style"], "zkz style"),
+                "duolora", steps=5, lr=0.05, lambda_sim=0.0, lambda_prior=0.1, lambda_cycle=0.0, priors=str(priors_file),
+                prior_init=True, eval_batches=2, batch_size=2)  # fmt: skip
     # every step counts even though the similarity term is switched off (no early exit)
     assert [h["step"] for h in res.history] == [1, 2, 3, 4, 5]
     assert "sim" not in res.history[0]
@@ -323,18 +323,8 @@ def test_training_decreases_objective_counts_steps_and_trains_only_masks(world, 
 def test_prior_init_uses_the_weight_space_draw(world, priors_file):
     from lora_merge.strategies.base import LayerContext
 
-    cfg = TrainConfig(
-        strategy="duolora", steps=0, priors=priors_file, prior_init=True, eval_batches=0, seed=5
-    )
-    res = train_masks(
-        world.base,
-        world.adapters,
-        content_images=world.images["content"],
-        content_prompt="a b",
-        style_images=world.images["style"],
-        style_prompt="c d",
-        config=cfg,
-    )
+    res = train(world.base, world.adapters, (world.images["content"], "a b"), (world.images["style"], "c d"),
+                "duolora", steps=0, priors=str(priors_file), prior_init=True, lambda_cycle=0.0, seed=5)
     name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
     gen = LayerContext(name=name, index=0, seed=5).generator("duolora-prior-init")
     mc, ms = M.prior_init(4, 3, "content", gen)
@@ -348,17 +338,8 @@ def test_saved_file_reproduces_trained_merged_layers(world, tmp_path):
     import lora_merge
 
     base = world.base
-    cfg = TrainConfig(strategy="ziplora", steps=2, lr=0.05, eval_batches=0)
-    res = train_masks(
-        base,
-        world.adapters,
-        content_images=world.images["content"],
-        content_prompt="a sks thing",
-        style_images=world.images["style"],
-        style_prompt="zkz style",
-        config=cfg,
-        keep_attached=True,
-    )
+    res = train(base, world.adapters, (world.images["content"], "a sks thing"), (world.images["style"], "zkz style"),
+                "ziplora", steps=2, lr=0.05, keep_attached=True)
     loras = res.loras
     try:
         assert any(not torch.allclose(m[0], torch.ones_like(m[0])) for m in res.masks.values())
@@ -385,47 +366,52 @@ def test_saved_file_reproduces_trained_merged_layers(world, tmp_path):
 
 
 # ------------------------------------------------------------------ the strategies' model-mode solver
-def test_model_mode_options_are_checked():
-    with pytest.raises(UsageError, match="--base"):
-        check_model_inputs(
-            {
-                "mode": "model",
-                "content_images": "x",
-                "content_prompt": "p",
-                "style_images": "y",
-                "style_prompt": "q",
-            }
-        )
+def test_model_mode_options_are_checked(world):
+    import lora_merge
+
+    strat = get_strategy("ziplora")(mode="model", content_images="x", content_prompt="p", style_images="y",
+                                    style_prompt="q")  # fmt: skip
+    with pytest.raises(UsageError, match="--mode model needs --base$"):
+        lora_merge.merge(world.adapters, strategy=strat)
+    strat = get_strategy("duolora")(mode="model", base="toyworld", content_prompt="p")
+    with pytest.raises(UsageError, match="needs --content-images, --style-images, --style-prompt$"):
+        lora_merge.merge(world.adapters, strategy=strat)
     with pytest.raises(UsageError, match="only apply with --mode model"):
         check_weights_mode({"base": "toyworld", "mixed_precision": "no"})
     check_weights_mode({"mixed_precision": "no", "batch_size": 1})
     with pytest.raises(UsageError, match="exactly 2"):
-        train_masks(
-            None,
-            [1, 2, 3],
-            content_images=None,
-            content_prompt="a",
-            style_images=None,
-            style_prompt="b",
-            config=TrainConfig(),
-        )
+        train(None, [1, 2, 3], (None, "a"), (None, "b"))
 
 
-def test_train_config_uses_the_declared_defaults():
+def test_the_objective_uses_the_declared_defaults():
     """One default per parameter: model mode trains with exactly the strategy's declared values."""
-    z = train_config(get_strategy("ziplora")(mode="model"))
-    assert (z.steps, z.lr, z.lambda_sim, z.lambda_cycle, z.lambda_prior, z.mask_kind) == (100, 0.01, 0.01, 0, 0, "out")
+    z = objective_of("ziplora")
+    assert (z.steps, z.lr, z.lambda_sim, z.lambda_cycle, z.lambda_prior, z.axis, z.priors) == (
+        100, 0.01, 0.01, 0, 0, "out", None)
     duo = get_strategy("duolora")
     declared = {p.name: p.default for p in duo.params}
-    d = train_config(duo(mode="model"))
+    d = objective_of("duolora")
     for key in ("steps", "lr", "lambda_sim", "lambda_prior", "lambda_hinge", "lambda_cycle", "prior_init",
-                "batch_size", "mixed_precision", "priors"):
+                "priors", "closed_form"):
         assert getattr(d, key) == declared[key], key
-    assert d.lambda_rev == declared["lambda_cycle"] and d.mask_kind == "rank"
-    d = train_config(duo(mode="model", lambda_cycle=0.02))
+    assert d.lambda_rev == declared["lambda_cycle"] and d.axis == "rank"
+    opts = SolveOptions.from_config(duo(mode="model").config, device="cpu", seed=3)
+    assert (opts.batch_size, opts.mixed_precision, opts.seed) == (declared["batch_size"], declared["mixed_precision"], 3)
+    d = objective_of("duolora", lambda_cycle=0.02)
     assert (d.lambda_cycle, d.lambda_rev) == (0.02, 0.02)
-    paper = train_config(duo(mode="model", preset="paper"))  # the preset reaches model mode too
+    paper = objective_of("duolora", preset="paper")  # the preset reaches model mode too
     assert (paper.prior_init, paper.lambda_prior, paper.lambda_cycle) == (True, 0.1, 0.01)
+
+
+def test_model_mode_code_names_no_strategy():
+    """The model solver is driven by the objective alone: no strategy name in lora_merge/model_mode."""
+    from pathlib import Path
+
+    import lora_merge.model_mode as mm
+
+    for path in Path(mm.__file__).parent.glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert '"duolora"' not in text and '"ziplora"' not in text, path.name
 
 
 def _image_dirs(tmp_path, world):
@@ -620,40 +606,20 @@ def test_pipeline_folder_matches_diffusers_pipeline(tmp_path, xl):
     )
     # a model-mode run and a calibration go through the folder's UNet
     ads = [random_lora(base.unet, 1), random_lora(base.unet, 2)]
-    res = train_masks(
-        base,
-        ads,
-        content_images=x,
-        content_prompt="a photo of sks dog",
-        style_images=x,
-        style_prompt="a dog in zkz style",
-        config=TrainConfig(strategy="duolora", steps=1, eval_batches=0, lambda_cycle=0.01, lambda_rev=0.01),
-    )
+    res = train(base, ads, (x, "a photo of sks dog"), (x, "a dog in zkz style"), "duolora", steps=1,
+                lambda_cycle=0.01, lambda_rev=0.01, priors="none")
     assert len(res.history) == 1 and {"cycle", "rev"} <= set(res.history[0])
 
 
 def test_mixed_precision(world):
     """bf16 autocast trains on CPU; fp16 on CPU is refused (accelerate would quietly run fp32)."""
     x = world.images["content"]
-    kw = {"content_images": x, "content_prompt": "a", "style_images": x, "style_prompt": "b"}
-    res = train_masks(
-        world.base,
-        world.adapters,
-        config=TrainConfig(strategy="ziplora", steps=1, eval_batches=0, mixed_precision="bf16"),
-        **kw,
-    )
+    res = train(world.base, world.adapters, (x, "a"), (x, "b"), steps=1, mixed_precision="bf16")
     assert len(res.history) == 1 and res.history[0]["total"] > 0
     with pytest.raises(UsageError, match="fp16 needs a GPU"):
-        train_masks(
-            world.base,
-            world.adapters,
-            config=TrainConfig(strategy="ziplora", steps=1, mixed_precision="fp16"),
-            **kw,
-        )
+        train(world.base, world.adapters, (x, "a"), (x, "b"), steps=1, mixed_precision="fp16")
     # a later fp32 run in the same process is not stuck with the earlier precision
-    res = train_masks(
-        world.base, world.adapters, config=TrainConfig(strategy="ziplora", steps=1, eval_batches=0), **kw
-    )
+    res = train(world.base, world.adapters, (x, "a"), (x, "b"), steps=1)
     assert len(res.history) == 1
 
 
@@ -759,7 +725,6 @@ def test_modules_outside_the_unet_are_listed_not_trained(world):
     te = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
     extra.modules[te] = LoraModule.from_tensors(te, torch.randn(2, 8), torch.randn(8, 2))
     x = world.images["content"]
-    res = train_masks(world.base, [extra, world.adapters[1]], content_images=x, content_prompt="a", style_images=x,
-                      style_prompt="b", config=TrainConfig(strategy="ziplora", steps=0, eval_batches=0))  # fmt: skip
+    res = train(world.base, [extra, world.adapters[1]], (x, "a"), (x, "b"), steps=0)
     assert res.skipped == [te] and te not in res.masks and len(res.masks) == 32
     assert res.report()["not_trained"] == [te]

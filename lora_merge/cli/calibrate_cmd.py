@@ -93,6 +93,7 @@ def calibrate_cmd(
     written file feeds `lora-merge merge --strategy ziplora|duolora` with the input model `stats`.
     """
     from ..files import check_output_folder, parse_dtype, refuse_existing
+    from ..masks import Concept, References
     from ..model_mode.base_model import load_base_model
     from ..model_mode.calibrate import calibrate
     from .common import load_adapter
@@ -101,11 +102,9 @@ def calibrate_cmd(
     check_output_folder(output)
     loaded = [load_adapter(a) for a in adapters]
     model = load_base_model(base, device=device, dtype=parse_dtype(dtype), allow_pickle=allow_pickle)
-    summary = calibrate(
-        model, output, content_images=content_images, content_prompt=content_prompt,
-        style_images=style_images, style_prompt=style_prompt, adapters=loaded, layers=layers, samples=samples,
-        batch_size=batch_size, rank=rank, seed=seed, force=force, progress=not as_json,
-    )  # fmt: skip
+    refs = References(Concept(content_images, content_prompt), Concept(style_images, style_prompt))
+    summary = calibrate(model, output, refs, adapters=loaded, layers=layers, samples=samples,
+                        batch_size=batch_size, rank=rank, seed=seed, force=force, progress=not as_json)  # fmt: skip
     if as_json:
         print_json(summary)
         return

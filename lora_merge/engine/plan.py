@@ -46,6 +46,7 @@ class Plan:
         device: torch.device | str = "cpu",
         rank: int | None = None,
         allow_mixed_arch: bool = False,
+        allow_pickle: bool = False,
     ):
         self.adapters = list(adapters)
         self.names = list(names)
@@ -56,7 +57,7 @@ class Plan:
         self.seed = int(seed)
         self.device = torch.device(device)
         self.rank = rank
-        self.allow_pickle = False  # set by run_merge from MergeOptions.allow_pickle (model mode's --base)
+        self.allow_pickle = bool(allow_pickle)  # what a model-mode solver may unpickle from --base
         if not allow_mixed_arch:
             problem = arch_facts.mixed_arch_problem(self.adapters, self.names)
             if problem:

@@ -156,8 +156,7 @@ def _merge_loaded(recipe: Recipe, options: MergeOptions, strat: MergeStrategy, a
     adapters = align_inputs(adapters, out_to, recipe.arch, recipe.rank)  # one DiT layout; LyCORIS needs --rank
     plan = Plan(adapters, names, weights=recipe.resolved_weights(), layer_weights=recipe.resolved_layer_weights(),
                 arch=recipe.arch, seed=recipe.seed, device=dev, rank=recipe.rank,
-                allow_mixed_arch=recipe.allow_mixed_arch)  # fmt: skip
-    plan.allow_pickle = options.allow_pickle  # what the model-mode solver may load from --base
+                allow_mixed_arch=recipe.allow_mixed_arch, allow_pickle=options.allow_pickle)  # fmt: skip
     heads = plan.merged_heads(recipe.keep_heads_from)
     call_prepare(strat, plan, plan.legacy_context())
     run = LayerRun(out_dtype=recipe.out_dtype, threads=options.threads, progress=options.progress,

@@ -29,6 +29,16 @@ the closed form, :func:`prior_init`) and :mod:`~lora_merge.masks.optimizer` (the
 """
 from __future__ import annotations
 
+from .objective import (
+    Concept,
+    LayerMasks,
+    MaskObjective,
+    MaskSolution,
+    MaskSolver,
+    References,
+    SolveOptions,
+    check_references,
+)
 from .optimizer import Solution, finish, refine, refine_many, solve, start
 from .problem import (
     AXES,
@@ -47,6 +57,14 @@ from .problem import (
 
 __all__ = [
     "AXES",
+    "Concept",
+    "LayerMasks",
+    "MaskObjective",
+    "MaskSolution",
+    "MaskSolver",
+    "References",
+    "SolveOptions",
+    "check_references",
     "MaskAxis",
     "MaskProblem",
     "Solution",

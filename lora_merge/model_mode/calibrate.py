@@ -25,11 +25,12 @@ from ..arch import ATTENTION_TARGETS
 from ..errors import UsageError
 from ..files import refuse_existing
 from ..input_models import save_stats
+from ..masks import References
 from ..patterns import matches
 from ..progress import progress_bar
 from .base_model import BaseModel
-from .images import resolve_images
 from .lora_layers import UNET_PREFIX
+from .references import encode_references
 
 #: the layers LoRA trainers target by default (diffusers/PEFT/kohya attention LoRAs)
 
@@ -95,11 +96,8 @@ def _input_vectors(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def record_moments(
     base: BaseModel,
     names: Sequence[str],
+    references: References,
     *,
-    content_images: torch.Tensor | str | os.PathLike,
-    content_prompt: str,
-    style_images: torch.Tensor | str | os.PathLike,
-    style_prompt: str,
     samples: int = 4,
     batch_size: int = 8,
     seed: int = 0,
@@ -139,15 +137,7 @@ def record_moments(
         mom.sums[n] = {r: torch.zeros(d, d, dtype=torch.float32, device=dev) for r in ("content", "style")}
         mom.counts[n] = {"content": 0, "style": 0}
         handles.append(mod.register_forward_pre_hook(hook_for(n, mod)))
-    work = []
-    for role, imgs, prompt in (
-        ("content", content_images, content_prompt),
-        ("style", style_images, style_prompt),
-    ):
-        if not prompt or not str(prompt).strip():
-            raise UsageError(f"calibrate needs a {role} prompt (--{role}-prompt)")
-        imgs = resolve_images(imgs, base.image_size)
-        work.append((role, base.encode_images(imgs), base.encode_prompt([prompt])))
+    work = [(role, lat, cond) for role, (lat, cond) in encode_references(base, references, "calibrate").items()]
     gen = torch.Generator().manual_seed(int(seed))
     total = sum(((lat.shape[0] * samples) + batch_size - 1) // batch_size for _, lat, _ in work)
     try:
@@ -174,11 +164,8 @@ def record_moments(
 def calibrate(
     base: BaseModel,
     output: str | os.PathLike,
+    references: References,
     *,
-    content_images: torch.Tensor | str | os.PathLike,
-    content_prompt: str,
-    style_images: torch.Tensor | str | os.PathLike,
-    style_prompt: str,
     adapters: Sequence[Any] = (),
     layers: str | None = None,
     samples: int = 4,
@@ -194,10 +181,8 @@ def calibrate(
     if rank is not None and rank < 1:
         raise UsageError(f"--rank must be >= 1, got {rank}")
     names = select_layers(base.unet, adapters=adapters, pattern=layers)
-    mom = record_moments(
-        base, names, content_images=content_images, content_prompt=content_prompt, style_images=style_images,
-        style_prompt=style_prompt, samples=samples, batch_size=batch_size, seed=seed, progress=progress,
-    )  # fmt: skip
+    mom = record_moments(base, names, references, samples=samples, batch_size=batch_size, seed=seed,
+                         progress=progress)  # fmt: skip
     stats: dict[str, dict[str, Any]] = {}
     for n in names:
         stats[n] = {}
@@ -209,8 +194,8 @@ def calibrate(
     md = {
         "base_model": base.name,
         "arch": str(base.arch),
-        "content_prompt": content_prompt,
-        "style_prompt": style_prompt,
+        "content_prompt": references.content.prompt,
+        "style_prompt": references.style.prompt,
         "samples_per_image": str(samples),
         "seed": str(seed),
         "rank": "full" if rank is None else str(rank),

@@ -19,11 +19,9 @@ exit when ``sim`` reaches 0 (a bug of the public code).  Only the masks train (A
 
 from __future__ import annotations
 
-import math
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,65 +30,16 @@ from torch import nn
 
 from ..arch import sub_block_of, unet_block_resolutions
 from ..errors import UsageError
-from ..masks import prior_init
+from ..masks import MaskObjective, References, SolveOptions, prior_init
 from ..priors import load_priors, priors_from_resolutions
 from ..progress import progress_bar
 from ..strategies.base import LayerContext
 from .base_model import BaseModel
-from .images import resolve_images
 from .lora_layers import LoraSet, attach_loras
+from .references import encode_references
 
 TERMS = ("content", "style", "sim", "prior", "cycle", "rev")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one mask-training run.  ``strategy`` picks the mask family: ``ziplora`` (one mask value
-    per output — or input, ``axis='in'`` — dimension) or ``duolora`` (rank masks, layer priors)."""
-
-    strategy: str = "duolora"
-    steps: int = 100
-    lr: float = 0.01
-    lambda_sim: float = 0.01
-    lambda_prior: float = 0.0
-    lambda_hinge: float = 1.0
-    lambda_cycle: float = 0.0
-    lambda_rev: float = 0.0
-    axis: str = "out"
-    priors: str | None = None
-    prior_init: bool = False
-    batch_size: int = 1
-    seed: int = 0
-    mixed_precision: str = "no"
-    eval_batches: int = 4
-    cycle_prompt: str | None = None
-
-    def validate(self) -> None:
-        if self.strategy not in ("ziplora", "duolora"):
-            raise UsageError(f"model mode trains 'ziplora' or 'duolora' masks, not {self.strategy!r}")
-        if int(self.steps) < 0:
-            raise UsageError(f"--steps must be >= 0, got {self.steps}")
-        if not self.lr > 0:
-            raise UsageError(f"--lr must be > 0, got {self.lr}")
-        for k in ("lambda_sim", "lambda_prior", "lambda_hinge", "lambda_cycle", "lambda_rev"):
-            v = getattr(self, k)
-            if not (math.isfinite(v) and v >= 0):
-                raise UsageError(f"--{k.replace('_', '-')} must be a finite number >= 0, got {v}")
-        if self.axis not in ("out", "in"):
-            raise UsageError(f"--axis must be 'out' or 'in', got {self.axis!r}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise UsageError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
-        if int(self.batch_size) < 1:
-            raise UsageError("--batch-size must be >= 1")
-
-    @property
-    def mask_kind(self) -> str:
-        return "rank" if self.strategy == "duolora" else self.axis
-
-    def weights(self) -> dict[str, float]:
-        return {"content": 1.0, "style": 1.0, "sim": self.lambda_sim, "prior": self.lambda_prior,
-                "cycle": self.lambda_cycle, "rev": self.lambda_rev}  # fmt: skip
 
 
 @dataclass
@@ -183,13 +132,6 @@ class _Data:
     cond: dict[str, dict[str, Any]]  # "content", "style", "cycle" → UNet kwargs (batch 1)
 
 
-def _images(base: BaseModel, images: torch.Tensor | str | os.PathLike, what: str) -> torch.Tensor:
-    images = resolve_images(images, base.image_size)
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise UsageError(f"{what} images must be N×3×H×W, got {tuple(images.shape)}")
-    return base.encode_images(images)
-
-
 def _sample(data: _Data, base: BaseModel, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """One batch: content and style latents noised with the same noise and timestep."""
     dev = data.content.device
@@ -211,8 +153,9 @@ def _sample(data: _Data, base: BaseModel, batch: int, gen: torch.Generator) -> d
 
 
 # ------------------------------------------------------------------------------------------ objective
-class MaskObjective(nn.Module):
-    """Holds the masks (as registered parameters, so accelerate/DDP can wrap it) and computes the loss.
+class MaskLoss(nn.Module):
+    """Holds the masks (as registered parameters, so accelerate/DDP can wrap it) and computes the loss of a
+    :class:`~lora_merge.masks.MaskObjective` through the model.
 
     ``forward(batch)`` returns the dict of raw terms plus ``total``; disabled terms are absent.
     """
@@ -222,7 +165,7 @@ class MaskObjective(nn.Module):
         base: BaseModel,
         loras: LoraSet,
         data: _Data,
-        cfg: TrainConfig,
+        objective: MaskObjective,
         roles: dict[str, tuple[str, float]],
     ):
         super().__init__()
@@ -230,8 +173,8 @@ class MaskObjective(nn.Module):
         self._base = [base]  # not registered: the UNet stays outside the trained module
         self._loras = [loras]
         self._data = [data]
-        self.cfg = cfg
-        self.lam = cfg.weights()
+        self.objective = objective
+        self.lam = objective.term_weights()
         self._pairs_names = [
             n for n, layer in loras.layers.items() if all(s.mask is not None for s in layer.slots)
         ]
@@ -276,7 +219,7 @@ class MaskObjective(nn.Module):
                 [
                     score
                     * prior_rank_term(
-                        layers[n].slots[0].mask, layers[n].slots[1].mask, role, self.cfg.lambda_hinge
+                        layers[n].slots[0].mask, layers[n].slots[1].mask, role, self.objective.lambda_hinge
                     )
                     for n, role, score in self._prior_layers
                 ]
@@ -316,16 +259,16 @@ def layer_roles(
     return out, table.source or str(priors)
 
 
-def _init_fn(cfg: TrainConfig, roles: dict[str, tuple[str, float]]):
-    """Masks start at 1, except DuoLoRA with ``prior_init``: the paper's role-dependent draw
-    (:func:`lora_merge.masks.prior_init`), seeded per layer exactly as the weight-space ``duolora``."""
-    if not (cfg.strategy == "duolora" and cfg.prior_init and roles):
+def _init_fn(objective: MaskObjective, seed: int, roles: dict[str, tuple[str, float]]):
+    """Masks start at 1, except with ``prior_init``: the paper's role-dependent draw
+    (:func:`lora_merge.masks.prior_init`), seeded per layer exactly as the weight-space solver."""
+    if not (objective.prior_init and roles):
         return None
     cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def init(name: str, index: int, size: int, ranks: tuple[int, int]) -> torch.Tensor:
         if name not in cache:
-            gen = LayerContext(name=name, index=0, seed=cfg.seed).generator("duolora-prior-init")
+            gen = LayerContext(name=name, index=0, seed=seed).generator(objective.init_salt)
             cache[name] = prior_init(ranks[0], ranks[1], roles.get(name, ("neutral", 0.0))[0], gen)
         return cache[name][index].float()
 
@@ -336,57 +279,57 @@ def _init_fn(cfg: TrainConfig, roles: dict[str, tuple[str, float]]):
 def train_masks(
     base: BaseModel,
     adapters: Sequence[Any],
+    references: References,
+    objective: MaskObjective,
+    options: SolveOptions,
     *,
-    content_images: torch.Tensor | str | os.PathLike,
-    content_prompt: str,
-    style_images: torch.Tensor | str | os.PathLike,
-    style_prompt: str,
-    config: TrainConfig | None = None,
     weights: Sequence[float] | Callable[[str], Sequence[float]] | None = None,
-    progress: bool = False,
+    eval_batches: int = 4,
     keep_attached: bool = False,
 ) -> TrainResult:
     """Learn the masks of a content (``adapters[0]``) and a style (``adapters[1]``) LoRA jointly through
-    ``base``'s UNet.  The UNet is left unchanged afterwards (``keep_attached=True`` returns with the
-    wrapped layers still in place, as ``result.loras``, for inspection and tests)."""
-    cfg = config or TrainConfig()
-    cfg.validate()
+    ``base``'s UNet, minimizing ``objective`` on ``references``.  The UNet is left unchanged afterwards
+    (``keep_attached=True`` returns with the wrapped layers still in place, as ``result.loras``, for
+    inspection and tests)."""
     if len(adapters) != 2:
         raise UsageError(f"model mode merges exactly 2 inputs (content, style), got {len(adapters)}")
-    for what, p in (("content", content_prompt), ("style", style_prompt)):
-        if not p or not str(p).strip():
-            raise UsageError(f"model mode needs a {what} prompt (--{what}-prompt)")
-    need_cycle = cfg.lambda_cycle > 0 or cfg.lambda_rev > 0
-    cycle_prompt = cfg.cycle_prompt or f"{content_prompt} {style_prompt}"
-    accelerator = _accelerator(cfg, base)
+    references.check_prompts("model mode")
+    if options.mixed_precision not in MIXED_PRECISION:
+        raise UsageError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
+    if int(options.batch_size) < 1:
+        raise UsageError("--batch-size must be >= 1")
+    need_cycle = objective.lambda_cycle > 0 or objective.lambda_rev > 0
+    cycle_prompt = references.joint_prompt
+    accelerator = _accelerator(options.mixed_precision, base)
     t0 = time.perf_counter()
 
     names = list(dict.fromkeys(n for ad in adapters for n in ad.modules))
-    roles, priors_source = layer_roles(names, cfg.priors, base) if cfg.strategy == "duolora" else ({}, "none")
-    loras = attach_loras(base.unet, adapters, weights=weights, mask_kinds=cfg.mask_kind,
-                         mask_init=_init_fn(cfg, roles))  # fmt: skip
+    roles, priors_source = layer_roles(names, objective.priors, base)
+    loras = attach_loras(base.unet, adapters, weights=weights, mask_kinds=objective.axis,
+                         mask_init=_init_fn(objective, options.seed, roles))  # fmt: skip
     try:
         if not loras.layers:
             raise UsageError("no adapter module is a UNet layer; model mode trains UNet masks only")
+        encoded = encode_references(base, references, "model mode")
         data = _Data(
-            content=_images(base, content_images, "content"),
-            style=_images(base, style_images, "style"),
-            cond={"content": base.encode_prompt([content_prompt]),
-                  "style": base.encode_prompt([style_prompt]),
+            content=encoded["content"][0],
+            style=encoded["style"][0],
+            cond={"content": encoded["content"][1], "style": encoded["style"][1],
                   **({"cycle": base.encode_prompt([cycle_prompt])} if need_cycle else {})},
         )  # fmt: skip
-        objective = MaskObjective(base, loras, data, cfg, roles)
-        optimizer = torch.optim.Adam(objective.parameters(), lr=cfg.lr)
-        objective, optimizer = accelerator.prepare(objective, optimizer)
-        eval_set = _eval_batches(data, base, cfg)
-        initial = _evaluate(objective, eval_set, accelerator)
-        gen = torch.Generator().manual_seed(cfg.seed * 1009 + accelerator.process_index + 1)
+        loss = MaskLoss(base, loras, data, objective, roles)
+        optimizer = torch.optim.Adam(loss.parameters(), lr=objective.lr)
+        loss, optimizer = accelerator.prepare(loss, optimizer)
+        eval_set = _eval_batches(data, base, options, eval_batches)
+        initial = _evaluate(loss, eval_set, accelerator)
+        gen = torch.Generator().manual_seed(options.seed * 1009 + accelerator.process_index + 1)
         history: list[dict[str, float]] = []
-        with progress_bar("training masks", enabled=progress and accelerator.is_local_main_process) as bar:
-            for step in range(int(cfg.steps)):
-                batch = _sample(data, base, cfg.batch_size, gen)
+        steps = int(objective.steps)
+        with progress_bar("training masks", enabled=options.progress and accelerator.is_local_main_process) as bar:
+            for step in range(steps):
+                batch = _sample(data, base, options.batch_size, gen)
                 with accelerator.autocast():
-                    terms = objective(batch)
+                    terms = loss(batch)
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(terms["total"])
                 optimizer.step()
@@ -394,15 +337,18 @@ def train_masks(
                 history.append(row)
                 if bar is not None:
                     losses = " ".join(f"{k}={row[k]:.4g}" for k in ("total", *TERMS) if k in row)
-                    bar(step + 1, int(cfg.steps), losses)
-        final = _evaluate(objective, eval_set, accelerator)
+                    bar(step + 1, steps, losses)
+        final = _evaluate(loss, eval_set, accelerator)
         accelerator.wait_for_everyone()
         masks = loras.masks()
+        config = {**objective.describe(), "seed": options.seed, "batch_size": int(options.batch_size),
+                  "mixed_precision": options.mixed_precision, "eval_batches": int(eval_batches),
+                  "cycle_prompt": cycle_prompt if need_cycle else None}  # fmt: skip
         result = TrainResult(
             masks=masks, history=history, initial=initial, final=final, num_trainable=loras.num_trainable,
             seconds=time.perf_counter() - t0, roles=roles, priors=priors_source, skipped=list(loras.skipped),
-            config={**asdict(cfg), "cycle_prompt": cycle_prompt if need_cycle else None},
-            prompts={"content": content_prompt, "style": style_prompt,
+            config=config,
+            prompts={"content": references.content.prompt, "style": references.style.prompt,
                      **({"cycle": cycle_prompt} if need_cycle else {})},
             device=str(accelerator.device), num_processes=accelerator.num_processes,
             is_main_process=accelerator.is_main_process,
@@ -421,7 +367,7 @@ def check_precision(mixed_precision: str, device: torch.device | str) -> None:
         raise UsageError("--mixed-precision fp16 needs a GPU (--device cuda); on CPU use bf16 or no")
 
 
-def _accelerator(cfg: TrainConfig, base: BaseModel):
+def _accelerator(mixed_precision: str, base: BaseModel):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -430,17 +376,17 @@ def _accelerator(cfg: TrainConfig, base: BaseModel):
     # the processes `accelerate launch` started — is kept.
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
-    check_precision(cfg.mixed_precision, base.device)
+    check_precision(mixed_precision, base.device)
     try:
-        return Accelerator(mixed_precision=cfg.mixed_precision, cpu=base.device.type == "cpu")
+        return Accelerator(mixed_precision=mixed_precision, cpu=base.device.type == "cpu")
     except (ValueError, RuntimeError) as exc:
-        raise UsageError(f"--mixed-precision {cfg.mixed_precision}: {exc}".splitlines()[0]) from None
+        raise UsageError(f"--mixed-precision {mixed_precision}: {exc}".splitlines()[0]) from None
 
 
-def _eval_batches(data: _Data, base: BaseModel, cfg: TrainConfig) -> list[dict[str, torch.Tensor]]:
+def _eval_batches(data: _Data, base: BaseModel, options: SolveOptions, count: int) -> list[dict[str, torch.Tensor]]:
     """A fixed seeded set of batches on which the objective is measured before and after training."""
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
-    return [_sample(data, base, cfg.batch_size, gen) for _ in range(max(0, int(cfg.eval_batches)))]
+    gen = torch.Generator().manual_seed(options.seed * 7919 + 17)
+    return [_sample(data, base, options.batch_size, gen) for _ in range(max(0, int(count)))]
 
 
 def _evaluate(objective: nn.Module, batches: list[dict[str, torch.Tensor]], accelerator) -> dict[str, float]:

@@ -154,6 +154,7 @@ class MergePlan(Protocol):
     seed: int
     device: torch.device
     rank: int | None
+    allow_pickle: bool  # whether a solver may unpickle a base model (``--allow-pickle``)
 
     def layers(self) -> Iterator[PlannedLayer]:
         """Every layer in plan order."""

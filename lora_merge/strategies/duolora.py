@@ -7,15 +7,12 @@ no early stop on the similarity term; any rank, alpha honoured.  See docs/ziplor
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
-from .. import masks as M
-from ..errors import UsageError
-from ..formats.dit_arch import FAMILIES as DIT_FAMILIES
-from ..priors import LayerPriors, load_priors
+from ..masks import MaskObjective
+from ..priors import LayerPriors
 from . import register
-from .base import LayerContext, MergePlan, Param
+from .base import MergePlan, Param
 from .pair_masks import (
     INPUT_PARAMS,
     MODEL_MODE_PARAMS,
@@ -79,66 +76,32 @@ class DuoLoRA(PairMaskStrategy):
     measured_priors: LayerPriors | None = None  # --priors measure: set in prepare()
     _measurement: Any = None
 
-    def _reset(self) -> None:
-        super()._reset()
-        self._priors: LayerPriors | None = None
-        self._priors_arch: object = ()
-        self._roles: dict[str, int] = {}
-
     def prepare(self, plan: MergePlan) -> None:
         measured = None
-        if self.priors in PRIORS_SOURCES:  # needs the base model and reference images; no fallback to a table
-            measured = resolve(PRIORS_SOURCES[self.priors])(self.config, plan.adapters, device=plan.device,
-                                                            seed=plan.seed,
-                                                            allow_pickle=bool(getattr(plan, "allow_pickle", False)))
+        if self.config["priors"] in PRIORS_SOURCES:  # needs the base model and the reference images; no fallback
+            measured = resolve(PRIORS_SOURCES[self.config["priors"]])(self.config, plan.adapters, device=plan.device,
+                                                                      seed=plan.seed, allow_pickle=plan.allow_pickle)
         self.measured_priors, self._measurement = measured or (None, None)
         super().prepare(plan)  # resets the per-merge state, then solves (weights) or trains (model)
 
-    def model_priors(self):
-        return self.measured_priors if self.priors in PRIORS_SOURCES else self.priors
-
-    def _load(self, arch: str | None) -> LayerPriors:
-        spec = self.priors
-        self._priors_arch = arch
-        if spec == "measure":
-            if self.measured_priors is None:
-                raise UsageError("duolora --priors measure: the priors are measured in prepare(), which has not run")
-            return self.measured_priors
-        if spec == "none":
-            return LayerPriors(source="none")
-        if spec == "auto" and arch in DIT_FAMILIES:  # no UNet resolutions, so no DuoLoRA priors
-            table = "--priors flux-splitflux or a priors file" if arch == "flux" else "--priors FILE"
-            base = ("--base: its diffusers pipeline folder, with --content-images/--content-prompt/--style-images/"
-                    "--style-prompt" if arch in ("flux", "sd3", "z-image") else
-                    "--base: a model registered with register_base_model; only FLUX.1, SD3 and Z-Image pipeline folders load")
-            raise UsageError(
-                f"duolora: DuoLoRA's resolution priors do not exist for a DiT ({DIT_FAMILIES[arch].display} has no "
-                f"UNet resolutions); give a block table ({table}) or --priors measure on a base model you supply "
-                f"({base})")
-        if spec == "auto" and arch is None:
-            warnings.warn("duolora: the architecture is unknown, so every layer is neutral (no layer priors); "
-                          "pass --arch or --priors", stacklevel=2)  # fmt: skip
-            return LayerPriors(source="none (architecture unknown)")
-        return load_priors(spec, arch)
-
-    def axis_for(self, ctx: LayerContext) -> str:
-        return "rank"
-
-    def layer_setup(self, ctx: LayerContext, rc: int, rs: int):
-        if self._priors is None or (self.priors == "auto" and self._priors_arch != ctx.arch):
-            self._priors = self._load(ctx.arch)
-        role = self._priors.role_of(ctx.name)
-        score = self._priors.score_of(ctx.name) if role != "neutral" else 0.0
-        self._roles[role] = self._roles.get(role, 0) + 1
-        init = M.prior_init(rc, rs, role, ctx.generator("duolora-prior-init")) if self.prior_init else None
-        weights = {"lambda_sim": self.lambda_sim, "lambda_prior": self.lambda_prior,
-                   "lambda_hinge": self.lambda_hinge, "lambda_cycle": self.lambda_cycle,
-                   "role": role, "prior_score": score}  # fmt: skip
-        return weights, init, {"role": role, "prior_score": score}
+    def mask_objective(self, plan: MergePlan | None = None) -> MaskObjective:
+        """ZipRank (rank masks) with the layer-prior rank term, its hinge and the Constyle terms; the reverse
+        cycle weighs ``--lambda-rev`` (default ``--lambda-cycle``)."""
+        cfg = self.config
+        measured = cfg["priors"] in PRIORS_SOURCES and self.measured_priors is not None
+        priors = self.measured_priors if measured else cfg["priors"]  # "measure" unmeasured: the solvers refuse
+        lam_cycle = float(cfg["lambda_cycle"])
+        lam_rev = cfg.get("lambda_rev")
+        return MaskObjective(
+            axis="rank", lambda_sim=float(cfg["lambda_sim"]), lambda_prior=float(cfg["lambda_prior"]),
+            lambda_hinge=float(cfg["lambda_hinge"]), lambda_cycle=lam_cycle,
+            lambda_rev=lam_cycle if lam_rev is None else float(lam_rev), priors=priors,
+            prior_init=bool(cfg["prior_init"]), init_salt=f"{self.name}-prior-init", **self.refine_settings(),
+        )  # fmt: skip
 
     def report(self) -> dict[str, Any]:
         rep = super().report()
-        rep["priors"] = {"spec": self.priors, "source": self._priors.source if self._priors else None,
+        rep["priors"] = {"spec": self.config["priors"], "source": self._priors_source(),
                          "layers_by_role": dict(sorted(self._roles.items()))}  # fmt: skip
         if self._measurement is not None:
             rep["priors"]["measured"] = self._measurement.to_dict()

@@ -1,15 +1,14 @@
-"""The two-LoRA mask strategies' shared machinery (``ziplora``, ``duolora``): input 1 is the content LoRA,
-input 2 the style LoRA; each gets a mask (per output or input dimension, or per rank) and the merge is
-the folded pair, a standard LoRA of rank ``r_c + r_s``.
+"""The two-LoRA mask strategies' shared machinery (``ziplora``, ``duolora``, plug-ins): input 1 is the
+content LoRA, input 2 the style LoRA; each gets a mask (per output or input dimension, or per rank) and the
+merge is the folded pair, a standard LoRA of rank ``r_c + r_s``.
 
-Two solvers find the masks, picked with ``--mode``:
-
-- ``weights`` (default): from the two files alone — the per-layer weight-space objective of
-  :mod:`lora_merge.masks`, solved in closed form and refined with Adam, vectorized over all layers in
-  :meth:`PairMaskStrategy.prepare`;
-- ``model``: trained through the diffusion model on reference images, as in the papers.  It is a seam
-  resolved by name (:data:`SOLVERS`), so importing the strategies never imports diffusers; layers the
-  model does not reach (e.g. a text encoder's) are solved in weight space and listed in the report.
+A strategy subclasses :class:`PairMaskStrategy`, declares its :class:`~lora_merge.strategies.base.Param`
+list and implements one method, :meth:`PairMaskStrategy.mask_objective`: its parameters as a frozen
+:class:`~lora_merge.masks.MaskObjective` (axis, term weights, layer priors, initial masks).  ``--mode``
+picks the solver (:mod:`lora_merge.strategies.mask_solvers`): ``weights`` from the two files alone, or
+``model`` through the diffusion model on the reference images (:meth:`PairMaskStrategy.references`);
+layers the model does not reach (e.g. a text encoder's) are solved in weight space and listed in the
+report.  The strategy folds the masks.
 
 The objective, closed form and refinement are documented in docs/ziplora-duolora.md, model mode in
 docs/model-mode.md.
@@ -17,7 +16,6 @@ docs/model-mode.md.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -27,7 +25,9 @@ from .. import masks as M
 from ..arch import sub_block_of
 from ..errors import UsageError
 from ..input_models import INPUT_MODELS, InputModel, resolve_input_model
+from ..masks import Concept, LayerMasks, MaskObjective, MaskSolution, References, SolveOptions
 from .base import LayerContext, LayerInput, LayerResult, MergePlan, MergeStrategy, Param
+from .mask_solvers import SOLVERS, WeightSpaceSolver, content_style_factors, get_solver, inputs_key, resolve
 
 __all__ = [
     "INPUT_PARAMS",
@@ -36,26 +36,17 @@ __all__ = [
     "REQUIRED_IN_MODEL_MODE",
     "SOLVERS",
     "PairMaskStrategy",
-    "check_model_inputs",
     "check_weights_mode",
     "content_style_factors",
+    "fold_masks",
+    "preserve_strength",
     "resolve",
 ]
 
 #: per-layer mask lists longer than this go to the sidecar only (the JSON report gets summaries)
 MAX_MASK_IN_INFO = 512
 
-#: the mask solvers other than the built-in weight-space one, as ``"module:function"``; the function
-#: takes ``(strategy, plan)`` and returns the trained masks (``lora_merge.model_mode.mask_training.TrainResult``)
-SOLVERS: dict[str, str] = {"model": "lora_merge.model_mode.solver:train_pair_masks"}
-
-MODES = ("weights", *SOLVERS)
-
-
-def resolve(ref: str) -> Any:
-    """``"package.module:attr"`` → the object (the seams of this package are such strings)."""
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
+MODES = tuple(SOLVERS)
 
 
 #: the Adam refinement shared by ziplora and duolora (paper: 100 steps at lr 0.01)
@@ -114,15 +105,8 @@ ZIPLORA_MODEL_PARAMS: tuple[Param, ...] = tuple(
     p for p in MODEL_MODE_PARAMS if p.name not in ("cycle_prompt", "lambda_rev")
 )
 
-#: parameters that must be set in model mode
+#: parameters the model solver needs (it names the missing ones)
 REQUIRED_IN_MODEL_MODE = ("base", "content_images", "content_prompt", "style_images", "style_prompt")
-
-
-def check_model_inputs(config: dict[str, Any]) -> None:
-    """Model mode with a missing input is a usage error (never a silent fallback to weight space)."""
-    missing = [k for k in REQUIRED_IN_MODEL_MODE if not config.get(k)]
-    if missing:
-        raise UsageError("--mode model needs " + ", ".join("--" + k.replace("_", "-") for k in missing))
 
 
 def check_weights_mode(config: dict[str, Any]) -> None:
@@ -137,7 +121,8 @@ def check_weights_mode(config: dict[str, Any]) -> None:
 
 
 class PairMaskStrategy(MergeStrategy):
-    """Base for two-input mask strategies.  Subclasses define ``axis_for`` and ``layer_setup``."""
+    """Base for two-input mask strategies.  Subclasses declare ``params`` and implement
+    :meth:`mask_objective`."""
 
     min_inputs = 2
     max_inputs = 2
@@ -148,6 +133,7 @@ class PairMaskStrategy(MergeStrategy):
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self._model: InputModel | None = None
+        self._fallback = WeightSpaceSolver()
         self._reset()
 
     def _reset(self) -> None:
@@ -156,83 +142,72 @@ class PairMaskStrategy(MergeStrategy):
         self._loss: dict[str, dict[str, float]] = {}
         self._blocks: dict[str, dict[str, float]] = {}
         self._masks: dict[str, torch.Tensor] = {}
-        self._pre: dict[str, tuple] = {}
-        self._trained: Any = None  # the model solver's result (TrainResult) in model mode
+        self._roles: dict[str, int] = {}
+        self._objective: MaskObjective | None = None
+        self._solution: MaskSolution | None = None
 
-    # ---- hooks for subclasses
-    def axis_for(self, ctx: LayerContext) -> str:
+    # ---- the one hook of a mask strategy
+    def mask_objective(self, plan: MergePlan | None = None) -> MaskObjective:
+        """This strategy's parameters as the objective the solvers minimize (``plan``: the merge, for
+        strategies whose objective depends on it)."""
         raise NotImplementedError
 
-    def layer_setup(self, ctx: LayerContext, rc: int, rs: int) -> tuple[dict, tuple | None, dict]:
-        """``(objective weights for build_problem, init masks or None for ones, extra info)``."""
-        raise NotImplementedError
+    def references(self) -> References | None:
+        """The reference images and prompts (``--content-images``, ``--content-prompt``, …), None when the
+        strategy has none."""
+        cfg = self.config
+        if not (cfg.get("content_images") or cfg.get("content_prompt") or cfg.get("style_images")
+                or cfg.get("style_prompt")):  # fmt: skip
+            return None
+        return References(Concept(cfg.get("content_images"), cfg.get("content_prompt")),
+                          Concept(cfg.get("style_images"), cfg.get("style_prompt")), cfg.get("cycle_prompt"))
 
-    def model_priors(self) -> Any:
-        """The layer priors model-mode training uses (a spec or a ``LayerPriors``; None: no priors)."""
-        return None
+    @property
+    def solver_mode(self) -> str:
+        return str(self.config.get("mode") or "weights")
 
     # ---- engine hooks
     def prepare(self, plan: MergePlan) -> None:
-        """Weights mode: solve every layer up front, so the Adam refinement runs vectorized over all
-        layers (:func:`lora_merge.masks.refine_many`).  Model mode: train the masks through the model;
-        the layers it does not reach are solved on demand in :meth:`merge_layer`."""
+        """Build the objective and hand it to the ``--mode`` solver: weight space solves every layer up front
+        (vectorized Adam); model mode trains through the model, and the layers it does not reach are solved
+        in weight space on demand in :meth:`merge_layer`."""
         self._reset()
-        self._model = resolve_input_model(self.input_model, self.stats)
-        if self.config.get("mode", "weights") != "weights":
-            check_model_inputs(self.config)
-            self._trained = resolve(SOLVERS[self.mode])(self, plan)
-            return
-        check_weights_mode(self.config)
-        setups = []
-        for layer in plan.layers():
-            layer_in = plan.layer_inputs(layer)
-            st = self._setup(layer_in, layer.ctx)
-            z, t_init, t_cf = M.start(st["problem"], st["init"], self.closed_form)
-            setups.append((layer.ctx.name, self._key(layer_in), st, z, t_init, t_cf))
-        refined = M.refine_many([x[2]["problem"] for x in setups], [x[3] for x in setups], self.steps, self.lr)
-        for (name, key, st, _z, t_init, t_cf), (z, best_t) in zip(setups, refined):
-            self._pre[name] = (key, M.finish(st["problem"], z, best_t, t_init, t_cf), st["extra"])
+        self._model = resolve_input_model(self.config["input_model"], self.config.get("stats"))
+        if self.solver_mode == "weights":
+            check_weights_mode(self.config)  # model-mode options without --mode model would be ignored
+        self._objective = self.mask_objective(plan)
+        options = SolveOptions.from_config(self.config, device=plan.device, seed=plan.seed,
+                                           allow_pickle=plan.allow_pickle)  # fmt: skip
+        self._solution = get_solver(self.solver_mode).solve(self._objective, plan, self.references(), options)
 
     def input_model_obj(self) -> InputModel:
         if self._model is None:
-            self._model = resolve_input_model(self.input_model, self.stats)
+            self._model = resolve_input_model(self.config["input_model"], self.config.get("stats"))
         return self._model
 
-    @staticmethod
-    def _key(inputs: Sequence[LayerInput]) -> tuple:
-        return tuple((x.present, float(x.coeff), tuple(x.up.shape), tuple(x.down.shape)) for x in inputs)
-
-    @staticmethod
-    def _factors(inputs: Sequence[LayerInput]):
-        return content_style_factors(inputs)
-
-    def _setup(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> dict:
-        bc, ac, bs, as_ = self._factors(inputs)
-        axis = self.axis_for(ctx)
-        weights, init, extra = self.layer_setup(ctx, ac.shape[0], as_.shape[0])
-        problem = M.build_problem(axis, bc, ac, bs, as_, self.input_model_obj(), ctx.name, **weights)
-        return {"axis": axis, "problem": problem, "init": init, "extra": extra}
-
     def merge_layer(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> LayerResult:
-        if self._trained is not None:
-            if ctx.name in self._trained.masks:
-                return self._fold_learned(inputs, ctx)
-            if ctx.name not in self._trained.skipped:
-                self._trained.skipped.append(ctx.name)
-        bc, ac, bs, as_ = self._factors(inputs)
-        axis = self.axis_for(ctx)
-        pre = self._pre.pop(ctx.name, None)
-        if pre is not None and pre[0] == self._key(inputs):
-            sol, extra = pre[1], pre[2]
-            n_values = sol.mask_c.numel() + sol.mask_s.numel()
-        else:
-            st = self._setup(inputs, ctx)
-            sol = M.solve(st["problem"], st["init"], closed_form=self.closed_form, steps=self.steps, lr=self.lr)
-            extra, n_values = st["extra"], st["problem"].num_values
-        if self.strength == "preserve":
+        if self._objective is None:  # merge_layer without prepare (API use): the objective of no plan
+            self._objective = self.mask_objective(None)
+        sol = self._solution
+        solved = sol.layers.pop(ctx.name, None) if sol is not None else None
+        if solved is not None and solved.solution is None:
+            return self._fold_learned(inputs, ctx, solved)
+        if sol is not None and sol.solver != "weights" and ctx.name not in sol.skipped:
+            sol.skipped.append(ctx.name)
+        if solved is None or solved.key != inputs_key(inputs):
+            solved = self._fallback.solve_layer(self._objective, inputs, ctx)
+        return self._fold_solved(inputs, ctx, solved)
+
+    def _fold_solved(self, inputs: Sequence[LayerInput], ctx: LayerContext, solved: LayerMasks) -> LayerResult:
+        bc, ac, bs, as_ = content_style_factors(inputs)
+        axis = self._objective.axis_for(ctx.name)
+        sol = solved.solution
+        n_values = sol.mask_c.numel() + sol.mask_s.numel()
+        if self.config["strength"] == "preserve":
             sol.mask_c, sol.mask_s = preserve_strength(sol.mask_c), preserve_strength(sol.mask_s)
         up, down = M.fold_pair(axis, bc, ac, bs, as_, sol.mask_c.to(ac.device), sol.mask_s.to(ac.device))
-        self._record(ctx, n_values, sol)
+        self._record(ctx, n_values, sol, solved.info)
+        extra = {k: v for k, v in solved.info.items() if k != "trainable_values"}
         info: dict[str, Any] = {"mask_axis": axis, "trainable_values": n_values, **extra}
         if sol.mask_c.numel() + sol.mask_s.numel() <= MAX_MASK_IN_INFO:
             info["mask_content"] = [round(float(x), 6) for x in sol.mask_c]
@@ -246,24 +221,26 @@ class PairMaskStrategy(MergeStrategy):
         info["best_step"] = sol.best_step
         return LayerResult(up=up, down=down, info=info)
 
-    def _fold_learned(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> LayerResult:
-        """The masks model mode learned for this layer, folded into the pair (strength applied once)."""
-        axis = self.axis_for(ctx)
-        mc, ms = self._trained.masks[ctx.name]
-        if self.strength == "preserve":
+    def _fold_learned(self, inputs: Sequence[LayerInput], ctx: LayerContext, solved: LayerMasks) -> LayerResult:
+        """The masks a model solver learned for this layer, folded into the pair (strength applied once)."""
+        axis = self._objective.axis_for(ctx.name)
+        mc, ms = solved.content, solved.style
+        if self.config["strength"] == "preserve":
             mc = None if mc is None else preserve_strength(mc)
             ms = None if ms is None else preserve_strength(ms)
         self._masks[f"{ctx.name}.mask_content"] = (mc if mc is not None else torch.ones(0)).contiguous()
         self._masks[f"{ctx.name}.mask_style"] = (ms if ms is not None else torch.ones(0)).contiguous()
         up, down, mc, ms = fold_masks(inputs, mc, ms, axis)
-        info = {"mask_axis": axis, "mode": "model", "trainable_values": int(mc.numel() + ms.numel()),
+        info = {"mask_axis": axis, "mode": self.solver_mode, "trainable_values": int(mc.numel() + ms.numel()),
                 "mask_content_mean": float(mc.mean()) if mc.numel() else None,
                 "mask_style_mean": float(ms.mean()) if ms.numel() else None}  # fmt: skip
         return LayerResult(up=up, down=down, info=info)
 
-    def _record(self, ctx: LayerContext, n_values: int, sol: M.Solution) -> None:
+    def _record(self, ctx: LayerContext, n_values: int, sol: M.Solution, info: dict[str, Any]) -> None:
         self._trainable += n_values
         self._layers += 1
+        if "role" in info:
+            self._roles[info["role"]] = self._roles.get(info["role"], 0) + 1
         for stage, t in (("init", sol.init), ("closed_form", sol.closed_form), ("final", sol.final)):
             if t is None:
                 continue
@@ -293,16 +270,17 @@ class PairMaskStrategy(MergeStrategy):
             "blocks": blocks,
             "mask_sidecar_keys": "<module>.mask_content / <module>.mask_style",
         }
-        if self._trained is not None:
-            self._add_model_report(rep)
+        if self._solution is not None and self._solution.details is not None:
+            self._add_solver_report(rep)
         return rep
 
-    def _add_model_report(self, rep: dict[str, Any]) -> None:
-        trained = self._trained
+    def _add_solver_report(self, rep: dict[str, Any]) -> None:
+        sol = self._solution
+        trained = sol.details
         weight_space = rep.get("trainable_values", 0) or 0
         model_rep = trained.report()
         model_rep["weight_space_layers"] = model_rep.pop("not_trained")
-        rep.update({"mode": "model", "model_mode": model_rep})
+        rep.update({"mode": sol.solver, "model_mode": model_rep})
         rep["trainable_values"] = trained.num_trainable + int(weight_space)
         rep["layers"] = len(trained.masks) + len(trained.skipped)
         rep["input_model"] = "model (masks trained through the UNet)"
@@ -311,9 +289,20 @@ class PairMaskStrategy(MergeStrategy):
             n = sum(1 for name in trained.masks if (sub_block_of(name) or name) == blk)
             blocks["unet." + blk] = {"layers": n, "mask_content": means["content"], "mask_style": means["style"]}
 
+    def _priors_source(self) -> str | None:
+        """Where the weight-space layer priors came from (None: no layer was solved with priors)."""
+        sol = self._solution
+        return (sol.priors_source if sol is not None else None) or self._fallback.priors_source
+
     def sidecars(self) -> dict[str, dict[str, torch.Tensor]]:
         """Every layer's masks, for the ``<output>.masks.safetensors`` sidecar (see docs)."""
         return {"masks": dict(self._masks)}
+
+    # ---- for mask_objective(): the settings every objective takes from REFINE_PARAMS, closed_form and INPUT_PARAMS
+    def refine_settings(self) -> dict[str, Any]:
+        cfg = self.config
+        return {"steps": int(cfg["steps"]), "lr": float(cfg["lr"]), "closed_form": bool(cfg["closed_form"]),
+                "input_model": self.input_model_obj()}  # fmt: skip
 
 
 def preserve_strength(mask: torch.Tensor) -> torch.Tensor:
@@ -323,20 +312,6 @@ def preserve_strength(mask: torch.Tensor) -> torch.Tensor:
         return mask
     mean = float(mask.float().mean())
     return mask if mean <= 1e-6 else mask / mean
-
-
-def content_style_factors(inputs: Sequence[LayerInput]):
-    """The pair convention of every two-input content–style strategy (``ziplora``, ``duolora``,
-    ``np-lora``): input 1 is the content LoRA, input 2 the style LoRA.  Returns
-    ``(B_c, w_c s_c A_c, B_s, w_s s_s A_s)`` with the strength applied once, on the down factors; an input
-    that is absent or weighted 0 contributes rank-0 factors."""
-    c, s = inputs
-    ac, as_ = c.down * c.coeff, s.down * s.coeff
-    if not c.present or c.coeff == 0:
-        ac = c.down.new_zeros(0, c.down.shape[1])
-    if not s.present or s.coeff == 0:
-        as_ = s.down.new_zeros(0, s.down.shape[1])
-    return c.up[:, : ac.shape[0]], ac, s.up[:, : as_.shape[0]], as_
 
 
 def fold_masks(inputs: Sequence[LayerInput], mc: torch.Tensor | None, ms: torch.Tensor | None, axis: str):

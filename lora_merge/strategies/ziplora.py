@@ -7,7 +7,8 @@ Input 1 is the content LoRA, input 2 the style LoRA; the shared machinery is in
 from __future__ import annotations
 
 from . import register
-from .base import LayerContext, Param
+from ..masks import MaskObjective
+from .base import MergePlan, Param
 from .pair_masks import INPUT_PARAMS, REFINE_PARAMS, STRENGTH_PARAM, ZIPLORA_MODEL_PARAMS, PairMaskStrategy
 
 
@@ -30,8 +31,7 @@ class ZipLoRA(PairMaskStrategy):
         *ZIPLORA_MODEL_PARAMS,
     )  # fmt: skip
 
-    def axis_for(self, ctx: LayerContext) -> str:
-        return self.axis
-
-    def layer_setup(self, ctx, rc, rs):
-        return {"lambda_sim": self.lambda_sim}, None, {}
+    def mask_objective(self, plan: MergePlan | None = None) -> MaskObjective:
+        """Reconstruction of both LoRAs plus the similarity term; no priors, no Constyle."""
+        return MaskObjective(axis=self.config["axis"], lambda_sim=float(self.config["lambda_sim"]),
+                             **self.refine_settings())
