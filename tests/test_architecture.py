@@ -27,14 +27,14 @@ FLOORS = {
     "lora_merge.files": 1,
     "lora_merge.plugins": 1,
     "lora_merge.progress": 1,
-    "lora_merge.klora": 1,
-    "lora_merge.timestep_merge": 1,
-    "lora_merge.sampling_time": 1,
     "lora_merge.formats": 2,
     "lora_merge.input_models": 2,
     "lora_merge.masks": 2,
     "lora_merge.priors": 2,
     "lora_merge.strategies": 3,
+    "lora_merge.sampling_time": 3,  # declared with strategies.Param: the floor of strategies
+    "lora_merge.klora": 3,  # re-exports of sampling_time
+    "lora_merge.timestep_merge": 3,
     "lora_merge.analysis": 4,
     "lora_merge.engine": 5,
     "lora_merge.model_mode": 6,

@@ -1,4 +1,4 @@
-"""K-LoRA (lora_merge/klora.py): the per-layer choice against a direct computation, the schedule at the
+"""K-LoRA (lora_merge/sampling_time/klora.py): the per-layer choice against a direct computation, the schedule at the
 timesteps real diffusers schedulers hand the UNet (10/25/50 steps, DDIM and Euler), the hooked output
 against the weights with ΔW folded in, detach, the sampler's ``merger=`` and the CLI's answers."""
 

@@ -1,4 +1,4 @@
-"""timestep-split (lora_merge/timestep_merge.py): the phase follows the real timestep of any scheduler, the
+"""timestep-split (lora_merge/sampling_time/timestep_split.py): the phase follows the real timestep of any scheduler, the
 hooked output equals the weights with each phase's ΔW folded in, detach restores, bad settings fail."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from test_klora import SCHED, _adapter, _folded, _inputs, unet  # noqa: F401  (unet: the fixture)
 
 from lora_merge.errors import UsageError
-from lora_merge.sampling_time import SAMPLING_TIME_MERGERS, build
+from lora_merge.sampling_time import available_sampling_time, build
 from lora_merge.timestep_merge import TimestepSplit
 
 diffusers = pytest.importorskip("diffusers")
@@ -48,7 +48,7 @@ def test_output_equals_each_phase_folded_and_detach_restores(unet):  # noqa: F81
 
 
 def test_listed_and_built_by_name_and_bad_settings_fail(unet):  # noqa: F811
-    assert "timestep-split" in [m["name"] for m in SAMPLING_TIME_MERGERS]
+    assert available_sampling_time()["timestep-split"] is TimestepSplit
     c, s = _adapter(unet, 2, 1), _adapter(unet, 2, 2)
     assert isinstance(build("timestep-split", c, s, switch=0.3), TimestepSplit)
     with pytest.raises(UsageError, match="switch"):

@@ -18,8 +18,8 @@ from ..adapter import Adapter
 from ..engine import merge
 from ..errors import UsageError
 from ..files import atomic_write, make_dirs
+from ..sampling_time import available_sampling_time
 from ..sampling_time import build as build_sampling_merger
-from ..sampling_time import names as sampling_names
 from ..toyworld import JOINT_PROMPT, world
 from ..toyworld.judge import load_judge
 from ..toyworld.model import ARCH, load_base
@@ -111,7 +111,7 @@ def run_variant(v: Variant, content: Path, style: Path, n: int, seed: int = 0, w
     if v.prepare is not None:
         v.prepare()
     t0 = time.perf_counter()
-    if v.strategy in sampling_names():
+    if v.strategy in available_sampling_time():
         merger = build_sampling_merger(v.strategy, load(content), load(style), weights=v.weights, **v.params)
         ev = evaluate(None, n=n, seed=seed, prompt=prompt, world_model=world_model, judge=judge,
                       return_images=True, merger=merger)

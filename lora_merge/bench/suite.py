@@ -31,9 +31,8 @@ from .._version import __version__
 from ..engine import merge
 from ..errors import LoraMergeError
 from ..files import atomic_write_json, input_sha256, make_dirs
-from ..sampling_time import SAMPLING_TIME_MERGERS, merger_class
+from ..sampling_time import available_sampling_time, get_sampling_time
 from ..sampling_time import build as build_sampling_merger
-from ..sampling_time import names as sampling_names
 from ..strategies import available_strategies
 from ..toyworld import world
 from ..toyworld.judge import load_judge, per_class_accuracy
@@ -56,7 +55,7 @@ VALIDATION_OFFSET = 10**9
 
 Progress = Callable[[str], None]
 #: rows that merge while sampling (no file), by strategy name
-SAMPLING_TIME = tuple(sampling_names())
+SAMPLING_TIME = tuple(available_sampling_time())
 
 
 def validation_seeds(n: int, seed: int = 0) -> list[int]:
@@ -245,7 +244,7 @@ class Runner:
                 total = sum(x["content"] + x["style"] for x in counts)
                 share = sum(x["style"] for x in counts) / total if total else None
                 m.update(merge_seconds=None, trainable_values=None, rank=None, style_layer_share=share,
-                         gamma=merger.gamma, sample_seconds=time.perf_counter() - t0)
+                         gamma=getattr(merger, "gamma", None), sample_seconds=time.perf_counter() - t0)
                 return m, imgs
             with warnings.catch_warnings(record=True) as caught:  # kept in the row, not printed over the status
                 warnings.simplefilter("always")
@@ -304,9 +303,8 @@ def strategy_fingerprint(strategy: str, params: dict[str, Any]) -> list[Any]:
     defaults included, so changing a default recomputes the row) and the source of the module that
     implements it (so does editing it; code it calls elsewhere is not covered: ``--no-cache``)."""
     if strategy in SAMPLING_TIME:
-        spec = next(m for m in SAMPLING_TIME_MERGERS if m["name"] == strategy)
-        defaults = {p["name"]: p["default"] for p in spec["params"]}
-        return [{**defaults, **params}, _class_sha(merger_class(strategy))]
+        merger = get_sampling_time(strategy)
+        return [merger.resolve(params), _class_sha(merger)]
     cls = available_strategies()[strategy]
     return [cls(**params).config, _class_sha(cls)]
 

@@ -28,7 +28,7 @@ from ..model_mode.calibrate import calibrate
 from ..model_mode.measure_priors import measure_for_model
 from ..priors import builtin_priors
 from ..priors.measured import write_measured
-from ..sampling_time import SAMPLING_TIME_MERGERS
+from ..sampling_time import available_sampling_time
 from ..strategies import available_strategies
 from ..toyworld import world
 from ..toyworld.model import ARCH
@@ -136,13 +136,12 @@ def default_variants(strategies: Sequence[str] | None = None, ablations: bool = 
 # ------------------------------------------------------------------------------------ sampling time
 def known_strategies() -> list[str]:
     """Every name a row can use: the registered merge strategies, then the sampling-time mergers."""
-    return [*available_strategies(), *(m["name"] for m in SAMPLING_TIME_MERGERS)]
+    return [*available_strategies(), *available_sampling_time()]
 
 
 def sampling_variants(strategies: Sequence[str] | None = None) -> list[Variant]:
     """Sampling-time mergers (no file; :mod:`lora_merge.sampling_time`) with their defaults."""
-    names = [m["name"] for m in SAMPLING_TIME_MERGERS]
-    return [Variant(nm, nm) for nm in names if not strategies or nm in strategies]
+    return [Variant(nm, nm) for nm in available_sampling_time() if not strategies or nm in strategies]
 
 
 # ---------------------------------------------------------------------------------------- priors

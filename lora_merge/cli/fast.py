@@ -1,12 +1,13 @@
 """Answers that need no torch: ``lora-merge --version``, ``--help`` and ``strategies [NAME] [--json]``.
 
 Importing a command module or the strategy registry imports torch (about 2 s).  These three answers are
-printed from ``lora_merge/data/cli_catalogue.json`` instead: every command's help text and every built-in
-strategy's ``describe()`` and the sampling-time mergers (``lora_merge.sampling_time.SAMPLING_TIME_MERGERS``), generated from the live objects by ``python -c "from lora_merge.cli import COMMANDS;
-from lora_merge.cli.fast import write_catalogue; write_catalogue(COMMANDS)"``
-and checked against them by ``tests/test_cli_fast.py`` (a stale catalogue fails the suite).  When a
-strategy plug-in is installed (the ``lora_merge.strategies`` entry-point group) or the registry is already
-imported (a strategy registered in-process), ``strategies`` takes the normal path.
+printed from ``lora_merge/data/cli_catalogue.json`` instead: every command's help text, every built-in
+strategy's ``describe()`` and every built-in sampling-time merger's ``describe()`` (both generated from
+their ``Param`` declarations), written from the live objects by ``python -c "from lora_merge.cli import
+COMMANDS; from lora_merge.cli.fast import write_catalogue; write_catalogue(COMMANDS)"`` and checked against
+them by ``tests/test_cli_fast.py`` (a stale catalogue fails the suite).  When a plug-in is installed (the
+``lora_merge.strategies`` or ``lora_merge.sampling_time`` entry-point group) or a registry is already
+imported (a strategy or merger registered in-process), ``strategies`` takes the normal path.
 """
 
 from __future__ import annotations
@@ -45,13 +46,17 @@ def _group_help(cli: click.Group) -> str:
     return group.get_help(ctx)
 
 
+#: the registries ``strategies`` lists and their entry-point groups (plug-ins only the live registry knows)
+_REGISTRIES = ("lora_merge.strategies", "lora_merge.sampling_time")
+
+
 def _strategies(rest: list[str]) -> int | None:
-    if "lora_merge.strategies" in sys.modules:
-        return None  # the live registry may hold strategies registered in this process
+    if any(m in sys.modules for m in _REGISTRIES):
+        return None  # the live registry may hold strategies or mergers registered in this process
     from importlib.metadata import entry_points
 
-    if list(entry_points(group="lora_merge.strategies")):
-        return None  # plug-in strategies: only the registry knows them
+    if any(list(entry_points(group=g)) for g in _REGISTRIES):
+        return None  # plug-ins: only the registries know them
     as_json = "--json" in rest
     sampling_time = "--sampling-time" in rest
     names = [a for a in rest if a not in ("--json", "--sampling-time")]
@@ -93,7 +98,8 @@ def live_catalogue(commands_table: dict[str, str]) -> dict[str, Any]:
     ``"module:attribute"``, and the strategy registry)."""
     import importlib
 
-    from ..sampling_time import SAMPLING_TIME_MERGERS
+    from ..sampling_time import available_sampling_time
+    from ..sampling_time.registry import BUILTIN_MODULES as _BUILTIN_SAMPLING_TIME
     from ..strategies import _BUILTIN_MODULES, available_strategies
 
     commands = {}
@@ -102,7 +108,9 @@ def live_catalogue(commands_table: dict[str, str]) -> dict[str, Any]:
         cmd = getattr(importlib.import_module(mod), attr)
         commands[name] = {"help": cmd.help, "short_help": cmd.short_help}
     strategies = [cls.describe() for cls in available_strategies().values() if cls.__module__ in _BUILTIN_MODULES]
-    catalogue = {"commands": commands, "strategies": strategies, "sampling_time": SAMPLING_TIME_MERGERS}
+    samplers = [cls.describe() for cls in available_sampling_time().values()
+                if cls.__module__ in _BUILTIN_SAMPLING_TIME]
+    catalogue = {"commands": commands, "strategies": strategies, "sampling_time": samplers}
     return json.loads(json.dumps(catalogue))  # as stored: lists, not tuples
 
 

@@ -1,5 +1,6 @@
 """``lora-merge strategies [NAME]``: the registered merge strategies and their options, and the
-sampling-time mergers (K-LoRA), which no file can hold."""
+sampling-time mergers (K-LoRA, timestep-split, plug-ins), which no file can hold; both listings are the
+classes' ``describe()``, generated from their ``Param`` declarations."""
 
 from __future__ import annotations
 
@@ -12,16 +13,17 @@ from .common import print_json
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--sampling-time", "sampling_time", is_flag=True,
-              help="List only the sampling-time mergers (K-LoRA): applied while sampling, through the Python "
-                   "API; they cannot be saved as one LoRA file. With --json: {\"sampling_time\": [...]}.")
+              help="List only the sampling-time mergers (k-lora, timestep-split): applied while sampling, "
+                   "through the Python API; they cannot be saved as one LoRA file. With --json: "
+                   "{\"sampling_time\": [...]}.")
 def strategies(name: str | None, as_json: bool, sampling_time: bool) -> None:
     """List merge strategies, or show one strategy's parameters. The list ends with the sampling-time
-    mergers (K-LoRA), which run while sampling and cannot be saved as a file (not in --json's list; see
-    --sampling-time)."""
-    from ..sampling_time import SAMPLING_TIME_MERGERS
+    mergers (k-lora, timestep-split), which run while sampling and cannot be saved as a file (not in
+    --json's list; see --sampling-time)."""
+    from ..sampling_time import available_sampling_time
     from ..strategies import available_strategies, get_strategy
 
-    samplers = list(SAMPLING_TIME_MERGERS)
+    samplers = [cls.describe() for cls in available_sampling_time().values()]
     if sampling_time and not name:
         show_sampling_time(samplers, as_json)
         return
@@ -94,10 +96,10 @@ def _show_sampling_one(info: dict) -> None:
     if info.get("reference"):
         c.print(f"reference: {info['reference']}")
     t = Table()
-    for col in ("parameter", "type", "default", "help"):
+    for col in ("parameter", "type", "default", "range / choices", "help"):
         t.add_column(col, overflow="fold")
     for p in info["params"]:
-        t.add_row(p["name"], p["type"], str(p["default"]), p["help"])
+        t.add_row(p["name"], p["type"], str(p["default"]), _range(p), p["help"])
     c.print(t)
 
 
@@ -117,10 +119,11 @@ def _show_one(info: dict) -> None:
     for col in ("option", "type", "default", "range / choices", "help"):
         t.add_column(col, overflow="fold")
     for p in info["params"]:
-        rng = (
-            "|".join(p["choices"])
-            if p["choices"]
-            else (f"[{p['range'][0]}, {p['range'][1]}]" if p["range"] else "")
-        )
-        t.add_row(p["option"], p["type"], str(p["default"]), rng, p["help"])
+        t.add_row(p["option"], p["type"], str(p["default"]), _range(p), p["help"])
     c.print(t)
+
+
+def _range(p: dict) -> str:
+    if p.get("choices"):
+        return "|".join(p["choices"])
+    return f"[{p['range'][0]}, {p['range'][1]}]" if p.get("range") else ""

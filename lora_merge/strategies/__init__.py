@@ -1,11 +1,12 @@
 """Strategy registry.  Built-in strategies register with :func:`register`; third-party packages add
-theirs through the entry-point group ``lora_merge.strategies`` (value: ``module:Class``)."""
+theirs through the entry-point group ``lora_merge.strategies`` (value: ``module:Class``), loaded by
+:func:`lora_merge.plugins.load_entry_points` (a broken plug-in warns once and the others load)."""
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import entry_points
 
 from ..errors import UsageError
+from ..plugins import load_entry_points
 from .base import (
     DirectKernel,
     LayerContext,
@@ -31,6 +32,8 @@ __all__ = [
     "register",
 ]
 
+#: the entry-point group of third-party strategies (value: ``module:Class``)
+ENTRY_POINT_GROUP = "lora_merge.strategies"
 _REGISTRY: dict[str, type[MergeStrategy]] = {}
 _BUILTIN_MODULES = (
     # each module registers its strategies on import
@@ -62,16 +65,16 @@ def _load_all() -> None:
     _loaded = True
     for mod in _BUILTIN_MODULES:
         importlib.import_module(mod)
-    for ep in entry_points(group="lora_merge.strategies"):
-        try:
-            obj = ep.load()
-        except Exception as exc:  # noqa: BLE001 - a broken plug-in must not take the CLI down
-            import warnings
+    load_entry_points(ENTRY_POINT_GROUP, "strategy", _add_plugin)
 
-            warnings.warn(f"could not load strategy plug-in {ep.name!r} ({ep.value}): {exc}", stacklevel=2)
-            continue
-        if isinstance(obj, type) and issubclass(obj, MergeStrategy):
-            _REGISTRY.setdefault(obj.name, obj)
+
+def _add_plugin(entry: str, obj: object) -> None:
+    """An entry point's class joins the registry (a built-in of the same name wins)."""
+    if not (isinstance(obj, type) and issubclass(obj, MergeStrategy)):
+        raise TypeError(f"{obj!r} is not a MergeStrategy subclass")
+    if not getattr(obj, "name", None):
+        raise TypeError(f"{obj.__qualname__} has no name")
+    _REGISTRY.setdefault(obj.name, obj)
 
 
 def available_strategies() -> dict[str, type[MergeStrategy]]:
