@@ -205,6 +205,14 @@ class MergeStrategy:
     #: the suffixes :meth:`sidecars` may return (so the engine can check those paths before any work)
     sidecar_suffixes: ClassVar[tuple[str, ...]] = ()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Each declared parameter is also a read-only property that reads ``self.config`` (``self.density``
+        is ``self.config["density"]``), made here from ``params`` so it is visible on the class."""
+        super().__init_subclass__(**kwargs)
+        for p in cls.__dict__.get("params", ()):
+            if not hasattr(cls, p.name):
+                setattr(cls, p.name, property(lambda self, _n=p.name: self.config[_n], doc=p.help))
+
     def __init__(self, **kwargs: Any):
         known = {p.name: p for p in self.params}
         unknown = sorted(set(kwargs) - set(known))
@@ -216,12 +224,6 @@ class MergeStrategy:
         self.config: dict[str, Any] = {}
         for p in self.params:
             self.config[p.name] = p.coerce(kwargs[p.name], self.name) if kwargs.get(p.name) is not None else p.default
-
-    def __getattr__(self, item: str) -> Any:
-        cfg = self.__dict__.get("config")
-        if cfg is not None and item in cfg:
-            return cfg[item]
-        raise AttributeError(item)
 
     # ---- hooks ----
     def prepare(self, plan: MergePlan) -> None:

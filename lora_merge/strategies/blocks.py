@@ -70,8 +70,8 @@ class Blocks(MergeStrategy):
     def prepare(self, plan: MergePlan) -> None:
         inputs = plan.adapters
         n = len(inputs)
-        self.rules = parse_rules(self.take if self.take else PRESETS[self.preset], n)
-        rest = str(self.rest)
+        self.rules = parse_rules(self.config["take"] if self.config["take"] else PRESETS[self.config["preset"]], n)
+        rest = str(self.config["rest"])
         if rest not in ("drop", "sum") and not (rest.isdigit() and 1 <= int(rest) <= n):
             raise UsageError(f"blocks --rest {rest!r}: expected drop, sum or an input number 1..{n}")
         for i, pattern in self.rules:
@@ -88,12 +88,12 @@ class Blocks(MergeStrategy):
         source = "rule"
         if not chosen:
             source = "rest"
-            if self.rest == "drop":
+            if self.config["rest"] == "drop":
                 chosen = []
-            elif self.rest == "sum":
+            elif self.config["rest"] == "sum":
                 chosen = list(range(len(inputs)))
             else:
-                chosen = [int(self.rest) - 1]
+                chosen = [int(self.config["rest"]) - 1]
         for i in chosen:
             self._taken[i] += int(inputs[i].present)
         sel = [

@@ -32,7 +32,7 @@ class Dare(SparsifyThenCombine):
 
     def sparsify(self, taus: list, inputs: Sequence[LayerInput], ctx: LayerContext) -> list:
         # one stream per input position, seeded from (seed, layer): reproducible and order-independent
-        return [dare_drop(t, self.density, ctx.generator(f"input{i}")) for t, i in zip(taus, contributing(inputs))]
+        return [dare_drop(t, self.config["density"], ctx.generator(f"input{i}")) for t, i in zip(taus, contributing(inputs))]
 
     def combination(self) -> str:
-        return self.variant
+        return self.config["variant"]

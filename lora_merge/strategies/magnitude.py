@@ -19,5 +19,5 @@ class MagnitudePrune(MergeStrategy):
 
     def merge_layer(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> LayerResult:
         total = dense_sum(inputs)
-        mask = topk_mask(total, self.density)
+        mask = topk_mask(total, self.config["density"])
         return LayerResult(dense=total * mask, info={"kept": int(mask.sum())})

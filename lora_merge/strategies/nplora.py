@@ -110,9 +110,9 @@ class NpLoRA(MergeStrategy):
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        if not math.isfinite(self.mu):
-            raise UsageError(f"strategy {self.name!r} parameter 'mu': expected a finite number ≥ 0, got {self.mu!r}"
-                             + ("; for the hard projection (μ = ∞) use --hard (hard: true)" if self.mu > 0 else ""))
+        if not math.isfinite(self.config["mu"]):
+            raise UsageError(f"strategy {self.name!r} parameter 'mu': expected a finite number ≥ 0, got {self.config['mu']!r}"
+                             + ("; for the hard projection (μ = ∞) use --hard (hard: true)" if self.config["mu"] > 0 else ""))
         self._layers = 0
         self._overlap = 0.0
 
@@ -120,14 +120,14 @@ class NpLoRA(MergeStrategy):
         self._layers, self._overlap = 0, 0.0  # a configured instance may merge more than once
 
     def merge_layer(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> LayerResult:
-        c = soft_factor(self.mu, self.hard)
-        up, down, info = np_lora_factors(*content_style_factors(inputs), c, self.k, self.symmetric)
+        c = soft_factor(self.config["mu"], self.config["hard"])
+        up, down, info = np_lora_factors(*content_style_factors(inputs), c, self.config["k"], self.config["symmetric"])
         self._layers += 1
         self._overlap += info["content_overlap"]
         return LayerResult(up=up, down=down, info=info)
 
     def report(self) -> dict[str, Any]:
-        return {"strategy": self.name, "mu": None if self.hard else self.mu, "hard": self.hard,
-                "projection": soft_factor(self.mu, self.hard), "k": self.k, "symmetric": self.symmetric,
+        return {"strategy": self.name, "mu": None if self.config["hard"] else self.config["mu"], "hard": self.config["hard"],
+                "projection": soft_factor(self.config["mu"], self.config["hard"]), "k": self.config["k"], "symmetric": self.config["symmetric"],
                 "layers": self._layers,
                 "content_overlap_mean": self._overlap / self._layers if self._layers else None}  # fmt: skip

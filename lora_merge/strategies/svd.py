@@ -40,15 +40,15 @@ class Svd(MergeStrategy):
         up, down = concat(inputs)
         u, s, vh = linalg.core_svd(up, down)
         k = linalg.numerical_rank(s, (up.shape[0], down.shape[1]))
-        if self.energy < 1.0 and k:
+        if self.config["energy"] < 1.0 and k:
             e = torch.cumsum(s[:k] ** 2, 0) / (s[:k] ** 2).sum()
-            k = min(k, int((e < self.energy - 1e-12).sum()) + 1)
+            k = min(k, int((e < self.config["energy"] - 1e-12).sum()) + 1)
         target = ctx.rank
         if target is not None:
             k = min(k, int(target))
         u, s, vh = u[:, :k], s[:k], vh[:k]
         kept = float((s**2).sum())
-        b, a = linalg.split_factors(u, s, vh, self.split)
+        b, a = linalg.split_factors(u, s, vh, self.config["split"])
         return LayerResult(
             up=b, down=a, info={"svd_rank": k, "sigma_max": float(s[0]) if k else 0.0, "energy_kept": kept}
         )

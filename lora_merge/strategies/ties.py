@@ -42,7 +42,7 @@ class SparsifyThenCombine(MergeStrategy):
             return zero_layer(inputs)
         taus = self.sparsify(taus, inputs, ctx)
         if self.combination() == "ties":
-            return LayerResult(dense=disjoint_merge(taus, weights, self.sign, self.divide))  # elect, merge
+            return LayerResult(dense=disjoint_merge(taus, weights, self.config["sign"], self.config["divide"]))  # elect, merge
         return LayerResult(dense=weighted_sum(taus, weights))
 
 
@@ -61,4 +61,4 @@ class Ties(SparsifyThenCombine):
     )
 
     def sparsify(self, taus: list, inputs: Sequence[LayerInput], ctx: LayerContext) -> list:
-        return [prune(t, self.density) for t in taus]  # trim
+        return [prune(t, self.config["density"]) for t in taus]  # trim
