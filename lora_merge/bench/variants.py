@@ -23,6 +23,7 @@ from typing import Any
 
 from .. import load
 from ..errors import UsageError
+from ..masks import Concept, References
 from ..model_mode.base_model import load_base_model
 from ..model_mode.calibrate import calibrate
 from ..model_mode.measure_priors import measure_for_model
@@ -216,9 +217,9 @@ def calibrate_toyworld(path: str | os.PathLike, force: bool = True, seed: int = 
     pair = pair or DEFAULT_PAIR
     common = toyworld_common("ziplora", pair)
     base = load_base_model(ARCH)
-    calibrate(base, path, content_images=common["content_images"], content_prompt=common["content_prompt"],
-              style_images=common["style_images"], style_prompt=common["style_prompt"],
-              adapters=list(pair_adapters(pair)), samples=4, seed=seed, force=force)  # fmt: skip
+    refs = References(Concept(common["content_images"], common["content_prompt"]),
+                      Concept(common["style_images"], common["style_prompt"]))
+    calibrate(base, path, refs, adapters=list(pair_adapters(pair)), samples=4, seed=seed, force=force)
     return Path(path)
 
 
