@@ -5,7 +5,7 @@
 Each command runs in a fresh interpreter (``python -c "from lora_merge.cli import main; main()" ARGS``,
 what the ``lora-merge`` console script does, without the launcher shim); the median wall time of
 ``--runs`` runs is printed with its ratio to ``python -c pass`` measured in the same session (so a busy
-machine shifts both).  Target (issue 16): under 0.5 s, no torch import (``lora_merge.cli.fast``).  For
+machine shifts both).  Target: under 0.5 s, no torch import (``lora_merge.cli.fast``).  For
 comparison it also times ``lora-merge merge --help``, which imports torch.
 """
 

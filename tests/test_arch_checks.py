@@ -1,4 +1,4 @@
-"""Inputs of different base models are refused with one line naming both (issue 16, deliverable 3);
+"""Inputs of different base models are refused with one line naming both;
 an unknown architecture (a small partial LoRA) never causes a refusal by itself."""
 
 from __future__ import annotations

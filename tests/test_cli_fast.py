@@ -1,5 +1,5 @@
-"""`lora-merge --version`, `--help` and `strategies` answer without importing torch (issue 16, deliverable
-8), from a generated catalogue that must match the live commands and strategies."""
+"""`lora-merge --version`, `--help` and `strategies` answer without importing torch,
+from a generated catalogue that must match the live commands and strategies."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Client acceptance (issue 16, deliverable 1): every *default* output of a merge or a conversion of SD 1.5
+"""Client acceptance: every *default* output of a merge or a conversion of SD 1.5
 and SDXL LoRAs (tiny UNets and text encoders built from configs, real module names) loads in diffusers with
 every module applied at the right scale and no key or alpha warnings, and every module is covered by a
 ComfyUI key map derived here from public facts (no ComfyUI code):

@@ -1,6 +1,6 @@
 """Dense strategies (ties, dare, magnitude-prune) never silently write full-rank files: by default each
-layer is re-factored to the sum of the input ranks and the relative error is reported (issue 16,
-deliverable 5); --full-rank keeps every direction, --rank K chooses."""
+layer is re-factored to the sum of the input ranks and the relative error is reported;
+--full-rank keeps every direction, --rank K chooses."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bounded cost and checked values on hostile inputs (issue 15): a FIFO or device is never opened for
+"""Bounded cost and checked values on hostile inputs: a FIFO or device is never opened for
 reading, headers with more tensors or larger tensors than any adapter has are refused with the limit and
 how to raise it, a 100,000-entry metadata header is summarised by ``inspect``, duplicate JSON keys and
 wrongly typed PEFT configs are one-line errors naming the key."""

@@ -1,5 +1,5 @@
-"""The model path loads only safetensors weights from ``--base`` unless ``--allow-pickle`` (issue 15,
-deliverable 6): a diffusers folder whose UNet has only a ``.bin`` is refused by ``merge --mode model``,
+"""The model path loads only safetensors weights from ``--base`` unless ``--allow-pickle``:
+a diffusers folder whose UNet has only a ``.bin`` is refused by ``merge --mode model``,
 ``priors measure`` and ``calibrate`` before anything is unpickled (diffusers is not even imported)."""
 
 from __future__ import annotations

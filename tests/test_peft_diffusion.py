@@ -1,4 +1,4 @@
-"""PEFT folders of diffusion LoRAs attach with PEFT (issue 16, deliverable 2): a UNet LoRA is written with
+"""PEFT folders of diffusion LoRAs attach with PEFT: a UNet LoRA is written with
 names relative to the UNet, so ``PeftModel.from_pretrained(unet, folder)`` on a tiny UNet built from a
 config attaches every module at our scale; reading the folder back gives the canonical ``unet.`` names."""
 

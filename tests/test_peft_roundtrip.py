@@ -1,4 +1,4 @@
-"""PEFT → kohya/diffusers → PEFT restores the adapter (issue 16, deliverable 4): the config fields travel in
+"""PEFT → kohya/diffusers → PEFT restores the adapter: the config fields travel in
 the file's metadata and the classification head with keep_heads, so the restored adapter's logits on a tiny
 GPT-2 with a classification head (built from a config) equal the original's; a hop that drops the head warns."""
 

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing overwritten (issue 15): every output path of a merge is checked before any work
+"""Nothing lost, nothing overwritten: every output path of a merge is checked before any work
 (the adapter, its sidecars, the report: not an input even with --force, not an existing file without it,
 not each other, in a folder that exists and is writable); a failure leaves nothing behind; NaN/Inf
 values are one-line errors naming the file and tensor; seeded strategies give the same bytes for any
@@ -122,7 +122,7 @@ def no_compute(monkeypatch):
 def test_peft_first_input_with_a_safetensors_output_fails_before_computing(tmp_path, capsys, no_compute):
     peft = lm.save(_adapter(0, dialect="peft"), tmp_path / "peft_in")
     other = lm.save(_adapter(1), tmp_path / "b.safetensors")
-    # SD LoRAs default to the kohya dialect (issue 16), so the PEFT output is asked for explicitly
+    # SD LoRAs default to the kohya dialect, so the PEFT output is asked for explicitly
     code, _, err = run(["merge", peft, other, "-o", tmp_path / "out.safetensors", "--to", "peft"], capsys)
     _one_line_error(code, err, 2)
     assert "folder" in err and not (tmp_path / "out.safetensors").exists()

@@ -1,4 +1,4 @@
-"""Broken-layout hints and repair (issue 16, deliverable 7): a broken kohya conversion
+"""Broken-layout hints and repair: a broken kohya conversion
 (``lora_unet_unet_…_lora_down.weight``, no alpha) gets its keys shown and a hint, and ``convert --repair``
 fixes it; keys we do not understand are shown (a couple of examples)."""
 
