@@ -1,18 +1,24 @@
 """Architecture facts: which model a LoRA targets, and each UNet block's name and latent resolution.
 
-Resolutions are latent sizes at the architecture's native image size (SDXL 1024 px → 128,
-SD 1.x 512 px → 64), see docs/algorithms.md §7.
+The facts are data in :mod:`lora_merge.families` (one :class:`~lora_merge.families.ModelFamily` per
+family, registered in one place and imported on first use); this module asks them.  Resolutions are
+latent sizes at the architecture's native image size (SDXL 1024 px → 128, SD 1.x 512 px → 64), see
+docs/algorithms.md §7.  :data:`ARCH_NAMES`, :data:`BLOCK_RESOLUTIONS` and :data:`NATIVE_LATENT` are
+read-only views of the registry.
 
-Other architectures are added with :func:`register_arch` (the bundled toy world registers its own
-from its plug-in, see :mod:`lora_merge.plugins`); the lookups below load the plug-ins first.
+Other architectures are added with :func:`register_arch` (a thin wrapper of
+:func:`lora_merge.families.register_family`; the bundled toy world registers its own from its plug-in,
+see :mod:`lora_merge.plugins`); a name no built-in family has is looked up in the plug-ins that declare it.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import plugins
+from . import families
+from .families import ModelFamily
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -20,44 +26,37 @@ if TYPE_CHECKING:
 #: the attention projections a diffusers UNet's LoRAs usually target (PEFT ``target_modules`` suffixes)
 ATTENTION_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
-#: block prefix (without the "unet." component) -> latent resolution
-BLOCK_RESOLUTIONS: dict[str, dict[str, int]] = {
-    "sdxl": {
-        "down_blocks.0": 128,
-        "down_blocks.1": 64,
-        "down_blocks.2": 32,
-        "mid_block": 32,
-        "up_blocks.0": 32,
-        "up_blocks.1": 64,
-        "up_blocks.2": 128,
-    },
-    "sd1": {
-        "down_blocks.0": 64,
-        "down_blocks.1": 32,
-        "down_blocks.2": 16,
-        "down_blocks.3": 8,
-        "mid_block": 8,
-        "up_blocks.0": 8,
-        "up_blocks.1": 16,
-        "up_blocks.2": 32,
-        "up_blocks.3": 64,
-    },
-}
-BLOCK_RESOLUTIONS["sd2"] = BLOCK_RESOLUTIONS["sd1"]
 
-#: native latent side length (the resolution rule's reference: content at most a quarter of it)
-NATIVE_LATENT: dict[str, int] = {"sdxl": 128, "sd1": 64, "sd2": 64}
+class _FamilyFacts(Mapping[str, Any]):
+    """family name → one of its facts (``display``, ``block_resolutions``, ``native_latent``), read-only;
+    families without the fact are absent.  A name no family has is looked up in the plug-ins."""
 
-ARCH_NAMES = {
-    "sd1": "Stable Diffusion 1.x",
-    "sd2": "Stable Diffusion 2.x",
-    "sdxl": "Stable Diffusion XL",
-    "sd3": "Stable Diffusion 3",
-    "flux": "FLUX.1",
-}
+    def __init__(self, fact: str):
+        self._fact = fact
 
-#: registered detectors, asked before the built-in rules of :func:`guess_arch`
-_DETECTORS: dict[str, Callable[[Any], bool]] = {}
+    def __getitem__(self, name: str) -> Any:
+        fam = families.get(name) if isinstance(name, str) else None
+        value = None if fam is None else getattr(fam, self._fact)
+        if value is None:
+            raise KeyError(name)
+        return dict(value) if isinstance(value, Mapping) else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([f.name for f in families.all_families() if getattr(f, self._fact) is not None])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._fact!r}: {dict(self.items())!r})"
+
+
+#: family → block prefix (without the "unet." component) → latent resolution (UNet families)
+BLOCK_RESOLUTIONS: Mapping[str, dict[str, int]] = _FamilyFacts("block_resolutions")
+#: family → native latent side length (the resolution rule's reference: content at most a quarter of it)
+NATIVE_LATENT: Mapping[str, int] = _FamilyFacts("native_latent")
+#: family → display name
+ARCH_NAMES: Mapping[str, str] = _FamilyFacts("display")
 
 
 def register_arch(
@@ -67,40 +66,41 @@ def register_arch(
     block_resolutions: dict[str, int] | None = None,
     native_latent: int | None = None,
     detect: Callable[[Adapter], bool] | None = None,
-) -> None:
-    """Add an architecture: its display name, its UNet blocks' latent resolutions at the native size, the
-    native latent size and ``detect(adapter) -> bool`` for :func:`guess_arch` (asked before the built-in
-    rules, in registration order)."""
-    ARCH_NAMES[name] = display_name
+) -> ModelFamily:
+    """Add an architecture (or change a known one): its display name, its UNet blocks' latent resolutions
+    at the native size, the native latent size and ``detect(adapter) -> bool`` for :func:`guess_arch`
+    (asked before the built-in families' rules, in registration order).  The family registered is
+    returned; a plug-in may instead build a :class:`~lora_merge.families.ModelFamily` itself and call
+    :func:`lora_merge.families.register_family`."""
+    base = families.get(name, load_plugins=False)
+    if base is None:
+        base = ModelFamily(name=name, display=display_name)
+    own_rules = base.detect if families.is_registered(name) else ()
+    changes: dict[str, Any] = {"display": display_name,
+                               "short": display_name if base.short == base.display else base.short,
+                               "detect": ((0, detect),) if detect is not None else own_rules}
     if block_resolutions is not None:
-        BLOCK_RESOLUTIONS[name] = dict(block_resolutions)
+        changes["block_resolutions"] = dict(block_resolutions)
     if native_latent is not None:
-        NATIVE_LATENT[name] = int(native_latent)
-    if detect is not None:
-        _DETECTORS[name] = detect
+        changes["native_latent"] = int(native_latent)
+    return families.register_family(dataclasses.replace(base, **changes))
 
 
 def arch_name(arch: str) -> str:
     """Display name of ``arch`` (the name itself when unknown)."""
-    plugins.load_all()
-    return ARCH_NAMES.get(arch, arch)
+    fam = families.get(arch)
+    return fam.display if fam is not None else arch
 
 
 def block_resolutions(arch: str | None) -> dict[str, int] | None:
     """Block → latent resolution of ``arch`` at its native size, or None when unknown."""
-    if arch is None:
-        return None
-    if arch not in BLOCK_RESOLUTIONS:
-        plugins.load_all()
-    return BLOCK_RESOLUTIONS.get(arch)
+    fam = families.get(arch)
+    return None if fam is None or fam.block_resolutions is None else dict(fam.block_resolutions)
 
 
 def native_latent(arch: str | None) -> int | None:
-    if arch is None:
-        return None
-    if arch not in NATIVE_LATENT:
-        plugins.load_all()
-    return NATIVE_LATENT.get(arch)
+    fam = families.get(arch)
+    return None if fam is None else fam.native_latent
 
 
 def unet_block_resolutions(unet: Any, latent_size: int | None = None) -> dict[str, int]:
@@ -132,12 +132,38 @@ def unet_block_resolutions(unet: Any, latent_size: int | None = None) -> dict[st
     return res
 
 
-#: the numbered block lists of DiT transformers, in native and diffusers names: FLUX double/single, SD3's
-#: joint blocks, Wan's blocks, Z-Image's layers and refiners
-DIT_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "double_blocks", "single_blocks",
-                   "joint_blocks", "blocks", "layers", "noise_refiner", "context_refiner")
-#: a DiT block path: group 1 ``transformer_blocks.3``, group 2 the list, group 3 the index
-DIT_BLOCK_RE = re.compile(rf"^transformer\.(({'|'.join(DIT_BLOCK_LISTS)})\.(\d+))\.")
+def dit_block_lists() -> tuple[str, ...]:
+    """The numbered block lists of DiT transformers, in native and diffusers names (FLUX double/single,
+    SD3's joint blocks, Wan's blocks, Z-Image's layers and refiners …): every family's ``block_lists``."""
+    return _patterns()[0]
+
+
+_PATTERNS: tuple[int, tuple[str, ...], re.Pattern, re.Pattern] | None = None
+
+
+def _patterns() -> tuple[tuple[str, ...], re.Pattern, re.Pattern]:
+    """``(DIT_BLOCK_LISTS, DIT_BLOCK_RE, the layer pattern of block_of)``, rebuilt when a family is registered."""
+    global _PATTERNS
+    gen = families.generation()
+    if _PATTERNS is None or _PATTERNS[0] != gen:
+        lists = tuple(dict.fromkeys(lst for fam in families.all_families() for lst in fam.block_lists))
+        block = re.compile(rf"^transformer\.(({'|'.join(lists)})\.(\d+))\.")
+        # a numbered layer or block as whole path components (``double_blocks.3`` is not ``blocks.3``)
+        layer = re.compile(rf"(?:^|\.)((?:{'|'.join(('layer', 'h') + lists)})\.\d+)(?:\.|$)")
+        _PATTERNS = (gen, lists, block, layer)
+    return _PATTERNS[1], _PATTERNS[2], _PATTERNS[3]
+
+
+def __getattr__(name: str) -> Any:
+    # DIT_BLOCK_LISTS (the block lists above) and DIT_BLOCK_RE (a DiT block path: group 1
+    # ``transformer_blocks.3``, group 2 the list, group 3 the index), built from the registry on first use
+    if name == "DIT_BLOCK_LISTS":
+        return _patterns()[0]
+    if name == "DIT_BLOCK_RE":
+        return _patterns()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 _BLOCK_RE = re.compile(r"(?:^|\.)((?:down_blocks|up_blocks)\.\d+|mid_block)(?:\.(attentions|resnets|downsamplers|upsamplers)\.(\d+))?")
 
 
@@ -176,15 +202,11 @@ def block_of(name: str) -> str:
     sub = sub_block_of(name)
     if sub is not None:
         return f"unet.{sub}"
-    m = _LAYER_RE.search(name)
+    m = _patterns()[2].search(name)
     comp = component_of(name)
     if m:
         return f"{comp}.{m.group(1)}" if comp != "model" else m.group(1)
     return comp
-
-
-#: a numbered layer or block as whole path components (``double_blocks.3`` is not ``blocks.3``)
-_LAYER_RE = re.compile(rf"(?:^|\.)((?:{'|'.join(('layer', 'h') + DIT_BLOCK_LISTS)})\.\d+)(?:\.|$)")
 
 
 def resolution_of(name: str, arch: str | None) -> int | None:
@@ -194,8 +216,8 @@ def resolution_of(name: str, arch: str | None) -> int | None:
 
 
 def guess_arch(adapter: Adapter) -> str | None:
-    """Best guess of the base model from registered detectors, module names and shapes; None when nothing
-    fits.
+    """Best guess of the base model from the families' detection rules (plug-in families first, then the
+    built-in ones in rank order, :func:`lora_merge.families.detect`); None when nothing fits.
 
     PEFT adapters for non-diffusion models return their ``base_model_name_or_path``.
     """
@@ -204,44 +226,17 @@ def guess_arch(adapter: Adapter) -> str | None:
         n.startswith(("unet.", "text_encoder")) for n in names
     ):
         return str(adapter.config["base_model_name_or_path"])
-    plugins.load_all()
-    for arch, detect in _DETECTORS.items():
-        if detect(adapter):
-            return arch
-    md = adapter.metadata or {}
-    if any("single_transformer_blocks" in n or "double_blocks" in n for n in names):
-        return "flux"
-    if any(n.startswith("transformer.") and ("add_k_proj" in n or "context" in n) for n in names):
-        return "sd3"
-    if any(n.startswith("text_encoder_2.") for n in names):
-        return "sdxl"
-    ctx_dims = set()
-    for n, m in adapter.modules.items():
-        if n.endswith(("attn2.to_k", "attn2.to_v")):
-            ctx_dims.add(m.in_features)
-    if 2048 in ctx_dims:
-        return "sdxl"
-    if 768 in ctx_dims:
-        return "sd1"
-    if 1024 in ctx_dims:
-        return "sd2"
-    if md.get("ss_base_model_version", "").startswith("sdxl"):
-        return "sdxl"
-    if any(re.search(r"up_blocks\.0\.attentions\.2\.transformer_blocks\.9\.", n) for n in names):
-        return "sdxl"
-    if any(n.startswith("unet.down_blocks.0.attentions") for n in names):
-        return "sd1"
-    return None
+    return families.detect(adapter)
 
 
 def is_diffusion_adapter(adapter: Adapter) -> bool:
     """Whether the adapter's modules belong to a diffusion pipeline (UNet, text encoders, transformer)."""
+    dits = [f for f in families.all_families() if f.block_pattern is not None]
+
     def diffusion(n: str) -> bool:
         comp = component_of(n)
-        if comp == "transformer":  # DiT blocks (FLUX.1, SD3, Wan), not GPT-2's transformer.h.N
-            return re.match(r"transformer\.((transformer_blocks|single_transformer_blocks|double_blocks|"
-                            r"single_blocks|joint_blocks|blocks)\.\d+\.|(layers|noise_refiner|context_refiner)"
-                            r"\.\d+\.(attention|feed_forward|adaLN_modulation)\.)", n) is not None
+        if comp == "transformer":  # a DiT family's blocks (FLUX.1, SD3, Wan …), not GPT-2's transformer.h.N
+            return any(f.has_block_module(n) for f in dits)
         return comp != "model" or unet_block_of(n) is not None
 
     return any(diffusion(n) for n in adapter.modules)
@@ -258,8 +253,7 @@ def arch_family(adapter: Adapter) -> tuple[str, frozenset[str] | None, str]:
         base = (adapter.config or {}).get("base_model_name_or_path")
         return "model", None, str(base) if base else "a non-diffusion model"
     guess = guess_arch(adapter)
-    plugins.load_all()
-    if guess is None or guess not in ARCH_NAMES:  # None, or a PEFT config's base_model_name_or_path
+    if families.get(guess) is None:  # None, or a PEFT config's base_model_name_or_path
         return "diffusion", None, "an unknown diffusion model"
     strong = guess
     if guess == "sd1" and not any(n.endswith(("attn2.to_k", "attn2.to_v")) for n in adapter.modules):

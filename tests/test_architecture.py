@@ -23,6 +23,7 @@ FLOORS = {
     "lora_merge.linalg": 0,
     "lora_merge._version": 0,
     "lora_merge.arch": 1,
+    "lora_merge.families": 1,  # model families as data (detection rules, names, tables); "module:attr" seams up
     "lora_merge.patterns": 1,
     "lora_merge.files": 1,
     "lora_merge.plugins": 1,

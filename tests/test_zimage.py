@@ -111,3 +111,31 @@ def test_musubi_names_roundtrip_every_dialect_and_merge_with_native(tmp_path):
     dn = {m.name: m.delta() for m in ZIMAGE.to_diffusers(lora_merge.load(native))}
     for n, m in ad.modules.items():
         torch.testing.assert_close(got[n], m.delta() + 0.5 * dn[n], rtol=1e-5, atol=1e-6)
+
+
+#: package files that still name Z-Image's facts outside its family and conversion modules (kohya's
+#: compound words, the probe order of measured priors, a duolora message, the pipeline's model code)
+_ZIMAGE_ELSEWHERE = {"families/__init__.py", "model_mode/dit_base.py", "formats/names.py", "priors/measured.py",
+                     "strategies/duolora.py", "strategies/mask_solvers.py", "strategies/pair_masks.py"}
+
+
+def test_zimage_is_one_family_module_and_its_conversion():
+    """Z-Image's data (detection, names, block lists, display name, dialect layouts, pipeline loader, help)
+    is lora_merge/families/zimage.py; formats/zimage.py builds the conversion on it."""
+    import re
+    from pathlib import Path
+
+    from lora_merge import families
+    from lora_merge.families import zimage as family_module
+    from lora_merge.formats import zimage
+
+    fam = families.get("z-image")
+    assert fam is family_module.FAMILY and fam.display == "Z-Image" and fam.kind == "dit"
+    assert families.resolve(fam.layout) is zimage.LAYOUT and families.resolve(fam.fused_layout) is zimage.ZIMAGE
+    assert set(zimage.ZIMAGE.blocks) == set(fam.block_lists) and zimage.LAYOUT.dialect_layout == fam.dialect_layout
+    assert zimage.LAYOUT.layout_for("kohya") == "diffusers" and zimage.LAYOUT.layout_for("comfyui") == "native"
+    assert families.by_pipeline("ZImagePipeline") is fam and fam.pipeline_loader.endswith(":load_flow_pipeline")
+    root = Path(lora_merge.__file__).parent
+    token = re.compile(r"z-image|ZImage|noise_refiner|context_refiner|all_final_layer|all_x_embedder|cap_embedder")
+    naming = {p.relative_to(root).as_posix() for p in root.rglob("*.py") if token.search(p.read_text(encoding="utf-8"))}
+    assert naming - {"families/zimage.py", "formats/zimage.py"} <= _ZIMAGE_ELSEWHERE, naming

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from .. import families
 from .common import (
     add_columns,
     allow_pickle_option,
@@ -28,7 +29,7 @@ from .common import (
 @click.option("--modules", "show_modules", is_flag=True,
               help="Add a per-module table with ‖ΔW‖_F and effective rank (loads the tensors).")
 @click.option("--arch", "arch_name", default=None, metavar="ARCH",
-              help="Force the architecture (flux, sd3, wan, qwen-image, sdxl, sd1) instead of guessing it.")
+              help=f"Force the architecture ({families.help_list(key='name')}) instead of guessing it.")
 @json_option
 @format_option
 @strict_option

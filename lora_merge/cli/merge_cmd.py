@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from .. import families
 from ..arch import sub_block_of
 from ..engine.recipe import RECIPE_KEYS
 from ..errors import UsageError
@@ -149,7 +150,7 @@ def _refuse_sampling_time(strategy: str | None) -> None:
     "--record-paths", is_flag=True, default=False,
     help="Record the inputs' full paths in the merged file's recipe (default: file names and sha256 only).",
 )
-@click.option("--arch", default=None, help="Override the guessed architecture (sdxl, sd1, ...).")
+@click.option("--arch", default=None, help=f"Override the guessed architecture ({families.help_list(key='name')}).")
 @click.option(
     "--allow-mixed-arch", is_flag=True, default=False,
     help="Merge inputs whose detected base models differ (refused by default; for a misdetected input).",

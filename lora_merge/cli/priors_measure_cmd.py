@@ -3,21 +3,23 @@ from __future__ import annotations
 
 import click
 
+from .. import families
 from ..errors import UsageError
 from .common import allow_pickle_option, fmt_num, json_option, print_json, stderr_console, stdout_console
 
 GRANULARITY_HELP = ("Groups to probe: resolution (attention blocks grouped by latent resolution), block (each "
                     "UNet block; each transformer block of a DiT), attention (each attention sub-block, B-LoRA's "
-                    "unit) or layer (each LoRA layer). Default: resolution for a UNet, block for a DiT (FLUX.1, "
-                    "SD3/3.5, Z-Image), which has no resolutions.")
+                    "unit) or layer (each LoRA layer). Default: resolution for a UNet, block for a DiT "
+                    f"({families.help_list(lambda f: f.kind == 'dit' and bool(f.pipelines))}), which has no "
+                    "resolutions.")
 
 
 @click.command("measure", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("content", required=False, type=click.Path())
 @click.argument("style", required=False, type=click.Path())
 @click.option("--base", "base", required=True, metavar="MODEL",
-              help="A local diffusers pipeline folder (SD 1.x, SDXL, FLUX.1, SD3/3.5, Z-Image) or 'toyworld'. Nothing is "
-              "downloaded.")
+              help=f"A local diffusers pipeline folder ({families.help_list(lambda f: bool(f.pipelines))}) or "
+              "'toyworld'. Nothing is downloaded.")
 @click.option("--content-images", type=click.Path(), help="Folder of the content LoRA's reference images "
               "(toyworld: its training renders).")
 @click.option("--content-prompt", help="Prompt of the content images (toyworld: 'a sks object').")

@@ -7,7 +7,8 @@
   ``transformer.transformer_blocks.N.attn.to_q`` / ``to_k`` / ``to_v``,
   ``…single_transformer_blocks.N.attn.to_q`` … ``proj_mlp``, ``…x_embedder``, ``…proj_out`` …
 
-The tables below are the whole of Flux's part; the exact split and fuse are :class:`.fused.FusedLayout`'s.
+The name tables (``DOUBLE``, ``SINGLE``, ``TOP``) are data in :mod:`lora_merge.families.flux`, with the
+family's detection and facts; the exact split and fuse are :class:`.fused.FusedLayout`'s.
 ``final_layer.adaLN_modulation.1`` and ``norm_out.linear`` order their output halves differently
 (shift/scale vs scale/shift, as diffusers' converters note); the up rows are swapped.
 """
@@ -15,49 +16,20 @@ from __future__ import annotations
 
 from .. import arch
 from ..adapter import Adapter
+from ..families.flux import DOUBLE, FAMILY, SINGLE, TOP
 from .fused import FusedLayout
-from .layout import Layout, register_layout
+from .layout import Layout
 
-__all__ = ["DIFFUSERS_SUFFIXES", "FLUX", "NATIVE_HEADS", "diffusers_to_native", "native_to_diffusers",
-           "to_diffusers", "to_native"]
+__all__ = ["DIFFUSERS_SUFFIXES", "DOUBLE", "FLUX", "LAYOUT", "NATIVE_HEADS", "SINGLE", "TOP", "diffusers_to_native",
+           "native_to_diffusers", "to_diffusers", "to_native"]
 
 P = "transformer."
-#: native double-block module → its diffusers modules (several: fused, in row order)
-DOUBLE = {
-    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "img_attn.proj": ("attn.to_out.0",),
-    "img_mlp.0": ("ff.net.0.proj",),
-    "img_mlp.2": ("ff.net.2",),
-    "img_mod.lin": ("norm1.linear",),
-    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "txt_attn.proj": ("attn.to_add_out",),
-    "txt_mlp.0": ("ff_context.net.0.proj",),
-    "txt_mlp.2": ("ff_context.net.2",),
-    "txt_mod.lin": ("norm1_context.linear",),
-}
-SINGLE = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": ("proj_out",),
-    "modulation.lin": ("norm.linear",),
-}
-TOP = {
-    "img_in": "x_embedder",
-    "txt_in": "context_embedder",
-    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "final_layer.linear": "proj_out",
-    "final_layer.adaLN_modulation.1": "norm_out.linear",
-}
 SWAPPED = "final_layer.adaLN_modulation.1"
 #: the relative output sizes of the parts of a fused module, in units of the hidden size (MLP ratio 4)
 PART_UNITS = {"img_attn.qkv": (1, 1, 1), "txt_attn.qkv": (1, 1, 1), "linear1": (1, 1, 1, 4)}
 
 FLUX = FusedLayout(
-    family="flux",
+    family=FAMILY.name,
     blocks={"double_blocks": ("transformer_blocks", DOUBLE), "single_blocks": ("single_transformer_blocks", SINGLE)},
     top=TOP, units=PART_UNITS, swaps=lambda native, rows, cols: native.endswith(SWAPPED),
     part_words={"qkv": "q, k, v", "linear1": "q, k, v and the MLP input"})
@@ -89,8 +61,5 @@ def _claims(adapter: Adapter) -> str | None:
     return which_layout(adapter)
 
 
-LAYOUT = register_layout(Layout(
-    family="flux", detect=_claims, to_native=to_native, to_diffusers=to_diffusers,
-    describe={"native": "native (BFL) names, fused img/txt qkv and single-block linear1",
-              "diffusers": "diffusers names, split to_q / to_k / to_v",
-              "mixed": "both native (fused) and diffusers (split) names"}))
+LAYOUT = Layout(family=FAMILY.name, detect=_claims, to_native=to_native, to_diffusers=to_diffusers,
+                describe=FAMILY.layout_notes, dialect_layout=FAMILY.dialect_layout)

@@ -18,18 +18,18 @@ Only the double blocks' ``img_attn.qkv`` / ``txt_attn.qkv`` are split (exact, :m
 *checkpoint* converter does (``convert_flux2_transformer_checkpoint_to_diffusers``); diffusers' FLUX.2 *LoRA*
 converter (0.42) renames that module without the swap, so a LoRA on it loads with shift and scale exchanged
 there — ours keeps the model's meaning.  FLUX.2 is told from FLUX.1 by names only it has, or by shapes
-(``linear1`` 9 × its input, ``img_mlp.0`` 6 ×, or hidden size 6144); ``--arch flux2`` forces it.
+(``linear1`` 9 × its input, ``img_mlp.0`` 6 ×, or hidden size 6144: the family's rule,
+:func:`lora_merge.families.flux2.has_flux2_names`); ``--arch flux2`` forces it.
 """
 from __future__ import annotations
 
-import re
-
 from .. import arch
 from ..adapter import Adapter
+from ..families.flux2 import FAMILY, has_flux2_names
 from .fused import FusedLayout
-from .layout import Layout, register_layout
+from .layout import Layout
 
-__all__ = ["FLUX2", "has_flux2_names", "which_layout"]
+__all__ = ["FLUX2", "LAYOUT", "has_flux2_names", "which_layout"]
 
 DOUBLE = {
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -57,32 +57,10 @@ TOP = {
 }
 
 FLUX2 = FusedLayout(
-    family="flux2",
+    family=FAMILY.name,
     blocks={"double_blocks": ("transformer_blocks", DOUBLE), "single_blocks": ("single_transformer_blocks", SINGLE)},
     top=TOP, units={"img_attn.qkv": (1, 1, 1), "txt_attn.qkv": (1, 1, 1)},
     swaps=lambda native, rows, cols: native.endswith("final_layer.adaLN_modulation.1"))
-
-_NAMES = re.compile(r"^transformer\.(double_stream_modulation_(img|txt)\.|single_stream_modulation\.|"
-                    r"time_guidance_embed\.|single_transformer_blocks\.\d+\.attn\.to_qkv_mlp_proj$|"
-                    r"transformer_blocks\.\d+\.(ff|ff_context)\.linear_(in|out)$)")
-_LINEAR1 = re.compile(r"^transformer\.single_blocks\.\d+\.linear1$")
-_MLP_IN = re.compile(r"^transformer\.double_blocks\.\d+\.(img|txt)_mlp\.0$")
-_BLOCK = re.compile(r"^transformer\.(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.\d+\.")
-
-
-def has_flux2_names(adapter: Adapter) -> bool:
-    """Names only FLUX.2 has, or FLUX.1 names with FLUX.2's shapes (SwiGLU ratio-3 MLPs), or block
-    modules of hidden size 6144 (FLUX.2 dev; no other family has it)."""
-    for n, m in adapter.modules.items():
-        if _NAMES.match(n):
-            return True
-        rows, cols = m.out_features, m.in_features
-        if (_LINEAR1.match(n) and rows == 9 * cols) or (_MLP_IN.match(n) and rows == 6 * cols):
-            return True
-        if _BLOCK.match(n) and cols == 6144:
-            return True
-    return False
-
 
 def which_layout(adapter: Adapter) -> str | None:
     if arch.guess_arch(adapter) != "flux2":
@@ -92,8 +70,5 @@ def which_layout(adapter: Adapter) -> str | None:
     return "mixed" if nat and dif else "native" if nat else "diffusers" if dif else None
 
 
-LAYOUT = register_layout(Layout(
-    family="flux2", detect=which_layout, to_native=FLUX2.to_native, to_diffusers=FLUX2.to_diffusers,
-    describe={"native": "native (BFL) names, fused img/txt qkv (single-block linear1 is fused in both layouts)",
-              "diffusers": "diffusers names, split to_q / to_k / to_v",
-              "mixed": "both native (fused) and diffusers (split) names"}))
+LAYOUT = Layout(family=FAMILY.name, detect=which_layout, to_native=FLUX2.to_native, to_diffusers=FLUX2.to_diffusers,
+                describe=FAMILY.layout_notes, dialect_layout=FAMILY.dialect_layout)

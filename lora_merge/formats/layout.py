@@ -3,17 +3,18 @@
 A transformer family can be named two ways: in its **native** layout (the original model's module
 names, e.g. Flux's ``double_blocks.N.img_attn.qkv`` with fused q/k/v, or Wan's ``blocks.N.self_attn.q``)
 or in the **diffusers** layout (``transformer_blocks.N.attn.to_q`` …).  kohya/musubi and ComfyUI files
-use the native one, diffusers and PEFT files the diffusers one.  A family registers a :class:`Layout`
-(:func:`register_layout`) with two exact converters; :func:`align` rewrites an adapter to the layout a
-dialect writes (:data:`DIALECT_LAYOUT`), and the merge engine aligns every input the same way before the
-strategy sees a layer.
+use the native one, diffusers and PEFT files the diffusers one.  A family names its :class:`Layout`
+(two exact converters) in its :class:`~lora_merge.families.ModelFamily` (``layout="module:attr"``, resolved
+here on first use; a plug-in may also call :func:`register_layout`); :func:`align` rewrites an adapter to
+the layout a dialect writes (:data:`DIALECT_LAYOUT`, or the family's ``dialect_layout``), and the merge
+engine aligns every input the same way before the strategy sees a layer.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .. import arch
+from .. import arch, families
 from ..adapter import Adapter, TensorRef
 from ..errors import UsageError
 
@@ -47,17 +48,19 @@ class Layout:
     detect: Callable[[Adapter], str | None]
     to_native: Callable[[Adapter], Adapter]
     to_diffusers: Callable[[Adapter], Adapter]
-    #: how ``inspect`` describes each layout ("fused qkv / linear1", …)
-    describe: dict[str, str]
+    #: how ``inspect`` describes each layout ("fused qkv / linear1", …): the family's ``layout_notes``
+    describe: Mapping[str, str]
     #: dialects that write this family in another layout than :data:`DIALECT_LAYOUT` says (musubi-tuner
-    #: writes Z-Image's kohya files with diffusers module names)
-    dialect_layout: dict[str, str] | None = None
+    #: writes Z-Image's kohya files with diffusers module names): the family's ``dialect_layout``
+    dialect_layout: Mapping[str, str] | None = None
 
     def layout_for(self, dialect: str | None) -> str | None:
         return (self.dialect_layout or {}).get(dialect or "") or DIALECT_LAYOUT.get(dialect or "")
 
 
+#: layouts registered by plug-ins (:func:`register_layout`); the built-in families' come from the registry
 _LAYOUTS: dict[str, Layout] = {}
+_RESOLVED: dict[str, Layout] = {}
 
 #: the layout each dialect writes DiT families in (dialects not listed keep the adapter's own layout)
 DIALECT_LAYOUT: dict[str, str] = {"kohya": "native", "comfyui": "native", "diffusers": "diffusers",
@@ -65,12 +68,26 @@ DIALECT_LAYOUT: dict[str, str] = {"kohya": "native", "comfyui": "native", "diffu
 
 
 def register_layout(layout: Layout) -> Layout:
+    """Add a layout that no family names (a plug-in's); it replaces the family's own of the same name."""
     _LAYOUTS[layout.family] = layout
     return layout
 
 
+def _by_family() -> dict[str, Layout]:
+    """family → its layout: every family that names one (in the registry's order), then the registered."""
+    out: dict[str, Layout] = {}
+    for fam in families.all_families():
+        if fam.layout is not None:
+            lay = _RESOLVED.get(fam.layout)
+            if lay is None:
+                lay = _RESOLVED.setdefault(fam.layout, families.resolve(fam.layout))
+            out[fam.name] = lay
+    out.update(_LAYOUTS)
+    return out
+
+
 def layouts() -> tuple[Layout, ...]:
-    return tuple(_LAYOUTS.values())
+    return tuple(_by_family().values())
 
 
 def family_of(adapter: Adapter) -> tuple[Layout, str] | None:
@@ -78,7 +95,7 @@ def family_of(adapter: Adapter) -> tuple[Layout, str] | None:
     names first (Flux and SD3 share some names: ``final_layer``, the double-block ``attn.to_q``), then the
     first family that recognises the adapter."""
     guess = arch.guess_arch(adapter)
-    for lay in sorted(_LAYOUTS.values(), key=lambda lay: lay.family != guess):
+    for lay in sorted(layouts(), key=lambda lay: lay.family != guess):
         got = lay.detect(adapter)
         if got is not None:
             return lay, got
@@ -96,8 +113,9 @@ def align(adapter: Adapter, dialect: str | None, *, layout: str | None = None,
     """The adapter in the layout ``dialect`` writes (or ``layout`` when given); the adapter itself when it
     is already there, belongs to no registered family, or the dialect has no preference.  ``family``
     (``--arch flux``) forces the family instead of detecting it."""
-    if family in _LAYOUTS:
-        lay, have = _LAYOUTS[family], None
+    by_family = _by_family() if family is not None else {}
+    if family in by_family:
+        lay, have = by_family[family], None
     else:
         hit = family_of(adapter)
         if hit is None:

@@ -21,14 +21,13 @@ the model's block count tells it apart).
 """
 from __future__ import annotations
 
-import re
-
 from .. import arch
 from ..adapter import Adapter
+from ..families.sd3 import FAMILY, has_diffusers_only_names, has_native_names
 from .fused import FusedLayout
-from .layout import Layout, register_layout
+from .layout import Layout
 
-__all__ = ["SD3", "diffusers_to_native", "native_to_diffusers", "to_diffusers", "to_native"]
+__all__ = ["LAYOUT", "SD3", "diffusers_to_native", "has_diffusers_only_names", "has_native_names", "native_to_diffusers", "to_diffusers", "to_native"]
 
 BLOCK = {
     "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -64,27 +63,13 @@ def _swaps(native: str, rows: int, cols: int) -> bool:
     return native.endswith("context_block.adaLN_modulation.1") and rows == 2 * cols
 
 
-SD3 = FusedLayout(family="sd3", blocks={"joint_blocks": ("transformer_blocks", BLOCK)}, top=TOP, units=UNITS,
+SD3 = FusedLayout(family=FAMILY.name, blocks={"joint_blocks": ("transformer_blocks", BLOCK)}, top=TOP, units=UNITS,
                   swaps=_swaps)
 
 native_to_diffusers = SD3.native_to_diffusers
 diffusers_to_native = SD3.diffusers_to_native
 to_diffusers = SD3.to_diffusers
 to_native = SD3.to_native
-
-#: names only SD3's native layout has (``final_layer`` is Flux's too, ``context_embedder`` diffusers' too)
-_NATIVE_ONLY = re.compile(r"^transformer\.(joint_blocks\.\d+\.|t_embedder\.|y_embedder\.|x_embedder\.proj$)")
-#: names only SD3's diffusers layout has (Flux has no patch-embedding conv and no second attention)
-_DIFFUSERS_ONLY = re.compile(r"^transformer\.(pos_embed\.proj$|transformer_blocks\.\d+\.attn2\.)")
-
-
-def has_native_names(adapter: Adapter) -> bool:
-    return any(_NATIVE_ONLY.match(n) for n in adapter.modules)
-
-
-def has_diffusers_only_names(adapter: Adapter) -> bool:
-    return any(_DIFFUSERS_ONLY.match(n) for n in adapter.modules)
-
 
 def which_layout(adapter: Adapter) -> str | None:
     """``"native"``, ``"diffusers"``, ``"mixed"`` or None (not an SD3 LoRA)."""
@@ -96,8 +81,5 @@ def which_layout(adapter: Adapter) -> str | None:
     return "native" if nat else "diffusers" if dif else None
 
 
-LAYOUT = register_layout(Layout(
-    family="sd3", detect=which_layout, to_native=to_native, to_diffusers=to_diffusers,
-    describe={"native": "native (MMDiT) names, fused x_block / context_block attn.qkv",
-              "diffusers": "diffusers names, split to_q / to_k / to_v",
-              "mixed": "both native (fused) and diffusers (split) names"}))
+LAYOUT = Layout(family=FAMILY.name, detect=which_layout, to_native=to_native, to_diffusers=to_diffusers,
+                describe=FAMILY.layout_notes, dialect_layout=FAMILY.dialect_layout)

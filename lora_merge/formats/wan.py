@@ -18,7 +18,8 @@ import re
 
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError
-from .layout import Layout, register_layout
+from ..families.wan import FAMILY
+from .layout import Layout
 
 P = "transformer."
 _BLOCK = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
@@ -72,9 +73,6 @@ def which_layout(adapter: Adapter) -> str | None:
     return "mixed" if nat and dif else "native" if nat else "diffusers" if dif else None
 
 
-LAYOUT = register_layout(Layout(
-    family="wan", detect=which_layout, to_native=lambda ad: _renamed(ad, diffusers_to_native),
-    to_diffusers=lambda ad: _renamed(ad, native_to_diffusers),
-    describe={"native": "original Wan names (self_attn.q, cross_attn.k, ffn.0)",
-              "diffusers": "diffusers names (attn1.to_q, attn2.to_k, ffn.net.0.proj)",
-              "mixed": "both original and diffusers names"}))
+LAYOUT = Layout(family=FAMILY.name, detect=which_layout, to_native=lambda ad: _renamed(ad, diffusers_to_native),
+                to_diffusers=lambda ad: _renamed(ad, native_to_diffusers), describe=FAMILY.layout_notes,
+                dialect_layout=FAMILY.dialect_layout)

@@ -29,13 +29,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import families
 from ..errors import UsageError
 from .base_model import BaseModel, expand_cond, register_pipeline_loader
 
-#: pipeline class (model_index.json ``_class_name``) → family
-FLOW_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "ZImagePipeline": "z-image"}
-_TRANSFORMER = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
-                "z-image": "ZImageTransformer2DModel"}
+#: pipeline class (model_index.json ``_class_name``) → family: every family whose ``pipeline_loader`` is
+#: :func:`load_flow_pipeline` (the families name their pipeline classes, lora_merge.families)
+FLOW_LOADER = f"{__name__}:load_flow_pipeline"
+FLOW_PIPELINES = {cls: fam.name for fam in families.all_families() if fam.pipeline_loader == FLOW_LOADER
+                  for cls in fam.pipelines}
 ZIMAGE_PROMPT_TOKENS = 512  # ZImagePipeline's max_sequence_length
 FLUX_GUIDANCE = 3.5
 
@@ -69,14 +71,19 @@ class FlowBaseModel(BaseModel):
 
 def load_flow_pipeline(path: Path, index: dict, device: torch.device, dtype: torch.dtype,
                        allow_pickle: bool = False) -> FlowBaseModel:
-    """A FLUX.1 or SD3/3.5 pipeline folder (``transformer/``, ``vae/``, text encoders, tokenizers)."""
+    """A FLUX.1, SD3/3.5 or Z-Image pipeline folder (``transformer/``, ``vae/``, text encoders, tokenizers);
+    the family is the one whose ``pipelines`` name the folder's class, its transformer class the family's
+    ``diffusers_class``, its prompt encoder and prediction :data:`FLOW_PARTS`'s."""
     import diffusers
     from diffusers import AutoencoderKL
 
-    family = FLOW_PIPELINES[index["_class_name"]]
+    fam = families.by_pipeline(str(index["_class_name"]))
+    if fam is None or fam.name not in FLOW_PARTS:
+        raise UsageError(f"no flow-matching loader for pipeline class {index['_class_name']!r}", path)
+    family = fam.name
     kw = {"local_files_only": True, "use_safetensors": None if allow_pickle else True}
     try:
-        cls = getattr(diffusers, _TRANSFORMER[family])
+        cls = getattr(diffusers, fam.diffusers_class)
         transformer = cls.from_pretrained(path, subfolder="transformer", torch_dtype=dtype, **kw).to(device)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, **kw).to(device)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler",
@@ -101,12 +108,8 @@ def load_flow_pipeline(path: Path, index: dict, device: torch.device, dtype: tor
             outs.append((lat - shift) * scale)
         return torch.cat(outs)
 
-    if family == "flux":
-        encode_prompt, predict = _flux_prompt_encoder(path, device, allow_pickle), _flux_predict(transformer)
-    elif family == "sd3":
-        encode_prompt, predict = _sd3_prompt_encoder(path, device, transformer, allow_pickle), _sd3_predict(transformer)
-    else:
-        encode_prompt, predict = _zimage_prompt_encoder(path, device, allow_pickle), _zimage_predict(transformer)
+    make_encoder, make_predict = FLOW_PARTS[family]
+    encode_prompt, predict = make_encoder(path, device, transformer, allow_pickle), make_predict(transformer)
     return FlowBaseModel(unet=transformer, scheduler=scheduler, arch=family, image_size=image_size,
                          encode_prompt_fn=encode_prompt, encode_images_fn=encode_images, name=os.fspath(path),
                          device=device, dtype=dtype, predict_fn=predict)
@@ -237,5 +240,25 @@ def _zimage_prompt_encoder(path: Path, device, allow_pickle: bool) -> Callable:
     return encode
 
 
-for _class_name in FLOW_PIPELINES:
-    register_pipeline_loader(_class_name, load_flow_pipeline)
+#: family → (prompt encoder ``(path, device, transformer, allow_pickle)``, prediction ``(transformer)``)
+FLOW_PARTS: dict[str, tuple[Callable, Callable]] = {
+    "flux": (lambda path, device, transformer, allow_pickle: _flux_prompt_encoder(path, device, allow_pickle),
+             _flux_predict),
+    "sd3": (_sd3_prompt_encoder, _sd3_predict),
+    "z-image": (lambda path, device, transformer, allow_pickle: _zimage_prompt_encoder(path, device, allow_pickle),
+                _zimage_predict),
+}
+
+
+def _family_loader(ref: str) -> Callable[..., BaseModel]:
+    def load(*args, **kwargs) -> BaseModel:
+        return families.resolve(ref)(*args, **kwargs)
+    return load
+
+
+# the families' pipeline classes load with the loader each family names (resolved at load time)
+for _fam in families.all_families():
+    if _fam.pipeline_loader is not None:
+        for _class_name in _fam.pipelines:
+            register_pipeline_loader(_class_name, load_flow_pipeline if _fam.pipeline_loader == FLOW_LOADER
+                                     else _family_loader(_fam.pipeline_loader))

@@ -15,11 +15,12 @@ Every rule has score 1 (the paper gives no per-block strength); modules outside 
 ``txt_in``, ``time_in``, ``final_layer``, …) are neutral.  Each rule names the block in both layouts
 (native ``transformer.single_blocks.N`` and diffusers ``transformer.single_transformer_blocks.N``), so the
 table applies whichever dialect the merge writes.  The paper's numbering counts blocks from 1 across both
-streams; ``single_blocks.N`` is its block ``20 + N``.
+streams; ``single_blocks.N`` is its block ``20 + N``.  The FLUX.1 family names the table
+(:data:`lora_merge.families.flux.FAMILY` ``priors``), so it is found by name without importing this module.
 """
 from __future__ import annotations
 
-from .table import LayerPriors, PriorRule, register_priors
+from .table import LayerPriors, PriorRule
 
 __all__ = ["CONTENT_SINGLE_BLOCKS", "SPLITFLUX_SOURCE", "flux_splitflux"]
 
@@ -37,6 +38,3 @@ def flux_splitflux() -> LayerPriors:
         for head in ("transformer.single_blocks", "transformer.single_transformer_blocks"):
             rules.append(PriorRule(f"{head}.{i}", role, 1.0))
     return LayerPriors(rules, "flux", SPLITFLUX_SOURCE, "neutral", name="flux-splitflux")
-
-
-register_priors("flux-splitflux", flux_splitflux)

@@ -19,9 +19,12 @@ Built-in tables (``lora-merge priors ARCH``):
 * ``b-lora``: B-LoRA's finding on SDXL: ``up_blocks.0.attentions.0`` content, ``up_blocks.0.attentions.1``
   style, everything else neutral.
 
-Add a table with :func:`register_priors` (the bundled toy world registers its own, the paper's rule on its
-block resolutions via :func:`priors_for_arch`, from its plug-in, see :mod:`lora_merge.plugins`).  File format (JSON,
-or YAML by extension)::
+The tables come from the families (:mod:`lora_merge.families`): each UNet family with block resolutions
+has the resolution rule under its name (what ``--priors auto`` picks, its ``auto_priors``), and a family's
+``priors`` names its published tables (SDXL's ``b-lora``, FLUX.1's ``flux-splitflux``).  Add a table with
+:func:`register_priors` (the bundled toy world registers its own, the paper's rule on its block resolutions
+via :func:`priors_for_arch`, from its plug-in, see :mod:`lora_merge.plugins`).  File format (JSON, or YAML
+by extension)::
 
     {"format": "lora-merge.priors/1", "arch": "sdxl", "source": "measured by ...", "default": "neutral",
      "rules": [{"pattern": "unet.up_blocks.0.attentions.0", "role": "content", "score": 0.8}, ...]}
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from .. import plugins
+from .. import families, plugins
 from ..arch import block_resolutions, native_latent
 from ..errors import FormatError, UsageError
 from ..files import atomic_write_text, refuse_existing
@@ -167,7 +170,8 @@ def priors_from_resolutions(arch: str, resolutions: dict[str, int], native: int,
     return LayerPriors(rules, arch, src, "neutral", name=arch)
 
 
-def _b_lora() -> LayerPriors:
+def b_lora() -> LayerPriors:
+    """B-LoRA's SDXL table (the SDXL family names it ``b-lora``)."""
     return LayerPriors(
         [PriorRule("unet.up_blocks.0.attentions.0", "content", 1.0, 32),
          PriorRule("unet.up_blocks.0.attentions.1", "style", 1.0, 32)],
@@ -184,12 +188,10 @@ def priors_for_arch(arch: str) -> LayerPriors:
     return priors_from_resolutions(arch, res, native)
 
 
-_BUILTIN: dict[str, Callable[[], LayerPriors]] = {
-    "sdxl": lambda: priors_for_arch("sdxl"),
-    "sd1": lambda: priors_for_arch("sd1"),
-    "sd2": lambda: priors_for_arch("sd2"),
-    "b-lora": _b_lora,
-}
+_b_lora = b_lora
+
+#: tables registered with :func:`register_priors` (plug-ins, user code); they win over the families' own
+_BUILTIN: dict[str, Callable[[], LayerPriors]] = {}
 
 
 def register_priors(name: str, factory: Callable[[], LayerPriors]) -> None:
@@ -198,21 +200,42 @@ def register_priors(name: str, factory: Callable[[], LayerPriors]) -> None:
     _BUILTIN[name] = factory
 
 
+def _family_tables() -> dict[str, Callable[[], LayerPriors]]:
+    """The tables the families hold: the resolution rule of each family with block resolutions (under its
+    name), then each family's published tables (resolved from their ``"module:attr"`` strings)."""
+    out: dict[str, Callable[[], LayerPriors]] = {}
+    for fam in families.all_families():
+        if fam.block_resolutions is not None and fam.native_latent is not None:
+            out[fam.name] = lambda name=fam.name: priors_for_arch(name)
+    for fam in families.all_families():
+        for table, ref in fam.priors.items():
+            out.setdefault(table, lambda ref=ref: families.resolve(ref)())
+    return out
+
+
+def _lookup(spec: str) -> Callable[[], LayerPriors] | None:
+    return _BUILTIN.get(spec) or _family_tables().get(spec)
+
+
 def builtin_priors() -> list[str]:
     """The names of the built-in and registered tables (plug-ins loaded)."""
     plugins.load_all()
-    return sorted(_BUILTIN)
+    return sorted(set(_family_tables()) | set(_BUILTIN))
 
 
 def load_priors(spec: str, arch: str | None = None) -> LayerPriors:
-    """``sdxl`` | ``sd1`` | ``sd2`` | ``b-lora`` | a registered name | ``auto`` (from ``arch``) | a file path."""
+    """``sdxl`` | ``sd1`` | ``sd2`` | ``b-lora`` | ``flux-splitflux`` | a registered name | ``auto`` (the
+    family's ``auto_priors``, from ``arch``) | a file path."""
     if spec == "auto":
         if arch is None:
             raise UsageError("cannot pick layer priors: the architecture is unknown (pass --arch or --priors)")
-        spec = arch
-    plugins.load_all()
-    if spec in _BUILTIN:
-        return _BUILTIN[spec]()
+        fam = families.get(arch)
+        spec = fam.auto_priors if fam is not None and fam.auto_priors else arch
+    factory = _lookup(spec)
+    if factory is None and plugins.load_for("priors", spec):
+        factory = _lookup(spec)
+    if factory is not None:
+        return factory()
     if os.path.sep in spec or spec.endswith((".json", ".yaml", ".yml")) or Path(spec).exists():
         return LayerPriors.from_file(spec)
     raise UsageError(f"no layer priors for {spec!r}; built-in: {', '.join(builtin_priors())}, or a priors file")

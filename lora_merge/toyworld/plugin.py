@@ -1,9 +1,10 @@
 """The toy world's registrations: it plugs into the core like a third-party package would.
 
-Imported by :func:`lora_merge.plugins.load_all` (it is in ``BUILTIN_PLUGINS``).  Registers the base model
+Imported by the first lookup that needs it (:mod:`lora_merge.plugins`: its ``BUILTIN_PLUGINS`` entry
+declares what it fills, so an ordinary merge never imports the toy world).  Registers the base model
 ``"toyworld"``, the image sources ``toyworld:content`` / ``toyworld:style`` (the default pair) and
-``toyworld:<word>`` for each held-out concept, the priors table
-``"toyworld"`` and the architecture ``"toyworld"`` (block resolutions, display name, detection).
+``toyworld:<word>`` for each held-out concept, and the model family ``"toyworld"`` (:data:`FAMILY`: block
+resolutions, display name, detection), whose resolution rule is the priors table ``"toyworld"``.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from typing import Any
 
 import torch
 
-from ..arch import register_arch
+from ..families import ModelFamily, register_family
 from ..model_mode.base_model import BaseModel, register_base_model
 from ..model_mode.images import register_image_source
-from ..priors import priors_for_arch, register_priors
 from . import world
 from .model import ARCH, load_base
 from .train import lora_training_set
@@ -65,17 +65,24 @@ def _images(concept: str):
 
 
 def is_toyworld(adapter: Any) -> bool:
-    """The bundled LoRAs (and LoRAs trained the same way) name the toy world in their metadata."""
+    """The bundled LoRAs (and LoRAs trained the same way) name the toy world in their metadata (the claim
+    this plug-in's ``BUILTIN_PLUGINS`` entry declares, so detection loads the plug-in only for them)."""
     return ARCH in str((adapter.metadata or {}).get("modelspec.architecture", ""))
 
 
+#: the toy world as a model family; its priors table is the paper's rule on these blocks (4×4 → content,
+#: 8×8 → style; measured: docs/priors.md)
+FAMILY = ModelFamily(
+    name=ARCH, display="lora-merge toy world (SDXL-shaped)", short="toyworld", kind="unet",
+    help="the bundled benchmark world: base model, judge, reference images, LoRAs",
+    detect=((0, is_toyworld),), block_resolutions=BLOCK_RESOLUTIONS, native_latent=NATIVE_LATENT,
+)
+
+
 def register() -> None:
-    register_arch(ARCH, "lora-merge toy world (SDXL-shaped)", block_resolutions=BLOCK_RESOLUTIONS,
-                  native_latent=NATIVE_LATENT, detect=is_toyworld)
+    register_family(FAMILY)
     register_base_model(ARCH, base_model)
     register_image_source(f"{ARCH}:content", _images("content"))
     register_image_source(f"{ARCH}:style", _images("style"))
     for word in (*world.SUBJECTS, *world.STYLE_CONCEPTS):
         register_image_source(f"{ARCH}:{word}", _images(word))
-    # the paper's rule on the toy world's blocks (4×4 → content, 8×8 → style); measured: docs/priors.md
-    register_priors(ARCH, lambda: priors_for_arch(ARCH))
