@@ -6,7 +6,9 @@ and every "may I write here?" question through :func:`refuse_existing`.
   ``mkstemp``'s 0600) and is renamed over ``path`` only when ``write_fn`` returned.  On any failure or
   interrupt the temporary file is removed and ``path`` is untouched.
 - ``refuse_existing(path, force, inputs)``: one exception, one message.  An input (after resolving links
-  and ``..``) is refused even with ``force``; an existing path is refused without it.
+  and ``..``) is refused even with ``force``; an existing path is refused without it; anything that is
+  not a regular file (a device, FIFO, socket or folder, also behind a link) or a path with a trailing
+  ``/`` is refused even with ``force`` (``atomic_write`` checks the same again right before its rename).
 - ``output_transaction()``: every :func:`atomic_write` inside it keeps its temporary file until the
   outermost transaction ends; then all are renamed into place together (an interrupt that arrives during
   the renames is held until they are done), or, on any exception or interrupt, all are removed along with
@@ -264,6 +266,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any], 
         raise UsageError(f"folder {path.parent} does not exist", path)
     if path.is_dir():
         raise OutputExistsError("is a folder; give a file path", path)
+    refuse_special(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
@@ -282,6 +285,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any], 
             txn.pending.append((tmp, path))
         else:
             with _signals_held():
+                refuse_special(path)  # nothing turned into a device or FIFO while we wrote
                 os.replace(tmp, path)
     except BaseException:
         if txn is None or (tmp, path) not in txn.pending:
@@ -304,12 +308,45 @@ def _resolved(paths: Iterable[str | os.PathLike | None]) -> list[Path]:
     return [Path(p).resolve() for p in paths if p is not None]
 
 
+def file_kind(mode: int) -> str:
+    """What a ``stat`` mode describes, for messages: ``a folder``, ``a FIFO``, ``a device``, …"""
+    return ("a regular file" if stat.S_ISREG(mode) else "a folder" if stat.S_ISDIR(mode) else "a FIFO"
+            if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket"
+            if stat.S_ISSOCK(mode) else "not a regular file")  # fmt: skip
+
+
+def refuse_special(path: str | os.PathLike, *, folder: bool = False) -> None:
+    """Raise :class:`OutputExistsError` if ``path`` exists and is not what we may replace — a regular file
+    (a folder, with ``folder``) — also behind a symbolic link: never a device, FIFO or socket, ``--force``
+    or not.  A trailing ``/`` on a file path is refused too (it names a folder)."""
+    text = os.fspath(path)
+    if not folder and text.endswith(("/", os.sep)) and text.strip("/" + os.sep):
+        raise OutputExistsError("ends with '/', which names a folder; give a file path", text)
+    for follow in (False, True):
+        try:
+            st = os.stat(text, follow_symlinks=follow)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as e:
+            raise OutputExistsError(f"cannot check the output path: {e.strerror or e}", text) from None
+        if not follow and stat.S_ISLNK(st.st_mode):
+            continue  # judge the link's target
+        ok = stat.S_ISDIR(st.st_mode) if folder else stat.S_ISREG(st.st_mode)
+        if not ok:
+            raise OutputExistsError(f"is {file_kind(st.st_mode)}, not a {'folder' if folder else 'regular file'}; "
+                                    "refusing to write over it (even with --force)", text)
+        return
+
+
 def refuse_existing(
-    path: str | os.PathLike, force: bool = False, inputs: Iterable[str | os.PathLike | None] = ()
+    path: str | os.PathLike, force: bool = False, inputs: Iterable[str | os.PathLike | None] = (),
+    *, folder: bool = False,
 ) -> None:
     """Raise :class:`OutputExistsError` if writing ``path`` would overwrite an input (even with ``force``:
-    the path itself, a file inside an input folder, or a folder that holds an input) or an existing path
-    (without ``force``)."""
+    the path itself, a file inside an input folder, or a folder that holds an input), anything but a
+    regular file (a folder, with ``folder``; even with ``force``, see :func:`refuse_special`) or an
+    existing path (without ``force``)."""
+    refuse_special(path, folder=folder)
     out = Path(path)
     target = out.resolve()
     for src in _resolved(inputs):
@@ -329,10 +366,7 @@ def open_input(path: str | os.PathLike) -> IO[bytes]:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a socket"
-                    if stat.S_ISSOCK(st.st_mode) else "not a regular file")
-            raise FormatError(f"not a regular file ({kind}); refusing to read it", path)
+            raise FormatError(f"not a regular file ({file_kind(st.st_mode)}); refusing to read it", path)
         if hasattr(os, "O_NONBLOCK"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")

@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 import click
 
+from ..errors import UsageError
+
 T = TypeVar("T")
 
 class DialectChoice(click.Choice):
@@ -203,3 +205,12 @@ def threads_option(f):
     return click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,
                         expose_value=False, callback=_apply, is_eager=False,
                         help="torch CPU threads for sampling.")(f)
+
+
+def check_file_path_text(text: str | os.PathLike, to: str | None) -> None:
+    """An output path typed with a trailing ``/`` names a folder: only a PEFT adapter (``--to peft``) is
+    one, so anywhere else it is a usage error rather than a slash silently dropped."""
+    raw = os.fspath(text)
+    if raw.endswith(("/", os.sep)) and raw.strip("/" + os.sep) and (to or "").lower() != "peft":
+        raise UsageError(f"{raw}: ends with '/', which names a folder; give a file path (only --to peft "
+                         "writes a folder)")

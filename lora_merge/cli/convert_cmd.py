@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import DialectChoice, allow_pickle_option, format_option, load_adapter, strict_option
+from .common import DialectChoice, allow_pickle_option, check_file_path_text, format_option, load_adapter, strict_option
 
 #: the ``--dtype`` spellings offered here; :func:`lora_merge.files.parse_dtype` turns them into torch dtypes
 _DTYPE_CHOICES = ("bf16", "fp16", "fp32")
@@ -47,6 +47,7 @@ def convert_cmd(src, dst, to, dtype, force, keep_heads, repair, rank, max_error,
     from ..formats.api import save
     from ..formats.clients import default_output_dialect, is_sd_lora, loader_note
 
+    check_file_path_text(dst, to)
     if base_weights is None:
         adapter = load_adapter(src, fmt=fmt, strict=strict, allow_pickle=allow_pickle, repair=repair)
     else:

@@ -19,11 +19,11 @@ from ..arch import sub_block_of
 from ..engine.recipe import RECIPE_KEYS
 from ..errors import UsageError
 from ..strategies import available_strategies
-from .common import allow_pickle_option, print_json, stdout_console
+from .common import allow_pickle_option, check_file_path_text, print_json, stdout_console
 
 #: destination names of the fixed options (the recipe keys and the CLI-only ones); a strategy parameter
 #: with one of these names is reachable only through --param NAME=VALUE or the recipe's params
-_CORE = {*RECIPE_KEYS, "weight", "config", "as_json", "progress", "param", "allow_pickle"}
+_CORE = {*RECIPE_KEYS, "weight", "config", "as_json", "progress", "param", "allow_pickle", "dry_run"}
 
 
 def _strategy_params() -> dict[str, list[tuple[str, Any]]]:
@@ -135,6 +135,8 @@ def _refuse_sampling_time(strategy: str | None) -> None:
     "for any value.",
 )
 @click.option("--force", is_flag=True, default=False, help="Overwrite an existing output (never an input).")
+@click.option("--dry-run", is_flag=True, default=False,
+              help="Merge and print the summary without writing anything (no -o needed).")
 @click.option(
     "--config", type=click.Path(), default=None, help="Recipe file (YAML, JSON or TOML); flags override it."
 )
@@ -209,12 +211,21 @@ def merge(**kw: Any) -> None:
         allow_mixed_arch=kw["allow_mixed_arch"] or None, full_rank=kw["full_rank"] or None,
         base_weights=kw["base_weights"],
     )  # fmt: skip
+    if kw["dry_run"]:
+        recipe = recipe.with_overrides(output=None, report=None)
+    elif recipe.output is None:
+        raise UsageError("no output: give -o/--output FILE (or --dry-run to merge without writing anything)")
+    else:
+        check_file_path_text(kw["output"] or str(data.get("output") or ""), recipe.to)
     options = MergeOptions.from_dict(data).with_overrides(device=kw["device"], threads=kw["threads"],
                                                           allow_pickle=kw["allow_pickle"] or None)
     show = kw["progress"] if kw["progress"] is not None else (sys.stderr.isatty() and not kw["as_json"])
     with progress_bar("merging", enabled=show) as bar:
         result = run_merge(recipe, options.with_overrides(progress=bar))
     _print(result, kw["as_json"])
+    if kw["dry_run"]:
+        click.echo("dry run: nothing written", err=True)
+        return
     from ..formats.clients import loader_note
 
     note = loader_note(result.adapter, result.report["recipe"]["to"] or "")

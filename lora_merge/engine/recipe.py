@@ -46,8 +46,8 @@ from typing import Any
 import torch
 
 from ..adapter import Adapter
-from ..errors import MergeError, UsageError
-from ..files import dtype_name, input_sha256, parse_dtype
+from ..errors import FormatError, MergeError, UsageError
+from ..files import dtype_name, input_sha256, open_input, parse_dtype
 from ..formats.api import load
 from ..patterns import compile_pattern
 from ..strategies import MergeStrategy, available_strategies, get_strategy
@@ -345,7 +345,15 @@ RECIPE_KEYS = (
 
 # ---------------------------------------------------------------------- file parsing
 def _parse_text(path: Path) -> Any:
-    text = path.read_text(encoding="utf-8")
+    try:
+        with open_input(path) as fh:
+            raw = fh.read()
+    except FormatError as exc:
+        raise UsageError(str(exc).split(": ", 1)[-1], path) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"a recipe file is UTF-8 text; byte {exc.start} is not ({exc.reason})", path) from None
     if path.suffix.lower() == ".toml":
         import tomllib
 
@@ -394,7 +402,7 @@ def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
         out["inputs"] = [_relative_entry(x, base, path) for x in _as_list(out["inputs"], "inputs", path)]
     for k in ("output", "report"):
         if out.get(k) is not None:
-            out[k] = str(_rel(out[k], base))
+            out[k] = str(_rel(out[k], base, k, path))
     if out.get("base_weights") is not None:
         out["base_weights"] = _relative_entry(out["base_weights"], base, path)
     return out
@@ -406,7 +414,9 @@ def _as_list(value: Any, key: str, path: Path | None) -> list:
     raise UsageError(f"{key!r} must be a list", path)
 
 
-def _rel(p: str | os.PathLike, base: Path) -> Path:
+def _rel(p: str | os.PathLike, base: Path, key: str = "path", where: Path | None = None) -> Path:
+    if not isinstance(p, (str, os.PathLike)):
+        raise UsageError(f"{key!r} must be a path (a string), got {type(p).__name__} {p!r}"[:200], where or base)
     p = Path(os.path.expanduser(os.fspath(p)))
     return p if p.is_absolute() else base / p
 
@@ -415,7 +425,7 @@ def _relative_entry(item: Any, base: Path, path: Path) -> Any:
     if isinstance(item, (str, os.PathLike)):
         return str(_rel(item, base))
     if isinstance(item, dict) and "path" in item:
-        return {**item, "path": str(_rel(item["path"], base))}
+        return {**item, "path": str(_rel(item["path"], base, "path", path))}
     return item  # _input_entry names the problem
 
 

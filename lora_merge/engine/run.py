@@ -41,23 +41,30 @@ class DenseRefactorWarning(UserWarning):
     """A dense strategy's result (ties, dare, magnitude-prune) was re-factored to a lower rank by default."""
 
 
-def dense_summary(layer_info: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+#: a strategy that truncates rank (``svd --rank K`` / ``--energy``) warns when a module loses more than
+#: this fraction of ‖ΔW‖_F
+TRUNCATION_WARN = 0.01
+
+
+def dense_summary(layer_info: dict[str, dict[str, Any]], prefix: str = "dense") -> dict[str, Any] | None:
     """How the dense results were stored: the rank rule, the ranks, and the relative Frobenius error
-    ``‖ΔW − B A‖/‖ΔW‖`` of the worst module and over all modules together; None without dense layers."""
-    dense = {n: i for n, i in layer_info.items() if "dense_rel_error" in i}
+    ``‖ΔW − B A‖/‖ΔW‖`` of the worst module and over all modules together; None without dense layers.
+    ``prefix="truncation"`` summarizes the rank a strategy truncated itself (its layers' ``truncation_*``
+    info) the same way."""
+    dense = {n: i for n, i in layer_info.items() if f"{prefix}_rel_error" in i}
     if not dense:
         return None
-    worst = max(dense, key=lambda n: dense[n]["dense_rel_error"])
-    num = sum((i["dense_rel_error"] * i["dense_norm"]) ** 2 for i in dense.values())
-    den = sum(i["dense_norm"] ** 2 for i in dense.values())
+    worst = max(dense, key=lambda n: dense[n][f"{prefix}_rel_error"])
+    num = sum((i[f"{prefix}_rel_error"] * i[f"{prefix}_norm"]) ** 2 for i in dense.values())
+    den = sum(i[f"{prefix}_norm"] ** 2 for i in dense.values())
     ranks = [i["rank"] for i in dense.values()]
     return {
-        "rank_rule": next(iter(dense.values()))["dense_rank_rule"],
+        "rank_rule": next(iter(dense.values()))[f"{prefix}_rank_rule"],
         "modules": len(dense),
         "rank_min": min(ranks),
         "rank_max": max(ranks),
         "rel_error_overall": (num / den) ** 0.5 if den > 0 else 0.0,
-        "rel_error_max": dense[worst]["dense_rel_error"],
+        "rel_error_max": dense[worst][f"{prefix}_rel_error"],
         "worst_module": worst,
     }
 
@@ -102,7 +109,7 @@ def _check_outputs(recipe: Recipe, strategy: MergeStrategy, inputs: list[Path | 
         files, folder = _output_files(recipe, dialect)
         targets += [(f, folder) for f in files]
         if folder:
-            refuse_existing(out, True, inputs)
+            refuse_existing(out, True, inputs, folder=True)
         targets += [(sidecar_path(out, suffix), False) for suffix in getattr(strategy, "sidecar_suffixes", ())]
     if recipe.report is not None:
         targets.append((Path(recipe.report), False))
@@ -173,6 +180,12 @@ def _merge_loaded(recipe: Recipe, options: MergeOptions, strat: MergeStrategy, a
             f"{dense['rel_error_overall']:.3g} over all modules, {dense['rel_error_max']:.3g} at worst "
             f"({dense['worst_module']}); --rank K to choose the rank, --full-rank to keep every direction "
             "(exact, but every layer at full rank: hundreds of MB for an SD UNet)"), stacklevel=3)  # fmt: skip
+    truncated = dense_summary(layer_info, "truncation")
+    if truncated is not None and truncated["rel_error_max"] > TRUNCATION_WARN:
+        warnings.warn(DenseRefactorWarning(
+            f"{strat.name}: {truncated['rank_rule']} lost part of ΔW: relative error ‖ΔW−BA‖/‖ΔW‖ "
+            f"{truncated['rel_error_overall']:.3g} over all modules, {truncated['rel_error_max']:.3g} at worst "
+            f"({truncated['worst_module']}); a higher --rank keeps more"), stacklevel=3)  # fmt: skip
     first = adapters[0]
     merged = Adapter(modules=modules, extra_tensors=heads, dialect=first.dialect,
                      config=dict(first.config) if first.config else None)
@@ -194,6 +207,8 @@ def _merge_loaded(recipe: Recipe, options: MergeOptions, strat: MergeStrategy, a
     report = {"recipe": recorded, "layers": layer_info, "strategy": strat.report()}
     if dense is not None:
         report["dense"] = dense
+    if truncated is not None:
+        report["truncation"] = truncated
     written = None
     if recipe.output is not None:
         if _output_files(recipe, out_to)[1]:

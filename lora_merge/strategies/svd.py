@@ -39,16 +39,20 @@ class Svd(MergeStrategy):
     def merge_layer(self, inputs: Sequence[LayerInput], ctx: LayerContext) -> LayerResult:
         up, down = concat(inputs)
         u, s, vh = linalg.core_svd(up, down)
-        k = linalg.numerical_rank(s, (up.shape[0], down.shape[1]))
+        k = full = linalg.numerical_rank(s, (up.shape[0], down.shape[1]))
         if self.config["energy"] < 1.0 and k:
             e = torch.cumsum(s[:k] ** 2, 0) / (s[:k] ** 2).sum()
             k = min(k, int((e < self.config["energy"] - 1e-12).sum()) + 1)
         target = ctx.rank
-        if target is not None:
-            k = min(k, int(target))
+        rule = f"--energy {self.config['energy']}" if k < full else None
+        if target is not None and int(target) < k:
+            k, rule = int(target), f"--rank {int(target)}"
+        total = float((s**2).sum())
         u, s, vh = u[:, :k], s[:k], vh[:k]
         kept = float((s**2).sum())
         b, a = linalg.split_factors(u, s, vh, self.config["split"])
-        return LayerResult(
-            up=b, down=a, info={"svd_rank": k, "sigma_max": float(s[0]) if k else 0.0, "energy_kept": kept}
-        )
+        info = {"svd_rank": k, "sigma_max": float(s[0]) if k else 0.0, "energy_kept": kept}
+        if rule is not None:  # ‖ΔW − BA‖_F / ‖ΔW‖_F from the dropped singular values (the engine warns)
+            info.update(truncation_rank_rule=rule, truncation_rel_error=max(0.0, 1 - kept / total) ** 0.5
+                        if total > 0 else 0.0, truncation_norm=total**0.5)  # fmt: skip
+        return LayerResult(up=b, down=a, info=info)
