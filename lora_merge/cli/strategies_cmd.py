@@ -87,7 +87,6 @@ def show_sampling_time(infos: list[dict], as_json: bool) -> None:
 
 def _show_sampling_one(info: dict) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     c = Console()
     c.print(f"[bold]{info['name']}[/bold] — {info['description']}")
@@ -95,17 +94,11 @@ def _show_sampling_one(info: dict) -> None:
     c.print(f"python: {info['api']}")
     if info.get("reference"):
         c.print(f"reference: {info['reference']}")
-    t = Table()
-    for col in ("parameter", "type", "default", "range / choices", "help"):
-        t.add_column(col, overflow="fold")
-    for p in info["params"]:
-        t.add_row(p["name"], p["type"], str(p["default"]), _range(p), p["help"])
-    c.print(t)
+    c.print(_param_table(info["params"], "parameter", "name"))
 
 
 def _show_one(info: dict) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     c = Console()
     c.print(f"[bold]{info['name']}[/bold] — {info['description']}")
@@ -115,12 +108,19 @@ def _show_one(info: dict) -> None:
     if not info["params"]:
         c.print("options: none")
         return
+    c.print(_param_table(info["params"], "option", "option"))
+
+
+def _param_table(params: list[dict], title: str, key: str):
+    """The parameters of a ``describe()`` listing as a table whose first column is ``params[i][key]``."""
+    from rich.table import Table
+
     t = Table()
-    for col in ("option", "type", "default", "range / choices", "help"):
+    for col in (title, "type", "default", "range / choices", "help"):
         t.add_column(col, overflow="fold")
-    for p in info["params"]:
-        t.add_row(p["option"], p["type"], str(p["default"]), _range(p), p["help"])
-    c.print(t)
+    for p in params:
+        t.add_row(p[key], p["type"], str(p["default"]), _range(p), p["help"])
+    return t
 
 
 def _range(p: dict) -> str:

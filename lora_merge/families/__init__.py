@@ -54,6 +54,14 @@ BUILTIN: dict[str, str] = {
 DetectRule = tuple[int, Callable[["Adapter"], bool]]
 
 
+def fused_layout_notes(native: str, split: str = "to_q / to_k / to_v", native_word: str = "native"
+                       ) -> dict[str, str]:  # fmt: skip
+    """``layout_notes`` of a family whose native layout fuses what diffusers splits (what ``inspect`` says of
+    each layout): ``native`` describes the native names, ``split`` the diffusers projections."""
+    return {"native": native, "diffusers": f"diffusers names, split {split}",
+            "mixed": f"both {native_word} (fused) and diffusers (split) names"}
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """Everything the package knows about one family of base models, as data.

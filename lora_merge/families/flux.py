@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from . import ModelFamily
+from . import ModelFamily, fused_layout_notes
 from .qwen_image import is_qwen_image
 
 if TYPE_CHECKING:
@@ -85,9 +85,7 @@ FAMILY = ModelFamily(
     block_display={"double_blocks": "double", "transformer_blocks": "double", "single_blocks": "single",
                    "single_transformer_blocks": "single"},
     layout="lora_merge.formats.flux:LAYOUT", fused_layout="lora_merge.formats.flux:FLUX",
-    layout_notes={"native": "native (BFL) names, fused img/txt qkv and single-block linear1",
-                  "diffusers": "diffusers names, split to_q / to_k / to_v",
-                  "mixed": "both native (fused) and diffusers (split) names"},
+    layout_notes=fused_layout_notes("native (BFL) names, fused img/txt qkv and single-block linear1"),
     priors={"flux-splitflux": "lora_merge.priors.flux:flux_splitflux"},
     pipelines=("FluxPipeline",), pipeline_loader="lora_merge.model_mode.dit_base:load_flow_pipeline",
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from . import ModelFamily
+from . import ModelFamily, fused_layout_notes
 from .flux import FAMILY as FLUX1
 
 if TYPE_CHECKING:
@@ -42,7 +42,6 @@ FAMILY = ModelFamily(
     blocks={"transformer_blocks": 8, "single_transformer_blocks": 48}, hidden=6144,
     block_lists=FLUX1.block_lists, block_display=FLUX1.block_display,
     layout="lora_merge.formats.flux2:LAYOUT", fused_layout="lora_merge.formats.flux2:FLUX2",
-    layout_notes={"native": "native (BFL) names, fused img/txt qkv (single-block linear1 is fused in both layouts)",
-                  "diffusers": "diffusers names, split to_q / to_k / to_v",
-                  "mixed": "both native (fused) and diffusers (split) names"},
+    layout_notes=fused_layout_notes("native (BFL) names, fused img/txt qkv (single-block linear1 is fused in both "
+                                    "layouts)"),
 )

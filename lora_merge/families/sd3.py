@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from . import ModelFamily
+from . import ModelFamily, fused_layout_notes
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -46,8 +46,6 @@ FAMILY = ModelFamily(
     diffusers_class="SD3Transformer2DModel", blocks={"transformer_blocks": 18}, hidden=1152,
     block_lists=("transformer_blocks", "joint_blocks"), block_display={"joint_blocks": "transformer_blocks"},
     layout="lora_merge.formats.sd3:LAYOUT", fused_layout="lora_merge.formats.sd3:SD3",
-    layout_notes={"native": "native (MMDiT) names, fused x_block / context_block attn.qkv",
-                  "diffusers": "diffusers names, split to_q / to_k / to_v",
-                  "mixed": "both native (fused) and diffusers (split) names"},
+    layout_notes=fused_layout_notes("native (MMDiT) names, fused x_block / context_block attn.qkv"),
     pipelines=("StableDiffusion3Pipeline",), pipeline_loader="lora_merge.model_mode.dit_base:load_flow_pipeline",
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from . import ModelFamily
+from . import ModelFamily, fused_layout_notes
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -45,9 +45,8 @@ FAMILY = ModelFamily(
     blocks={"layers": 30, "noise_refiner": 2, "context_refiner": 2}, hidden=3840,
     block_lists=BLOCK_LISTS, block_pattern=BLOCK_PATTERN,
     layout="lora_merge.formats.zimage:LAYOUT", fused_layout="lora_merge.formats.zimage:ZIMAGE",
-    layout_notes={"native": "original Z-Image names, fused attention.qkv",
-                  "diffusers": "diffusers names, split attention.to_q / to_k / to_v",
-                  "mixed": "both original (fused) and diffusers (split) names"},
+    layout_notes=fused_layout_notes("original Z-Image names, fused attention.qkv", "attention.to_q / to_k / to_v",
+                                   native_word="original"),
     dialect_layout={"kohya": "diffusers"},
     pipelines=("ZImagePipeline",), pipeline_loader="lora_merge.model_mode.dit_base:load_flow_pipeline",
 )

@@ -24,17 +24,7 @@ from .problem import AXES
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..input_models import InputModel
-    from ..priors.table import LayerPriors
 
-__all__ = [
-    "Concept",
-    "LayerMasks",
-    "MaskObjective",
-    "MaskSolution",
-    "MaskSolver",
-    "References",
-    "SolveOptions",
-]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..adapter import Adapter
 from ..errors import UsageError
-from ..strategies.base import Param
+from ..strategies.base import Param, declaration
 from .hooks import LayerHooks, collect_layers
 
 __all__ = [
@@ -108,14 +108,9 @@ def param_info(p: Param) -> dict[str, Any]:
     """One parameter as ``describe()`` lists it: the keys of ``MergeStrategy.describe``'s but ``option``
     (a sampling-time merger takes its parameters as Python keywords, never as ``merge`` options); JSON
     values (a pair default is a list)."""
-    return {
-        "name": p.name,
-        "type": p.type.__name__,
-        "default": _json_value(p.default),
-        "help": p.help,
-        "range": list(p.range) if p.range else None,
-        "choices": list(p.choices) if p.choices else None,
-    }
+    info = p.describe()
+    del info["option"]
+    return info
 
 
 class _AttachMethod:
@@ -200,14 +195,8 @@ class SamplingTimeMerger(LayerHooks):
     @classmethod
     def describe(cls) -> dict[str, Any]:
         """The listing of ``lora-merge strategies`` (and its torch-free catalogue), from the declaration."""
-        return {
-            "name": cls.name,
-            "description": cls.description,
-            "reference": cls.reference,
-            "static_file": cls.static_file,
-            "api": cls.api(),
-            "params": [param_info(p) for p in cls.params],
-        }
+        return declaration(cls, {"static_file": cls.static_file, "api": cls.api()},
+                           [param_info(p) for p in cls.params])
 
     def report(self) -> dict[str, Any]:
         """JSON-ready: the method, its settings and per model call the record."""

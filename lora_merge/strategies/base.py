@@ -45,6 +45,13 @@ class Param:
         """The CLI option spelling, e.g. ``--lambda-sim``."""
         return "--" + self.name.replace("_", "-")
 
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready: name, option, type, default, help, range, choices (what ``strategies --json`` lists)."""
+        default = list(self.default) if isinstance(self.default, tuple) else self.default
+        return {"name": self.name, "option": self.option, "type": self.type.__name__, "default": default,
+                "help": self.help, "range": list(self.range) if self.range else None,
+                "choices": list(self.choices) if self.choices else None}  # fmt: skip
+
     def coerce(self, value: Any, strategy: str = "") -> Any:
         where = f"strategy {strategy!r} parameter {self.name!r}" if strategy else f"parameter {self.name!r}"
         try:
@@ -250,24 +257,14 @@ class MergeStrategy:
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
-        return {
-            "name": cls.name,
-            "description": cls.description,
-            "reference": cls.reference,
-            "exact": cls.exact,
-            "params": [
-                {
-                    "name": p.name,
-                    "option": p.option,
-                    "type": p.type.__name__,
-                    "default": p.default,
-                    "help": p.help,
-                    "range": list(p.range) if p.range else None,
-                    "choices": list(p.choices) if p.choices else None,
-                }
-                for p in cls.params
-            ],
-        }
+        return declaration(cls, {"exact": cls.exact})
+
+
+def declaration(cls: Any, extra: dict[str, Any], params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A declared class (a strategy or a sampling-time merger) as ``lora-merge strategies --json`` lists it:
+    name, description, reference, ``extra``, and its parameters (default: each ``Param.describe()``)."""
+    return {"name": cls.name, "description": cls.description, "reference": cls.reference, **extra,
+            "params": params if params is not None else [p.describe() for p in cls.params]}  # fmt: skip
 
 
 def takes_legacy_prepare(strategy: MergeStrategy) -> bool:
