@@ -9,7 +9,7 @@ files we write load with").
   (the scale moved into B) so a merge written as kohya loads exactly everywhere, and
   :func:`mixed_alpha_note` says so when a file keeps mixed alphas (a conversion stays bit-exact).
 - The **diffusers** dialect (``unet.….to_q.lora_A.weight``) is read by diffusers and PEFT; ComfyUI does
-  not apply its UNet attention modules (reported in issue 16: 0 of 128 applied, "lora key not loaded")
+  not apply its UNet attention modules (checked with its loader code: 0 of 128 applied, "lora key not loaded")
   and A1111/Forge read kohya names. :func:`loader_note` says which loaders will not read a file.
 """
 
