@@ -5,7 +5,9 @@ from outside, as a user's Ctrl-C or a job scheduler's kill would come.
     python benchmarks/signal_sweep.py --runs 24 --seed 3
 
 Each run starts the console entry point in a fresh process, sends the signal after a delay drawn
-uniformly from [0.02 s, 85% of the measured duration of an uninterrupted run], and classifies the outcome:
+uniformly from [0.02 s, 85% of the measured duration of an uninterrupted run] — or, for every third run
+(the *late* window), from [90%, 130%] of it, around the commit and the interpreter's shutdown, where a
+finished command must still exit 0 — and classifies the outcome:
 
 - ``interrupted``: exit 130, stderr exactly ``interrupted``, no output, no temporary file;
 - ``completed``: the signal came after the outputs were in place (exit 0, output whole and loadable);
@@ -81,16 +83,19 @@ def main() -> None:
         failures = []
         for i in range(a.runs):
             sig = signal.SIGINT if i % 2 == 0 else signal.SIGTERM
-            delay = rng.uniform(0.02, 0.85 * full)  # runs vary; later ones often find the process done
+            late = i % 3 == 2
+            # runs vary; later ones often find the process done
+            delay = rng.uniform(0.9 * full, 1.3 * full) if late else rng.uniform(0.02, 0.85 * full)
             out_dir = d / f"run{i}"
             out_dir.mkdir()
             outcome, wall, detail = one_run(inputs, out_dir, sig, delay)
-            counts[(sig.name, outcome)] += 1
-            print(f"  {sig.name:7s} at {delay:5.2f} s: {outcome} ({wall:.2f} s)" + (f" {detail}" if detail else ""))
+            name = f"{sig.name} (late)" if late else sig.name
+            counts[(name, outcome)] += 1
+            print(f"  {name:14s} at {delay:5.2f} s: {outcome} ({wall:.2f} s)" + (f" {detail}" if detail else ""))
             if outcome == "FAILED":
                 failures.append(detail)
         print("\n| signal | interrupted | completed | failed |\n| --- | --- | --- | --- |")
-        for name in ("SIGINT", "SIGTERM"):
+        for name in ("SIGINT", "SIGTERM", "SIGINT (late)", "SIGTERM (late)"):
             print(f"| {name} | {counts[(name, 'interrupted')]} | {counts[(name, 'completed')]} | "
                   f"{counts[(name, 'FAILED')]} |")
         sys.exit(1 if failures else 0)

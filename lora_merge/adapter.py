@@ -114,7 +114,14 @@ class TensorRef:
             if check and t.is_floating_point() and not all_finite(t):
                 raise FormatError(f"tensor {_short(self.key)} holds NaN or infinite values", self.handle.path)
         if dtype is not None or device is not None:
+            wider = dtype is not None and t.is_floating_point() and t.dtype.itemsize > dtype.itemsize
+            src = t
             t = t.to(dtype=dtype or t.dtype, device=device or t.device)
+            if check and wider and self.handle is not None and not all_finite(t):  # finite in the file only
+                big = float(src.abs().max())
+                raise FormatError(f"tensor {_short(self.key)} holds values up to {big:.3g}, beyond the range of "
+                                  f"{str(dtype).replace('torch.', '')} (±{torch.finfo(dtype).max:.3g}) that the "
+                                  "math runs in", self.handle.path)
         return t
 
     @property

@@ -155,7 +155,7 @@ class _Transaction:
                     raise UsageError(f"cannot write: {e.strerror or e}", final) from None
             self.pending.clear()
             self.created.clear()
-            _COMMITTED = True
+            _COMMITTED = True  # before the handlers come back: a signal from now on finds the work done
 
 
 _TXN: _Transaction | None = None

@@ -108,3 +108,73 @@ def test_svd_rank_truncation_reports_and_warns(tmp_path, pair):
         warnings.simplefilter("always")
         res = lora_merge.merge(list(pair), strategy="svd")
     assert not [w for w in caught if "lost part" in str(w.message)] and "truncation" not in res.report
+
+
+# ------------------------------------------------------------------ errors that name the real cause
+def _lokr_file(path, w1, w2):
+    import torch
+    from safetensors.torch import save_file
+
+    n = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{n}.lokr_w1": torch.full((4, 4), w1, dtype=torch.float64),
+               f"{n}.lokr_w2": torch.full((80, 80), w2, dtype=torch.float64),
+               f"{n}.alpha": torch.tensor(4.0, dtype=torch.float64)}, str(path))  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("w1, w2, says", [
+    (1e300, 1.0, "holds values up to 1e+300, beyond the range of float32"),  # finite in F64 only
+    (1e20, 1e20, "its LoKr ΔW overflows float32"),  # finite factors, infinite product
+])  # fmt: skip
+def test_values_that_overflow_float32_name_the_file_and_the_tensor(tmp_path, capsys, w1, w2, says):
+    src = _lokr_file(tmp_path / "lokr.safetensors", w1, w2)
+    for argv in (["convert", src, tmp_path / "o.safetensors", "--rank", "4"],
+                 ["merge", src, src, "-o", tmp_path / "o.safetensors", "--rank", "4"]):
+        code, _, err = run_cli(argv, capsys)
+        assert code == 2 and says in err and "lokr.safetensors" in err, err
+        assert len(err.strip().splitlines()) == 1 and "linalg" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lokr.safetensors"]
+
+
+def test_dora_with_a_zero_norm_row_names_the_module_and_the_cause(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    a, b = torch.randn(2, 8), torch.randn(8, 2)
+    w = -(b @ a)  # W + ΔW = 0 in every column
+    save_file({"double_blocks.0.img_attn.proj.weight": w}, str(tmp_path / "base.safetensors"))
+    key = "lora_unet_double_blocks_0_img_attn_proj"
+    save_file({f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.alpha": torch.tensor(2.0),
+               f"{key}.dora_scale": torch.rand(1, 8) + 0.5}, str(tmp_path / "dora.safetensors"))  # fmt: skip
+    code, _, err = run_cli(["convert", tmp_path / "dora.safetensors", tmp_path / "o.safetensors", "--rank", "4",
+                            "--base-weights", tmp_path / "base.safetensors"], capsys)  # fmt: skip
+    assert code == 2 and "‖W + ΔW‖ is 0 in column 0" in err and "img_attn" in err and "dora.safetensors" in err, err
+    assert "non-finite" not in err and not (tmp_path / "o.safetensors").exists()
+
+
+def test_merging_read_only_dialect_inputs_writes_a_writable_dialect_and_says_so(tmp_path, capsys):
+    """XLabs FLUX.1 files are read only: without --to the merge writes kohya (native FLUX.1 names) and
+    says which; the merged ΔW is the sum."""
+    import torch
+    from safetensors.torch import save_file
+
+    import lora_merge
+
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for i in range(2):
+        sd[f"double_blocks.{i}.processor.qkv_lora1.down.weight"] = torch.randn(2, 3072, generator=g)
+        sd[f"double_blocks.{i}.processor.qkv_lora1.up.weight"] = torch.randn(9216, 2, generator=g) * 0.01
+    src = tmp_path / "xlabs.safetensors"
+    save_file(sd, str(src))
+    out = tmp_path / "m.safetensors"
+    from lora_merge.cli import main
+
+    with pytest.warns(UserWarning, match="xlabs dialect is read only: writing kohya .*--to picks another"):
+        with pytest.raises(SystemExit) as exc:
+            main(["merge", str(src), str(src), "-o", str(out)])
+    assert exc.value.code == 0, capsys.readouterr().err
+    merged, one = lora_merge.load(out), lora_merge.load(src)
+    assert merged.dialect == "kohya"
+    for name, m in one.modules.items():
+        torch.testing.assert_close(merged.modules[name].delta(), 2 * m.delta(), rtol=1e-4, atol=1e-6)

@@ -143,3 +143,50 @@ def test_a_signal_that_breaks_an_import_still_exits_130(monkeypatch, capsys):
     monkeypatch.setitem(cli_mod._STATE, "signalled", False)  # without a signal the error is the error
     with pytest.raises(ImportError):
         cli_mod._main(["inspect", "x.safetensors"])
+
+
+def test_a_signal_after_the_commit_leaves_exit_0_and_the_output(tmp_path, monkeypatch, capsys):
+    """SIGINT delivered right after the outputs are renamed into place: too late to undo, exit 0."""
+    import signal as _signal
+
+    from lora_merge import files
+    from lora_merge.cli import main
+    from lora_merge.toyworld import bundled_loras
+
+    commit = files._Transaction.commit
+
+    def commit_then_signal(self):
+        commit(self)
+        _signal.raise_signal(_signal.SIGINT)
+
+    monkeypatch.setattr(files._Transaction, "commit", commit_then_signal)
+    out = tmp_path / "peft"
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(bundled_loras()["content"]), str(out), "--to", "peft"])
+    assert exc.value.code == 0, capsys.readouterr().err
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_the_console_script_ignores_signals_once_it_is_done(tmp_path):
+    """After a finished command the process ignores SIGINT/SIGTERM through the interpreter's shutdown
+    (which resets Python handlers to the default: a Ctrl-C there once made a finished convert exit -2)."""
+    import subprocess
+    import sys
+
+    from lora_merge.toyworld import bundled_loras
+
+    code = ("import atexit, os, signal, sys\n"
+            "from lora_merge.cli import main\n"
+            "def late():\n"
+            "    print('handlers', signal.getsignal(signal.SIGINT) == signal.SIG_IGN,\n"
+            "          signal.getsignal(signal.SIGTERM) == signal.SIG_IGN, file=sys.stderr)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "atexit.register(late)\n"
+            "sys.argv[0] = 'lora-merge'\n"
+            "main()\n")  # fmt: skip
+    out = tmp_path / "peft"
+    proc = subprocess.run([sys.executable, "-c", code, "convert", str(bundled_loras()["content"]), str(out),
+                           "--to", "peft"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "handlers True True" in proc.stderr
+    assert (out / "adapter_model.safetensors").is_file()

@@ -156,7 +156,7 @@ def _main(argv: list[str] | None) -> None:
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, Interrupted):
         if _STATE["transaction"] and _files().outputs_committed():
-            sys.exit(0)
+            _done(argv)
         _interrupted()
     except BrokenPipeError:
         _silence_stdout()
@@ -170,6 +170,20 @@ def _main(argv: list[str] | None) -> None:
         click.echo(f"error: the linear algebra failed on the inputs' values ({first[:200]}); are they finite "
                    "and of a sane size?", err=True)
         sys.exit(3)
+    _done(argv)
+
+
+def _done(argv: list[str] | None) -> None:
+    """Exit 0: the command finished.  As the console script (``argv`` None) the process ends here, so
+    SIGINT/SIGTERM are ignored from now on — the interpreter's shutdown (hundreds of ms with torch loaded)
+    resets Python-level handlers to the default, and a Ctrl-C then would kill a finished command with
+    -2.  Ignored signals stay ignored through the shutdown."""
+    if argv is None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(sig, signal.SIG_IGN)
+            except (ValueError, OSError):  # not the main thread
+                pass
     sys.exit(0)
 
 

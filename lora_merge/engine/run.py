@@ -23,7 +23,7 @@ from ..errors import OutputExistsError, UsageError
 from ..files import check_output_folder, dtype_name, make_dirs, output_transaction, refuse_existing
 from ..formats.api import load, save
 from ..formats.bias import merged_bias
-from ..formats.clients import check_writable, default_output_dialect, one_alpha
+from ..formats.clients import check_writable, default_output_dialect, one_alpha, read_only_default_note
 from ..formats.layout import align_inputs
 from ..formats.registry import get_dialect
 from ..progress import ProgressFn, progress_bar
@@ -160,6 +160,9 @@ def run_merge(recipe: Recipe, options: MergeOptions | None = None, *,
 def _merge_loaded(recipe: Recipe, options: MergeOptions, strat: MergeStrategy, adapters: list[Adapter],
                   paths: list[Path | None], names: list[str], dev: torch.device, hasher: InputHasher) -> MergeResult:
     out_to = recipe.to or default_output_dialect(adapters)  # kohya for SD/SDXL LoRAs: every loader reads it
+    note = None if recipe.to else read_only_default_note(adapters)
+    if note:
+        warnings.warn(note, UserWarning, stacklevel=3)
     adapters = align_inputs(adapters, out_to, recipe.arch, recipe.rank)  # one DiT layout; LyCORIS needs --rank
     plan = Plan(adapters, names, weights=recipe.resolved_weights(), layer_weights=recipe.resolved_layer_weights(),
                 arch=recipe.arch, seed=recipe.seed, device=dev, rank=recipe.rank,

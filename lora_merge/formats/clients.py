@@ -21,12 +21,14 @@ from .. import arch
 from ..adapter import Adapter, LoraModule, TensorRef
 from ..errors import UsageError
 from .common import standard_alpha
+from .registry import get_dialect
 
 __all__ = [
     "SD_COMPONENTS",
     "LoaderWarning",
     "check_writable",
     "default_output_dialect",
+    "read_only_default_note",
     "is_sd_lora",
     "loader_note",
     "mixed_alpha_note",
@@ -57,7 +59,26 @@ def default_output_dialect(adapters: Adapter | list[Adapter]) -> str:
     ads = [adapters] if isinstance(adapters, Adapter) else list(adapters)
     if ads and all(is_sd_lora(ad) for ad in ads):
         return "kohya"
-    return (ads[0].dialect if ads else None) or "diffusers"
+    own = (ads[0].dialect if ads else None) or "diffusers"
+    return own if dialect_writable(own) else READ_ONLY_FALLBACK
+
+
+#: what a merge of read-only-dialect inputs (XLabs FLUX.1) is written as without ``--to``: kohya's native
+#: fused FLUX names, which ComfyUI, Forge and kohya read (and diffusers converts)
+READ_ONLY_FALLBACK = "kohya"
+
+
+def dialect_writable(name: str) -> bool:
+    return bool(getattr(get_dialect(name, what="output format"), "writable", True))
+
+
+def read_only_default_note(adapters: list[Adapter]) -> str | None:
+    """When the default output dialect replaces the inputs' read-only one, the sentence that says so."""
+    own = (adapters[0].dialect if adapters else None) or "diffusers"
+    if dialect_writable(own) or all(is_sd_lora(ad) for ad in adapters):
+        return None
+    return (f"the inputs' {own} dialect is read only: writing {READ_ONLY_FALLBACK} (native FLUX.1 names, read by "
+            "ComfyUI, Forge and kohya); --to picks another")
 
 
 def loader_note(adapter: Adapter, dialect: str) -> str | None:

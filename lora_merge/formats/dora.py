@@ -54,15 +54,21 @@ def _owner(prefix: str, adapter: Adapter) -> LoraModule | None:
     return None
 
 
-def _dora_delta(m: LoraModule, mag: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _dora_delta(m: LoraModule, mag: torch.Tensor, w: torch.Tensor, path=None) -> torch.Tensor:
     w = w.float().reshape(w.shape[0], -1)
     new = w + m.delta()
     mag = mag.float()
     if mag.dim() == 2 and mag.shape[0] == 1 and mag.shape[1] == w.shape[1]:  # (1, in): per input column
-        norm = new.norm(dim=0, keepdim=True)
+        norm, what = new.norm(dim=0, keepdim=True), "column"
     else:  # (out,) or (out, 1): per output row
         mag = mag.reshape(-1, 1)
-        norm = new.norm(dim=1, keepdim=True)
+        norm, what = new.norm(dim=1, keepdim=True), "row"
+    zero = (norm == 0).nonzero()
+    if zero.numel():  # W' = m·(W+ΔW)/‖W+ΔW‖ has no direction there: the file does not fit these base weights
+        i = int(zero[0, 1 if what == "column" else 0])
+        raise FormatError(f"module {m.source_key or m.name}: ‖W + ΔW‖ is 0 in {what} {i} ({zero.shape[0]} in all), "
+                          "so DoRA's W' = m·(W+ΔW)/‖W+ΔW‖ is undefined; are these the base weights it was trained "
+                          "on?", path)
     return mag * (new / norm) - w
 
 
@@ -92,7 +98,7 @@ def apply_dora(adapter: Adapter, refs: dict[str, TensorRef], base_weights: str |
         lora = m
 
         def delta(lora=lora, mag_ref=mag_ref, w_ref=w_ref):
-            return _dora_delta(lora, mag_ref.load(), w_ref.load()).reshape(lora.weight_shape)
+            return _dora_delta(lora, mag_ref.load(), w_ref.load(), path).reshape(lora.weight_shape)
 
         full = DerivedRef(m.weight_shape, torch.float32, delta, m.down)
         dm = LycorisModule(name=m.name, down=None, up=None, alpha=None, source_key=m.source_key,  # type: ignore

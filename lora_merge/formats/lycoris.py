@@ -86,7 +86,13 @@ class LycorisModule(LoraModule):
                 w1 = w1.unsqueeze(-1)
             d = torch.kron(w1.contiguous(), w2.contiguous())
         d = d.reshape(self.shape_of_weight)
-        return d * self.gamma if self.gamma != 1.0 else d
+        d = d * self.gamma if self.gamma != 1.0 else d
+        if d.is_floating_point() and not linalg.all_finite(d):  # finite factors whose product overflows
+            handle = next((r.handle for r in self.parts.values() if r.handle is not None), None)
+            raise FormatError(f"module {self.name}: its {self.lycoris_type} ΔW overflows "
+                              f"{str(d.dtype).replace('torch.', '')} (±{torch.finfo(d.dtype).max:.3g}): the factors' "
+                              "values are too large", handle.path if handle is not None else None)
+        return d
 
     def delta(self, dtype: torch.dtype = torch.float32, device=None, flat: bool = True) -> torch.Tensor:
         d = self.exact_delta(dtype, device)
