@@ -156,6 +156,23 @@ def split_factors(
     return u * rs[None, :], rs[:, None] * vh
 
 
+def truncation_error(ups: list[torch.Tensor], downs: list[torch.Tensor], coeffs: list[float],
+                     up_k: torch.Tensor, down_k: torch.Tensor) -> tuple[float, float]:
+    """``(‖ΔW − B_k A_k‖_F / ‖ΔW‖_F, ‖ΔW‖_F)`` for ``ΔW = Σ c_i B_i A_i`` and its truncated factorization
+    ``B_k A_k`` (an orthogonal projection of ΔW, so ``‖ΔW − B_k A_k‖² = ‖ΔW‖² − ‖B_k A_k‖²``), from r×r
+    Gram matrices only: ``‖Σ c_i B_i A_i‖² = Σ_ij c_i c_j ⟨B_iᵀB_j, A_i A_jᵀ⟩``."""
+    ups, downs = [_f32(u).double() for u in ups], [_f32(d).double() for d in downs]
+    total = 0.0
+    for i in range(len(ups)):
+        for j in range(len(ups)):
+            total += float(coeffs[i]) * float(coeffs[j]) * float((ups[i].T @ ups[j] * (downs[i] @ downs[j].T)).sum())
+    uk, dk = _f32(up_k).double(), _f32(down_k).double()
+    kept = float((uk.T @ uk * (dk @ dk.T)).sum())
+    if total <= 0.0:
+        return 0.0, 0.0
+    return max(0.0, total - kept) ** 0.5 / total**0.5, total**0.5
+
+
 def refactor_sum(
     ups: list[torch.Tensor],
     downs: list[torch.Tensor],

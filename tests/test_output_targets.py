@@ -178,3 +178,29 @@ def test_merging_read_only_dialect_inputs_writes_a_writable_dialect_and_says_so(
     assert merged.dialect == "kohya"
     for name, m in one.modules.items():
         torch.testing.assert_close(merged.modules[name].delta(), 2 * m.delta(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["linear", "svd", "ties"])
+def test_every_rank_truncation_reports_its_error_and_warns(pair, capsys, tmp_path, strategy):
+    """``--rank K`` below the exact rank: the JSON summary holds the relative ΔW error (the same optimum
+    for linear and svd) and a warning says what was lost."""
+    import json
+
+    import lora_merge
+
+    out = tmp_path / "m.safetensors"
+    from lora_merge.cli import main
+
+    with pytest.warns(UserWarning, match=f"{strategy}: --rank 2 lost part of ΔW"):
+        with pytest.raises(SystemExit) as exc:
+            main(["merge", *pair, "-s", strategy, "--rank", "2", "-o", str(out), "--json"])
+    assert exc.value.code == 0
+    summary = json.loads(capsys.readouterr().out)
+    lost = summary.get("truncation") or summary.get("dense")
+    assert lost["rank_rule"] in ("--rank 2", "rank") and 0.01 < lost["rel_error_max"] < 1
+    if strategy in ("linear", "svd"):  # Eckart–Young: both keep the best rank-2 part of the same sum
+        a, b = (lora_merge.load(p) for p in pair)
+        name = lost["worst_module"]
+        want = a.modules[name].delta() + b.modules[name].delta()
+        got = lora_merge.load(out).modules[name].delta()
+        assert abs(float((want - got).norm() / want.norm()) - lost["rel_error_max"]) < 1e-3

@@ -246,8 +246,9 @@ def _print(result, as_json: bool) -> None:
         "num_params": result.adapter.num_params,
         "strategy_report": result.report["strategy"],
     }
-    if result.report.get("dense"):
-        summary["dense"] = result.report["dense"]
+    for key in ("dense", "truncation"):  # how a dense result was stored / what a rank truncation lost
+        if result.report.get(key):
+            summary[key] = result.report[key]
     if as_json:
         print_json(summary)
         return

@@ -61,6 +61,10 @@ def finish_layer(result: LayerResult, rank: int | None, tol: float = 0.0) -> tup
     return up, down, False
 
 
+def _no_info(layer: PlannedLayer) -> dict[str, Any]:
+    return {}
+
+
 def dense_default_rank(layer_in: list[LayerInput]) -> int:
     """The rank a dense result (``ties``, ``dare``, ``magnitude-prune``) is re-factored to without
     ``--rank``/``--full-rank``: the sum of the contributing inputs' ranks (what ``linear`` writes)."""
@@ -122,6 +126,10 @@ class _Loop:
             refactored = True
         else:
             up, down, refactored = finish_layer(result, self.plan.rank, self.tol)
+            if refactored and self.plan.rank is not None and result.up is not None:
+                rel, norm = linalg.truncation_error([result.up], [result.down], [1.0], up, down)
+                dense_info = {"truncation_rank_rule": f"--rank {self.plan.rank}", "truncation_rel_error": rel,
+                              "truncation_norm": norm}  # fmt: skip
         info = {"rank": int(up.shape[1]), "weights": list(layer.coeffs), **result.info, **dense_info}
         if refactored:
             info["refactored"] = True
@@ -133,7 +141,7 @@ class _Loop:
 
     def direct(self, layer: PlannedLayer):
         mod, refactored = self.kernel.layer(layer)
-        info = {"rank": mod.rank, "weights": list(layer.coeffs)}
+        info = {"rank": mod.rank, "weights": list(layer.coeffs), **getattr(self.kernel, "layer_info", _no_info)(layer)}
         if refactored:
             info["refactored"] = True
         return info, mod

@@ -184,11 +184,13 @@ def _merge_loaded(recipe: Recipe, options: MergeOptions, strat: MergeStrategy, a
             f"({dense['worst_module']}); --rank K to choose the rank, --full-rank to keep every direction "
             "(exact, but every layer at full rank: hundreds of MB for an SD UNet)"), stacklevel=3)  # fmt: skip
     truncated = dense_summary(layer_info, "truncation")
-    if truncated is not None and truncated["rel_error_max"] > TRUNCATION_WARN:
-        warnings.warn(DenseRefactorWarning(
-            f"{strat.name}: {truncated['rank_rule']} lost part of ΔW: relative error ‖ΔW−BA‖/‖ΔW‖ "
-            f"{truncated['rel_error_overall']:.3g} over all modules, {truncated['rel_error_max']:.3g} at worst "
-            f"({truncated['worst_module']}); a higher --rank keeps more"), stacklevel=3)  # fmt: skip
+    for lost in (truncated, dense if dense is not None and dense["rank_rule"] == "rank" else None):
+        if lost is not None and lost["rel_error_max"] > TRUNCATION_WARN:
+            rule = lost["rank_rule"] if lost is truncated else f"--rank {recipe.rank}"
+            warnings.warn(DenseRefactorWarning(
+                f"{strat.name}: {rule} lost part of ΔW: relative error ‖ΔW−BA‖/‖ΔW‖ "
+                f"{lost['rel_error_overall']:.3g} over all modules, {lost['rel_error_max']:.3g} at worst "
+                f"({lost['worst_module']}); a higher --rank keeps more"), stacklevel=3)  # fmt: skip
     first = adapters[0]
     merged = Adapter(modules=modules, extra_tensors=heads, dialect=first.dialect,
                      config=dict(first.config) if first.config else None)

@@ -128,6 +128,7 @@ class SumRefactor(ExactConcat):
     def __init__(self, plan: MergePlan, out_dtype: torch.dtype, tol: float):
         super().__init__(plan, out_dtype)
         self.rank, self.tol = int(plan.rank), tol
+        self.infos: dict[str, dict] = {}
 
     def layer(self, layer: PlannedLayer) -> tuple[LoraModule, bool]:
         parts = self.parts(layer)
@@ -137,8 +138,16 @@ class SumRefactor(ExactConcat):
         d_out, d_in = int(ws[0]), int(torch.Size(ws[1:]).numel())
         ups = [m.up.load().reshape(d_out, m.rank) for m, _ in parts]
         downs = [m.down.load().reshape(m.rank, d_in) for m, _ in parts]
-        up, down = linalg.refactor_sum(ups, downs, [c for _, c in parts], self.rank, tol=self.tol)
+        coeffs = [c for _, c in parts]
+        up, down = linalg.refactor_sum(ups, downs, coeffs, self.rank, tol=self.tol)
+        rel, norm = linalg.truncation_error(ups, downs, coeffs, up, down)
+        self.infos[layer.ctx.name] = {"truncation_rank_rule": f"--rank {self.rank}", "truncation_rel_error": rel,
+                                      "truncation_norm": norm}  # fmt: skip
         return LoraModule.from_factors(layer.ctx.name, up, down, ws, self.out_dtype), True
+
+    def layer_info(self, layer: PlannedLayer) -> dict:
+        """What the re-factorization of ``layer`` lost (the engine adds it to the layer's report)."""
+        return self.infos.pop(layer.ctx.name, {})
 
 
 @register
