@@ -2,22 +2,35 @@
 diff and priors, each run in a forked child of one warm process (the fork server: torch is imported once,
 a case costs a fork instead of an interpreter start), with a time limit.
 
-    python benchmarks/fuzz_campaign.py --cases 3000 --seed 101 --jobs 2
+    python benchmarks/fuzz_campaign.py --cases 3000 --seed 2026 --jobs 2
 
 Every case makes its inputs in a fresh folder (a mutation of a real fixture from ../shared/fixtures when
-present, or of a small synthetic adapter), hashes them, runs one command in-process (``lora_merge.cli.main``)
-and classifies the outcome:
+present, of a small synthetic adapter, or of a small synthetic LoRA of one of the model families), hashes
+them, runs one command in-process (``lora_merge.cli.main``) and classifies the outcome:
 
 - ``clean error``: exit code 1-4, one ``error: …`` line on stderr (warning lines allowed), no output;
 - ``success``: exit code 0 (a written output is read back: a NaN/Inf in it counts as ``non-finite output``);
 - ``traceback``: a Python traceback or a message that is not one line; ``crash``: killed by a signal;
 - ``hang``: still running after ``--timeout`` seconds;
 - ``partial output``: an output or a temporary file left after an error (or a temporary file after success);
-- ``input modified``: any input file's bytes changed.
+- ``input modified``: any input file's bytes changed;
+- ``special file replaced``: a FIFO, device node, socket, folder or symlink the case put where an output
+  goes is not the same kind of file afterwards (``os.lstat``).
+
+A case is one of five scenarios (``SCENARIOS``): ``classic`` (header, byte, value, cost, FIFO and PEFT-config
+mutations, 15% of them with a hostile output place), ``arch`` (``--arch NAME`` forced for every registered
+family on every family's LoRA; ``convert`` has no ``--arch``, so there it is ``--to`` every dialect),
+``recipe`` (``merge --config FILE`` with wrongly typed, badly encoded, huge or special recipe files),
+``range`` (values finite in their dtype that overflow or underflow on a cast or a product) and
+``special-out`` (the output, report, sidecar or priors file a FIFO, a device node made in the case's own
+folder, a symlink to one, a socket, a folder, a trailing ``/``, with and without ``--force``; a merge with
+no ``-o``).  Some cases carry an expectation (a clean error, exit 2, nothing written): a case that meets
+its outcome class but not its expectation is listed as ``unmet`` and fails the run.
 
 The table of outcomes per command is printed at the end (``--json`` for a machine-readable copy); the
-failing cases are listed with their mutation, and ``--keep DIR`` keeps their folders.  The mutations
-(``mutate``) and the outcome check (``classify``) are shared with ``tests/test_fuzz_cli.py``.
+failing cases are listed with their mutation, and ``--keep DIR`` keeps their folders.  Every file the
+campaign makes lives in the temporary folder it creates.  The mutations (``mutate``, ``prepare``) and the
+outcome check (``classify``, ``judge``) are shared with ``tests/test_fuzz_cli.py``.
 """
 
 from __future__ import annotations
@@ -32,12 +45,14 @@ import os
 import random
 import shutil
 import signal
+import socket
+import stat
 import struct
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,8 +72,16 @@ COMMANDS = {
 #: commands that take seconds on a real fixture (dense ΔW per layer): mostly given the small adapters
 SLOW_ON_FIXTURES = ("diff", "inspect-modules", "merge-ziplora", "merge-ties", "merge-dare", "merge-svd", "merge-rank")
 OUTCOMES = ["clean error", "success", "traceback", "crash", "hang", "partial output", "input modified",
-            "non-finite output"]
-BAD = ["traceback", "crash", "hang", "partial output", "input modified", "non-finite output"]
+            "non-finite output", "special file replaced"]
+BAD = ["traceback", "crash", "hang", "partial output", "input modified", "non-finite output", "special file replaced"]
+#: the groups a scenario applies to, and its weight there (the rest of a group's cases are ``classic``)
+SCENARIOS = {
+    "arch": {"inspect": 0.2, "merge": 0.15, "convert": 0.15, "priors": 0.1},
+    "recipe": {"merge": 0.15},
+    "range": {"inspect": 0.2, "merge": 0.12, "convert": 0.17, "diff": 0.25, "priors": 0.1},
+    "special-out": {"merge": 0.13, "convert": 0.18, "priors": 0.1},
+}
+DIALECTS = ["kohya", "diffusers", "peft", "comfyui", "lycoris", "xlabs"]
 
 
 # ---------------------------------------------------------------- safetensors bytes
@@ -121,6 +144,7 @@ class Base:
     path: Path  # a .safetensors file or a PEFT folder
     peft: bool = False
     big: bool = False  # a real fixture (slower commands)
+    family: str = ""  # the model family a synthetic family LoRA is detected as
 
 
 def synthetic(folder: Path) -> list[Base]:
@@ -169,8 +193,95 @@ def synthetic(folder: Path) -> list[Base]:
     return out
 
 
+def _kohya_key(p: str) -> tuple[str, str, str]:
+    k = "lora_unet_" + p.replace(".", "_")
+    return f"{k}.lora_down.weight", f"{k}.lora_up.weight", f"{k}.alpha"
+
+
+def _comfy_key(p: str) -> tuple[str, str, str]:
+    return f"diffusion_model.{p}.lora_down.weight", f"diffusion_model.{p}.lora_up.weight", f"diffusion_model.{p}.alpha"
+
+
+def _comfy_dot_key(p: str) -> tuple[str, str, str]:  # ".lora.down": the form ComfyUI's Z-Image files use
+    return f"diffusion_model.{p}.lora.down.weight", f"diffusion_model.{p}.lora.up.weight", f"diffusion_model.{p}.alpha"
+
+
+def _diffusers_key(p: str) -> tuple[str, str, None]:
+    return f"transformer.{p}.lora_A.weight", f"transformer.{p}.lora_B.weight", None
+
+
+_H = 16  # hidden size of the DiT families' LoRAs (shape-based detection only needs the ratios)
+#: name -> (family it is detected as, key form, dtype, {module: (out, in)}): the smallest LoRA of each family
+#: with the names and shape ratios its detection rule and layout (fused qkv, linear1 …) read
+FAMILY_SPECS = {
+    "sd15-kohya": ("sd1", _kohya_key, "F32", {
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (320, 768),
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (320, 320)}),
+    "sdxl-kohya": ("sdxl", _kohya_key, "F16", {
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": (640, 2048),
+        "up_blocks.0.attentions.2.transformer_blocks.9.attn1.to_q": (64, 64)}),
+    "flux-native": ("flux", _kohya_key, "F32", {
+        "double_blocks.0.img_attn.qkv": (3 * _H, _H), "double_blocks.0.img_attn.proj": (_H, _H),
+        "double_blocks.0.txt_attn.qkv": (3 * _H, _H), "double_blocks.0.img_mlp.0": (4 * _H, _H),
+        "single_blocks.0.linear1": (7 * _H, _H), "single_blocks.0.linear2": (_H, 5 * _H)}),
+    "flux-diffusers": ("flux", _diffusers_key, "F32", {
+        "transformer_blocks.0.attn.to_q": (_H, _H), "transformer_blocks.0.attn.to_k": (_H, _H),
+        "transformer_blocks.0.attn.to_v": (_H, _H), "transformer_blocks.0.attn.add_k_proj": (_H, _H),
+        "single_transformer_blocks.0.attn.to_q": (_H, _H), "single_transformer_blocks.0.proj_mlp": (4 * _H, _H)}),
+    "sd3": ("sd3", _comfy_key, "F32", {
+        "joint_blocks.0.x_block.attn.qkv": (3 * _H, _H), "joint_blocks.0.x_block.attn.proj": (_H, _H),
+        "joint_blocks.0.context_block.attn.qkv": (3 * _H, _H), "joint_blocks.0.x_block.mlp.fc1": (4 * _H, _H)}),
+    "z-image": ("z-image", _comfy_dot_key, "F32", {
+        "layers.0.attention.qkv": (3 * _H, _H), "layers.0.attention.out": (_H, _H),
+        "noise_refiner.0.attention.qkv": (3 * _H, _H), "layers.0.feed_forward.w1": (4 * _H, _H)}),
+    "wan": ("wan", _kohya_key, "F16", {
+        "blocks.0.self_attn.q": (_H, _H), "blocks.0.cross_attn.k": (_H, _H), "blocks.0.ffn.0": (4 * _H, _H)}),
+    "qwen-image": ("qwen-image", _diffusers_key, "BF16", {
+        "transformer_blocks.0.attn.to_q": (_H, _H), "transformer_blocks.0.attn.add_k_proj": (_H, _H),
+        "transformer_blocks.0.img_mlp.net.0.proj": (4 * _H, _H), "transformer_blocks.0.txt_mod.1": (6 * _H, _H)}),
+    "flux2": ("flux2", _kohya_key, "F32", {
+        "double_blocks.0.img_attn.qkv": (3 * _H, _H), "double_blocks.0.img_mlp.0": (6 * _H, _H),
+        "single_blocks.0.linear1": (9 * _H, _H), "single_blocks.0.linear2": (_H, 4 * _H),
+        "double_stream_modulation_img.lin": (6 * _H, _H)}),
+}
+
+
+def _as_dtype(tag: str, arr):
+    """``(tag, array)`` of a float32 array in dtype ``tag`` (BF16 as its raw uint16 bits, rounded to nearest)."""
+    import numpy as np
+
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if tag == "BF16":
+        bits = arr.view(np.uint32).astype(np.uint64)
+        return tag, (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF).astype(np.uint16)
+    return tag, arr.astype(_np_dtype(tag))
+
+
+def family_bases(folder: Path, rank: int = 2) -> list[Base]:
+    """One small LoRA per model family (:data:`FAMILY_SPECS`): SD 1.5 and SDXL kohya, FLUX.1 native and
+    diffusers, SD3 (ComfyUI MMDiT names), Z-Image (ComfyUI, fused qkv), Wan (musubi kohya), Qwen-Image
+    (diffusers, bf16) and FLUX.2 (native, SwiGLU shapes)."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, (family, key, tag, shapes) in FAMILY_SPECS.items():
+        t = {}
+        for module, (o, i) in shapes.items():
+            down, up, alpha = key(module)
+            t[down] = _as_dtype(tag, rng.standard_normal((rank, i)) / i**0.5)
+            t[up] = _as_dtype(tag, rng.standard_normal((o, rank)) * 0.1)
+            if alpha:
+                t[alpha] = _as_dtype(tag, np.array(float(rank)))
+        p = folder / f"{name}.safetensors"
+        p.write_bytes(build(t, {"ss_network_dim": str(rank)} if key is _kohya_key else {}))
+        out.append(Base(name, p, family=family))
+    return out
+
+
 def bases(work: Path) -> list[Base]:
-    out = synthetic(work / "synthetic")
+    out = synthetic(work / "synthetic") + family_bases(work / "families")
     if FIXTURES.is_dir():
         out += [Base(n, FIXTURES / "sd15" / f"{n}.safetensors", big=True) for n in SD15
                 if (FIXTURES / "sd15" / f"{n}.safetensors").exists()]

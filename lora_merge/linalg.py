@@ -159,16 +159,16 @@ def split_factors(
 def truncation_error(ups: list[torch.Tensor], downs: list[torch.Tensor], coeffs: list[float],
                      up_k: torch.Tensor, down_k: torch.Tensor) -> tuple[float, float]:
     """``(‖ΔW − B_k A_k‖_F / ‖ΔW‖_F, ‖ΔW‖_F)`` for ``ΔW = Σ c_i B_i A_i`` and its truncated factorization
-    ``B_k A_k`` (an orthogonal projection of ΔW, so ``‖ΔW − B_k A_k‖² = ‖ΔW‖² − ‖B_k A_k‖²``), from r×r
-    Gram matrices only: ``‖Σ c_i B_i A_i‖² = Σ_ij c_i c_j ⟨B_iᵀB_j, A_i A_jᵀ⟩``."""
-    ups, downs = [_f32(u).double() for u in ups], [_f32(d).double() for d in downs]
-    total = 0.0
-    for i in range(len(ups)):
-        for j in range(len(ups)):
-            total += float(coeffs[i]) * float(coeffs[j]) * float((ups[i].T @ ups[j] * (downs[i] @ downs[j].T)).sum())
-    uk, dk = _f32(up_k).double(), _f32(down_k).double()
-    kept = float((uk.T @ uk * (dk @ dk.T)).sum())
-    if total <= 0.0:
+    ``B_k A_k`` (an orthogonal projection of ΔW, so ``‖ΔW − B_k A_k‖² = ‖ΔW‖² − ‖B_k A_k‖²``), from R×R
+    Gram matrices only (``‖BA‖² = ⟨BᵀB, AAᵀ⟩``)."""
+    up, down = concat_factors([_f32(u) for u in ups], [_f32(d) for d in downs], coeffs)
+    return _lost(float((_mm(up.T, up) * _mm(down, down.T)).sum()),
+                 float((_mm(_f32(up_k).T, _f32(up_k)) * _mm(_f32(down_k), _f32(down_k).T)).sum()))
+
+
+def _lost(total: float, kept: float) -> tuple[float, float]:
+    """``(relative error, norm)`` from ``‖ΔW‖²`` and the kept ``‖B_k A_k‖²``."""
+    if not total > 0.0:
         return 0.0, 0.0
     return max(0.0, total - kept) ** 0.5 / total**0.5, total**0.5
 
@@ -180,8 +180,11 @@ def refactor_sum(
     rank: int,
     split: str = "sqrt",
     tol: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` factorization of ``Σ c_i B_i A_i``, without concatenating the factors.
+    with_error: bool = False,
+) -> tuple:
+    """Best rank-``rank`` factorization of ``Σ c_i B_i A_i``, without concatenating the factors
+    (``with_error``: also :func:`truncation_error`'s ``(relative error, ‖ΔW‖_F)``, which the Gram route
+    gets from its own R×R matrices and spectrum).
 
     The same answer as ``refactor(*concat_factors(ups, downs, coeffs), rank, split, tol)``.  On the fp32
     Gram route the Gram matrices are assembled block by block (``B_iᵀB_j``, ``c_i c_j A_i A_jᵀ``, the lower
@@ -216,9 +219,14 @@ def refactor_sum(
                 pd = _mm(qt[:, si] * float(coeffs[i]), d)
                 new_up = pu if new_up is None else new_up.add_(pu)
                 new_down = pd if new_down is None else new_down.add_(pd)
-            return new_up, new_down
+            if not with_error:
+                return new_up, new_down
+            return (new_up, new_down, *_lost(float((g_up * g_down).sum()), float((plan[1] ** 2).sum())))
     up, down = concat_factors(ups, downs, coeffs)
-    return refactor(up, down, rank, split, tol)
+    new_up, new_down = refactor(up, down, rank, split, tol)
+    if not with_error:
+        return new_up, new_down
+    return (new_up, new_down, *truncation_error([up], [down], [1.0], new_up, new_down))
 
 
 def _core_svd_top(up: torch.Tensor, down: torch.Tensor, k: int | None, tol: float = 0.0):

@@ -139,8 +139,7 @@ class SumRefactor(ExactConcat):
         ups = [m.up.load().reshape(d_out, m.rank) for m, _ in parts]
         downs = [m.down.load().reshape(m.rank, d_in) for m, _ in parts]
         coeffs = [c for _, c in parts]
-        up, down = linalg.refactor_sum(ups, downs, coeffs, self.rank, tol=self.tol)
-        rel, norm = linalg.truncation_error(ups, downs, coeffs, up, down)
+        up, down, rel, norm = linalg.refactor_sum(ups, downs, coeffs, self.rank, tol=self.tol, with_error=True)
         self.infos[layer.ctx.name] = {"truncation_rank_rule": f"--rank {self.rank}", "truncation_rel_error": rel,
                                       "truncation_norm": norm}  # fmt: skip
         return LoraModule.from_factors(layer.ctx.name, up, down, ws, self.out_dtype), True
