@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class BuiltinPlugin:
@@ -190,3 +192,45 @@ def loaded() -> list[str]:
 def failed() -> dict[str, str]:
     """Plug-ins that failed to load (every entry-point group) → the error."""
     return dict(_failed)
+
+
+class ClassRegistry:
+    """Declared classes by name (strategies, sampling-time mergers): the built-in modules, which register
+    their classes on import, are imported on the first lookup, then the entry-point group is loaded with
+    :func:`load_entry_points` (a built-in of the same name wins).  ``classes`` holds them."""
+
+    def __init__(self, base: type, kind: str, group: str, builtin_modules: tuple[str, ...]):
+        self.base, self.kind, self.group, self.builtin_modules = base, kind, group, builtin_modules
+        self.classes: dict[str, type] = {}
+        self._loaded = False
+
+    def _check(self, cls: object) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise TypeError(f"{cls!r} is not a {self.base.__name__} subclass")
+        if not getattr(cls, "name", None):
+            raise TypeError(f"{cls.__qualname__} has no name")
+        return cls
+
+    def register(self, cls: type) -> type:
+        """Class decorator: add ``cls`` under ``cls.name``."""
+        self.classes[self._check(cls).name] = cls
+        return cls
+
+    def _add_plugin(self, entry: str, obj: object) -> None:
+        self.classes.setdefault(self._check(obj).name, obj)  # type: ignore[union-attr]
+
+    def load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for mod in self.builtin_modules:
+            importlib.import_module(mod)
+        load_entry_points(self.group, self.kind, self._add_plugin)
+
+    def get(self, name: str) -> type:
+        self.load()
+        try:
+            return self.classes[name]
+        except KeyError:
+            raise UsageError(f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self.classes))}") from None
+

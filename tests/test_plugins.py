@@ -219,7 +219,7 @@ def test_the_plugin_guide_example_merges_to_the_scaled_weighted_sum(tmp_path, mo
 
     strategies.available_strategies()  # built-ins and entry points loaded, so the copy below holds them
     # the example registers itself: into a copy of the registry, dropped at the end of the test
-    monkeypatch.setattr(strategies, "_REGISTRY", dict(strategies._REGISTRY))
+    monkeypatch.setattr(strategies.REGISTRY, "classes", dict(strategies.REGISTRY.classes))
     ns: dict = {"__name__": "scaled_sum"}
     exec(compile(_doc_example(), str(STRATEGIES_MD), "exec"), ns)  # noqa: S102 - the documented example
     cls = ns["ScaledSum"]

@@ -143,7 +143,7 @@ def test_constructor_defaults_and_values_come_from_the_params():
 
 # ------------------------------------------------------------------------------------------ plug-ins
 def test_a_registered_merger_is_listed_built_and_refused_by_merge(monkeypatch, tmp_path):
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry.REGISTRY, "classes", dict(registry.REGISTRY.classes))
     StyleLate = register_sampling_time(_style_late())
     assert issubclass(StyleLate, SamplingTimeMerger)
     assert list(available_sampling_time())[:2] == ["k-lora", "timestep-split"]  # built-ins first
