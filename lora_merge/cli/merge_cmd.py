@@ -77,14 +77,14 @@ def _parse_param(spec: str) -> tuple[str, str]:
 
 def _refuse_sampling_time(strategy: str | None) -> None:
     """``-s k-lora``: one line saying why no file can hold it and where the method is."""
-    from ..sampling_time import SAMPLING_TIME_MERGERS
+    from ..sampling_time import available_sampling_time
 
     key = (strategy or "").lower().replace("_", "").replace("-", "")
-    for m in SAMPLING_TIME_MERGERS:
-        if key == m["name"].replace("-", ""):
+    for name, cls in available_sampling_time().items():
+        if key == name.replace("-", ""):
             raise UsageError(
-                f"{m['name']!r} is a sampling-time method (it combines the LoRAs per layer at every denoising "
-                f"step), so it cannot be saved as one LoRA file; use the Python API: {m['api']} "
+                f"{name!r} is a sampling-time method (it combines the LoRAs per layer at every denoising "
+                f"step), so it cannot be saved as one LoRA file; use the Python API: {cls.api()} "
                 "(docs/strategies.md)"
             )
 

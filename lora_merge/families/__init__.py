@@ -54,6 +54,16 @@ BUILTIN: dict[str, str] = {
 DetectRule = tuple[int, Callable[["Adapter"], bool]]
 
 
+def names_match(pattern: re.Pattern[str], doc: str = "") -> Callable[[Any], bool]:
+    """A detection rule: the adapter has a module whose name ``pattern`` matches."""
+
+    def rule(adapter: Any) -> bool:
+        return any(pattern.match(n) for n in adapter.modules)
+
+    rule.__doc__ = doc or f"a module name matches {pattern.pattern}"
+    return rule
+
+
 def fused_layout_notes(native: str, split: str = "to_q / to_k / to_v", native_word: str = "native"
                        ) -> dict[str, str]:  # fmt: skip
     """``layout_notes`` of a family whose native layout fuses what diffusers splits (what ``inspect`` says of

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from . import ModelFamily, fused_layout_notes
+from . import ModelFamily, fused_layout_notes, names_match
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -17,12 +17,8 @@ _NATIVE_ONLY = re.compile(r"^transformer\.(joint_blocks\.\d+\.|t_embedder\.|y_em
 _DIFFUSERS_ONLY = re.compile(r"^transformer\.(pos_embed\.proj$|transformer_blocks\.\d+\.attn2\.)")
 
 
-def has_native_names(adapter: Adapter) -> bool:
-    return any(_NATIVE_ONLY.match(n) for n in adapter.modules)
-
-
-def has_diffusers_only_names(adapter: Adapter) -> bool:
-    return any(_DIFFUSERS_ONLY.match(n) for n in adapter.modules)
+has_native_names = names_match(_NATIVE_ONLY, "names only SD3's native (MMDiT) layout has")
+has_diffusers_only_names = names_match(_DIFFUSERS_ONLY, "names only SD3's diffusers layout has")
 
 
 def has_sd3_names(adapter: Adapter) -> bool:

@@ -4,18 +4,13 @@ diffusers (``attn1.to_q``, ``attn2.to_k``, ``ffn.net.0.proj``) names; the rename
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
-from . import ModelFamily
-
-if TYPE_CHECKING:
-    from ..adapter import Adapter
+from . import ModelFamily, names_match
 
 _BLOCK_MODULE = re.compile(r"^transformer\.blocks\.\d+\.(self_attn|cross_attn|attn1|attn2|ffn)\.")
 
 
-def is_wan(adapter: Adapter) -> bool:
-    return any(_BLOCK_MODULE.match(n) for n in adapter.modules)
+is_wan = names_match(_BLOCK_MODULE, "Wan's block modules (original or diffusers names)")
 
 
 FAMILY = ModelFamily(

@@ -12,12 +12,8 @@ the pipeline's prompt encoder and prediction :mod:`lora_merge.model_mode.dit_bas
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
-from . import ModelFamily, fused_layout_notes
-
-if TYPE_CHECKING:
-    from ..adapter import Adapter
+from . import ModelFamily, fused_layout_notes, names_match
 
 BLOCK_LISTS = ("layers", "noise_refiner", "context_refiner")
 #: native block module → its diffusers modules (several: fused, in row order), in every block list
@@ -32,8 +28,7 @@ BLOCK_PATTERN = rf"transformer\.({'|'.join(BLOCK_LISTS)})\.\d+\.(attention|feed_
 _NAMES = re.compile(rf"^({BLOCK_PATTERN}|transformer\.(all_final_layer|all_x_embedder|cap_embedder)\.)")
 
 
-def has_zimage_names(adapter: Adapter) -> bool:
-    return any(_NAMES.match(n) for n in adapter.modules)
+has_zimage_names = names_match(_NAMES, "Z-Image's block or top-level module names")
 
 
 FAMILY = ModelFamily(

@@ -52,8 +52,3 @@ def build(name: str, content: Adapter, style: Adapter, **params: Any) -> Samplin
     """An unattached merger of ``content`` and ``style`` (``.attach(unet, scheduler=...)`` / ``.detach()``)."""
     return get_sampling_time(name)(content, style, **params)
 
-
-def __getattr__(name: str) -> Any:
-    if name == "SAMPLING_TIME_MERGERS":  # the listing as data, generated from the declarations
-        return [cls.describe() for cls in available_sampling_time().values()]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
