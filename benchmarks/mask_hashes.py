@@ -58,7 +58,7 @@ def main() -> None:
         out = a.out / f"{name}.safetensors"
         cmd = [sys.executable, "-m", "lora_merge", "merge", str(LORAS / "ohwx.safetensors"),
                str(LORAS / "mrv.safetensors"), "-o", str(out), "--force", *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if proc.returncode:
             sys.exit(f"{name}: {proc.stderr.strip().splitlines()[-1]}")
         for f in sorted(glob.glob(f"{a.out}/{name}.*safetensors")):

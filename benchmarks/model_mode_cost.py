@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from lora_merge.arch import ATTENTION_TARGETS
-from lora_merge.model_mode.base_model import BaseModel
 from lora_merge.masks import Concept, MaskObjective, References, SolveOptions
+from lora_merge.model_mode.base_model import BaseModel
 from lora_merge.model_mode.mask_training import train_masks
 from lora_merge.strategies import get_strategy
 

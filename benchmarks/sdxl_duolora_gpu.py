@@ -46,8 +46,8 @@ from model_mode_cost import StepTimer, mask_config
 
 from lora_merge.adapter import Adapter, LoraModule
 from lora_merge.arch import ATTENTION_TARGETS
-from lora_merge.model_mode.base_model import BaseModel
 from lora_merge.masks import Concept, References
+from lora_merge.model_mode.base_model import BaseModel
 from lora_merge.model_mode.mask_training import train_masks
 
 #: stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (every field; diffusers' defaults written out)

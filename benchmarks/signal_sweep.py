@@ -9,7 +9,8 @@ uniformly from [0.02 s, 85% of the measured duration of an uninterrupted run] â€
 (the *late* window), from [90%, 130%] of it, around the commit and the interpreter's shutdown, where a
 finished command must still exit 0 â€” and classifies the outcome:
 
-- ``interrupted``: exit 130, stderr exactly ``interrupted``, no output, no temporary file;
+- ``interrupted``: exit 130, stderr's last line ``interrupted`` (before it only the merge's warnings, e.g.
+  what ``--rank 64`` lost), no output, no temporary file;
 - ``completed``: the signal came after the outputs were in place (exit 0, output whole and loadable);
 - anything else is a failure (a traceback, another exit code, a partial output or a stray temporary file).
 """
@@ -55,7 +56,9 @@ def one_run(inputs: list[Path], out_dir: Path, sig: int | None, delay: float) ->
     _, err = proc.communicate(timeout=600)
     wall = time.perf_counter() - t0
     left = sorted(p.name for p in out_dir.iterdir())
-    if proc.returncode == 130 and err.strip() == "interrupted" and not left:
+    lines = err.strip().splitlines()
+    clean = bool(lines) and lines[-1] == "interrupted" and all(x.startswith("warning: ") for x in lines[:-1])
+    if proc.returncode == 130 and clean and not left:
         return "interrupted", wall, ""
     if proc.returncode == 0 and left == ["merged.safetensors", "report.json"]:
         import lora_merge as lm

@@ -234,3 +234,13 @@ class ClassRegistry:
         except KeyError:
             raise UsageError(f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self.classes))}") from None
 
+
+def resolve(ref: str) -> Any:
+    """The object a ``"package.module:attr"`` string names, imported at this call: the form of every seam
+    resolved by name in this package (CLI commands, mask solvers, a family's layouts and loaders)."""
+    module, _, attr = ref.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split(".") if attr else ():
+        obj = getattr(obj, part)
+    return obj
+

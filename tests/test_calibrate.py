@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 from lora_merge.errors import UsageError
 from lora_merge.input_models import load_stats
-from lora_merge.model_mode.base_model import register_base_model
 from lora_merge.masks import Concept, References
+from lora_merge.model_mode.base_model import register_base_model
 from lora_merge.model_mode.calibrate import calibrate, record_moments, select_layers
 from lora_merge.model_mode.tiny import random_lora, tiny_base_model
 

@@ -2,8 +2,11 @@
 of the real fixtures (skipped when ../shared/fixtures is absent) and of small synthetic adapters go
 through inspect, convert, merge, diff and priors in-process; every run ends in a clean one-line error or
 a success — no traceback, no output or temporary file left after an error, inputs unchanged, no NaN
-written.  The mutations and the check are those of ``benchmarks/fuzz_campaign.py`` (the long campaign
-with a fork server; see docs/reliability.md)."""
+written.  The campaign's other scenarios run on one small LoRA of each model family: ``--arch`` forced,
+hostile recipe files, values that overflow on a cast or a product, and special files (FIFO, device node,
+socket, symlink, folder) where an output goes — which must still be there, unchanged in kind.  The
+mutations and the check are those of ``benchmarks/fuzz_campaign.py`` (the long campaign with a fork
+server; see docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -82,3 +85,35 @@ def test_mutated_real_fixtures(name, command, seed, how):
     if not path.exists():
         pytest.skip("real-world fixtures not available (../shared/fixtures missing)")
     _check(fz.Base(name, path, peft=peft, big=True), command, seed, how)
+
+
+@pytest.fixture(scope="module")
+def family_bases(tmp_path_factory):
+    return fz.family_bases(tmp_path_factory.mktemp("families"))
+
+
+def test_family_loras_are_detected_as_their_family(family_bases):
+    import lora_merge
+    from lora_merge import families
+    from lora_merge.arch import guess_arch
+
+    assert {b.family for b in family_bases} == set(families.BUILTIN)  # one LoRA for every built-in family
+    for b in family_bases:
+        ad = lora_merge.load(b.path)
+        assert guess_arch(ad) == b.family and not ad.unparsed_keys, b.name
+
+
+SCENARIO_COMMANDS = {s: [c for c in FAST if groups.get(fz.COMMANDS[c])] for s, groups in fz.SCENARIOS.items()}
+
+
+@given(scenario=st.sampled_from(sorted(fz.SCENARIOS)), which=st.integers(0, len(fz.FAMILY_SPECS) - 1),
+       command=st.integers(0, 100), seed=st.integers(0, 2**32))
+@settings(SETTINGS, max_examples=40)
+def test_campaign_scenarios_on_family_loras(family_bases, scenario, which, command, seed):
+    cmd = SCENARIO_COMMANDS[scenario][command % len(SCENARIO_COMMANDS[scenario])]
+    base = family_bases[which]
+    with tempfile.TemporaryDirectory() as d:
+        prep = fz.prepare(random.Random(seed), scenario, cmd, base, Path(d), family_bases, light=True)
+        outcome, unmet, code, err, _ = fz.run_prepared(prep, Path(d))
+    assert outcome in ("clean error", "success") and not unmet, \
+        f"{outcome} {unmet}: {cmd} on {base.name} ({prep.mutation}): exit {code}: {err}"

@@ -12,10 +12,10 @@ import torch
 from lora_merge import masks as M
 from lora_merge.engine import Plan
 from lora_merge.errors import UsageError
+from lora_merge.masks import Concept, MaskObjective, References, SolveOptions
 from lora_merge.model_mode.base_model import load_base_model
 from lora_merge.model_mode.images import load_image_folder
 from lora_merge.model_mode.lora_layers import MaskedLoraLayer, attach_loras
-from lora_merge.masks import Concept, MaskObjective, References, SolveOptions
 from lora_merge.model_mode.mask_training import (
     MaskLoss,
     _Data,

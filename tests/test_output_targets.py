@@ -10,10 +10,9 @@ import os
 import stat
 
 import pytest
+from conftest import run_cli
 
 from lora_merge.toyworld import bundled_loras
-
-from conftest import run_cli
 
 
 @pytest.fixture
@@ -170,9 +169,9 @@ def test_merging_read_only_dialect_inputs_writes_a_writable_dialect_and_says_so(
     out = tmp_path / "m.safetensors"
     from lora_merge.cli import main
 
-    with pytest.warns(UserWarning, match="xlabs dialect is read only: writing kohya .*--to picks another"):
-        with pytest.raises(SystemExit) as exc:
-            main(["merge", str(src), str(src), "-o", str(out)])
+    with pytest.warns(UserWarning, match="xlabs dialect is read only: writing kohya .*--to picks another"), \
+            pytest.raises(SystemExit) as exc:
+        main(["merge", str(src), str(src), "-o", str(out)])
     assert exc.value.code == 0, capsys.readouterr().err
     merged, one = lora_merge.load(out), lora_merge.load(src)
     assert merged.dialect == "kohya"
@@ -191,9 +190,9 @@ def test_every_rank_truncation_reports_its_error_and_warns(pair, capsys, tmp_pat
     out = tmp_path / "m.safetensors"
     from lora_merge.cli import main
 
-    with pytest.warns(UserWarning, match=f"{strategy}: --rank 2 lost part of ΔW"):
-        with pytest.raises(SystemExit) as exc:
-            main(["merge", *pair, "-s", strategy, "--rank", "2", "-o", str(out), "--json"])
+    with pytest.warns(UserWarning, match=f"{strategy}: --rank 2 lost part of ΔW"), \
+            pytest.raises(SystemExit) as exc:
+        main(["merge", *pair, "-s", strategy, "--rank", "2", "-o", str(out), "--json"])
     assert exc.value.code == 0
     summary = json.loads(capsys.readouterr().out)
     lost = summary.get("truncation") or summary.get("dense")

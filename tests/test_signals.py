@@ -95,7 +95,9 @@ def _env() -> dict[str, str]:
 
 def _check_clean(tmp: Path, inputs: list[Path], before: dict[str, str], proc) -> None:
     assert proc.returncode == 130, proc.stderr
-    assert proc.stderr.strip() == "interrupted", proc.stderr
+    # the last line says it; before it only the merge's own warnings (e.g. what --rank lost)
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == "interrupted" and all(x.startswith("warning: ") for x in lines[:-1]), proc.stderr
     assert sorted(p.name for p in tmp.iterdir()) == sorted(["runner.py", *before]), list(tmp.iterdir())
     assert _digest(inputs) == before
 
@@ -186,7 +188,7 @@ def test_the_console_script_ignores_signals_once_it_is_done(tmp_path):
             "main()\n")  # fmt: skip
     out = tmp_path / "peft"
     proc = subprocess.run([sys.executable, "-c", code, "convert", str(bundled_loras()["content"]), str(out),
-                           "--to", "peft"], capture_output=True, text=True, timeout=300)  # fmt: skip
+                           "--to", "peft"], capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "handlers True True" in proc.stderr
     assert (out / "adapter_model.safetensors").is_file()

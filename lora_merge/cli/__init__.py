@@ -12,13 +12,14 @@ stops the run.  A signal that arrives after the outputs are in place is too late
 """
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import sys
 import warnings
 
 import click
+
+from ..plugins import resolve
 
 #: command name -> "module:attribute"; each module defines one click command
 COMMANDS: dict[str, str] = {
@@ -43,8 +44,7 @@ class LazyGroup(click.Group):
         target = COMMANDS.get(name)
         if target is None:
             return None
-        mod, attr = target.split(":")
-        return getattr(importlib.import_module(mod), attr)
+        return resolve(target)
 
 
 def _format_warning(message, category, filename, lineno, line=None):

@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import click
 
-from .common import DialectChoice, allow_pickle_option, check_file_path_text, format_option, load_adapter, strict_option
+from .common import (
+    DialectChoice,
+    allow_pickle_option,
+    check_file_path_text,
+    format_option,
+    load_adapter,
+    strict_option,
+)
 
 #: the ``--dtype`` spellings offered here; :func:`lora_merge.files.parse_dtype` turns them into torch dtypes
 _DTYPE_CHOICES = ("bf16", "fp16", "fp32")

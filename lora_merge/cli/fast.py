@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from .._version import __version__
+from ..plugins import resolve
 
 __all__ = ["answer", "live_catalogue", "load_catalogue", "write_catalogue"]
 
@@ -96,7 +97,6 @@ def answer(argv: list[str] | None, cli: click.Group) -> int | None:
 def live_catalogue(commands_table: dict[str, str]) -> dict[str, Any]:
     """The catalogue from the live objects (imports every command of ``commands_table``, name →
     ``"module:attribute"``, and the strategy registry)."""
-    import importlib
 
     from ..sampling_time import available_sampling_time
     from ..sampling_time.registry import BUILTIN_MODULES as _BUILTIN_SAMPLING_TIME
@@ -104,8 +104,7 @@ def live_catalogue(commands_table: dict[str, str]) -> dict[str, Any]:
 
     commands = {}
     for name, target in sorted(commands_table.items()):
-        mod, attr = target.split(":")
-        cmd = getattr(importlib.import_module(mod), attr)
+        cmd = resolve(target)
         commands[name] = {"help": cmd.help, "short_help": cmd.short_help}
     strategies = [cls.describe() for cls in available_strategies().values() if cls.__module__ in _BUILTIN_MODULES]
     samplers = [cls.describe() for cls in available_sampling_time().values()

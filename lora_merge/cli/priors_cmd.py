@@ -7,10 +7,9 @@ when invoked.  (Decorating with ``@priors.command()`` also works, but only once 
 """
 from __future__ import annotations
 
-import importlib
-
 import click
 
+from ..plugins import resolve
 from .common import print_json, stdout_console
 
 #: sub-command name -> "module:attribute" (lazy, like the top-level COMMANDS)
@@ -29,8 +28,7 @@ class PriorsGroup(click.Group):
         target = SUBCOMMANDS.get(name)
         if target is None:
             return None
-        mod, attr = target.split(":")
-        return getattr(importlib.import_module(mod), attr)
+        return resolve(target)
 
     def get_command(self, ctx, name):
         return super().get_command(ctx, name) or self._lazy(name)

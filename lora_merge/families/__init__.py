@@ -266,13 +266,8 @@ def by_pipeline(class_name: str) -> ModelFamily | None:
     return next((f for f in all_families() if class_name in f.pipelines), None)
 
 
-def resolve(ref: str) -> Any:
-    """The object a ``"package.module:attr"`` string names (imported at this call)."""
-    module, _, attr = ref.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split(".") if attr else ():
-        obj = getattr(obj, part)
-    return obj
+#: ``"package.module:attr"`` → the object (:func:`lora_merge.plugins.resolve`)
+resolve = plugins.resolve
 
 
 def help_list(pick: Callable[[ModelFamily], bool] = lambda f: True, *, key: str = "short",

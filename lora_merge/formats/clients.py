@@ -28,11 +28,11 @@ __all__ = [
     "LoaderWarning",
     "check_writable",
     "default_output_dialect",
-    "read_only_default_note",
     "is_sd_lora",
     "loader_note",
     "mixed_alpha_note",
     "one_alpha",
+    "read_only_default_note",
 ]
 
 #: the pipeline parts of SD 1.x / 2.x / SDXL whose kohya names every client maps

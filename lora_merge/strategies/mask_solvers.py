@@ -13,7 +13,6 @@ with a no-argument constructor and a ``solve`` method).
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +21,7 @@ from .. import masks as M
 from ..errors import UsageError
 from ..formats.dit_arch import FAMILIES as DIT_FAMILIES
 from ..masks import LayerMasks, MaskObjective, MaskSolution, MaskSolver, References, SolveOptions
+from ..plugins import resolve
 from ..priors import LayerPriors, load_priors
 from .base import LayerContext, LayerInput, MergePlan
 
@@ -43,10 +43,6 @@ SOLVERS: dict[str, str] = {
 }
 
 
-def resolve(ref: str) -> Any:
-    """``"package.module:attr"`` → the object (the seams of this package are such strings)."""
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def register_solver(name: str, ref: str) -> None:

@@ -6,8 +6,8 @@ Input 1 is the content LoRA, input 2 the style LoRA; the shared machinery is in
 """
 from __future__ import annotations
 
-from . import register
 from ..masks import MaskObjective
+from . import register
 from .base import MergePlan, Param
 from .pair_masks import INPUT_PARAMS, REFINE_PARAMS, STRENGTH_PARAM, ZIPLORA_MODEL_PARAMS, PairMaskStrategy
 
