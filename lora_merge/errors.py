@@ -1,7 +1,54 @@
-"""Errors a user can cause. The CLI prints them as one line and exits non-zero, with no traceback."""
+"""Errors a user can cause. The CLI prints them as one line and exits non-zero, with no traceback.
+
+Messages are written in the command line's words (``--force``, ``--rank K``); raised from the Python API
+they read in Python's (``force=True``, ``rank=K``): :func:`python_words` rewrites them unless the CLI is
+running (:func:`cli_words`)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+from collections.abc import Iterator
+
+#: options that are on/off flags on the command line and ``True``/``False`` keywords in Python
+BOOL_OPTIONS = frozenset({
+    "force", "full-rank", "allow-pickle", "allow-mixed-arch", "record-paths", "keep-heads", "strict", "repair",
+    "prior-init", "dry-run", "hard", "symmetric", "closed-form",
+})  # fmt: skip
+#: words that follow an option in a sentence without being its value
+_NOT_VALUES = frozenset("and or with to needs need only is are for in on of the a an not takes must "
+                        "picks gives keeps writes reads also when if".split())
+_OPTION = re.compile(r"--([a-z][a-z0-9-]*)(?: ([A-Za-z0-9_.][\w.\-/]*))?")
+_CLI = {"on": False}
+
+
+@contextlib.contextmanager
+def cli_words() -> Iterator[None]:
+    """Inside, errors keep the command line's words (the CLI runs its commands in here)."""
+    before = _CLI["on"]
+    _CLI["on"] = True
+    try:
+        yield
+    finally:
+        _CLI["on"] = before
+
+
+def python_words(message: str) -> str:
+    """``--force`` → ``force=True``, ``--rank K`` → ``rank=K``, ``--to peft`` → ``to='peft'``,
+    ``--base`` → ``base=...``: a message of the command line in the API's keywords."""
+
+    def one(m: re.Match[str]) -> str:
+        name, value = m.group(1), m.group(2)
+        key = name.replace("-", "_")
+        if name in BOOL_OPTIONS:
+            return f"{key}=True" + (f" {value}" if value else "")
+        if value is None or value.lower() in _NOT_VALUES:
+            return f"{key}=..." + (f" {value}" if value else "")
+        if value.isupper() or re.fullmatch(r"-?[\d.]+", value):
+            return f"{key}={value}"
+        return f"{key}={value!r}"
+
+    return _OPTION.sub(one, message)
 
 
 def quoted(name: object, limit: int = 120) -> str:
@@ -18,6 +65,7 @@ class LoraMergeError(Exception):
 
     def __init__(self, message: str, path: str | os.PathLike | None = None):
         self.path = os.fspath(path) if path is not None else None
+        message = message if _CLI["on"] else python_words(message)
         self.message = message
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
@@ -39,7 +87,7 @@ class MergeError(LoraMergeError):
 
 
 class OutputExistsError(LoraMergeError):
-    """Refusing to overwrite an existing output (or an input) without --force."""
+    """Refusing to overwrite an existing output (or an input) without ``force`` (``--force``)."""
 
     exit_code = 4
 
