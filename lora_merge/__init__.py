@@ -11,7 +11,18 @@ from __future__ import annotations
 import importlib
 
 from ._version import __version__
-from .errors import FormatError, LoraMergeError, MergeError, UnsupportedAdapterError, UsageError
+from .errors import (
+    FormatError,
+    Interrupted,
+    LoraMergeError,
+    MergeError,
+    MissingModuleWarning,
+    NotMainProcess,
+    OutputExistsError,
+    PartialReadWarning,
+    UnsupportedAdapterError,
+    UsageError,
+)
 
 #: public name -> the module that defines it
 _EXPORTS = {
@@ -23,15 +34,24 @@ _EXPORTS = {
     "save": "formats.api",
     "MergeResult": "engine",
     "merge": "engine",
+    "DenseRefactorWarning": "engine.run",
+    "LoaderWarning": "formats.clients",
 }
 
 __all__ = [
     "Adapter",
+    "DenseRefactorWarning",
     "FormatError",
+    "Interrupted",
+    "LoaderWarning",
     "LoraMergeError",
     "LoraModule",
     "MergeError",
     "MergeResult",
+    "MissingModuleWarning",
+    "NotMainProcess",
+    "OutputExistsError",
+    "PartialReadWarning",
     "TensorRef",
     "UnsupportedAdapterError",
     "UsageError",

@@ -77,7 +77,7 @@ def test_rank_reports_error_and_excludes_full_rank():
     assert len(lost) == 1 and "ties: --rank 2 lost part of ΔW" in lost[0] and "--full-rank" not in lost[0]
     assert res.report["dense"]["rank_rule"] == "rank" and res.report["dense"]["rank_max"] == 2
     assert 0 < res.report["dense"]["rel_error_overall"] < 1
-    with pytest.raises(UsageError, match="--full-rank"):
+    with pytest.raises(UsageError, match="full_rank=True"):
         lm.merge([a, b], strategy="ties", rank=2, full_rank=True)
 
 

@@ -195,7 +195,7 @@ def test_exception_mid_merge_leaves_no_output(tmp_path):
 def test_existing_output_refused_and_untouched(tmp_path):
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"precious")
-    with pytest.raises(OutputExistsError, match="--force"):
+    with pytest.raises(OutputExistsError, match="force=True"):
         lm.merge([make(1, 4), make(2, 4)], out)
     assert out.read_bytes() == b"precious"
 
@@ -219,7 +219,7 @@ def test_extra_tensors_identical_kept_conflicting_refused():
     torch.testing.assert_close(same.adapter.extra_tensors["classifier.weight"].load(), head)
     a, b = _with_head(make(1, 4), head), _with_head(make(2, 4), torch.randn(2, 20))
     with pytest.raises(
-        MergeError, match=r"classifier\.weight \(6×20 in input 1 vs 2×20 in input 2.*--keep-heads-from"
+        MergeError, match=r"classifier\.weight \(6×20 in input 1 vs 2×20 in input 2.*keep_heads_from"
     ):
         lm.merge([a, b])
     kept = lm.merge([a, b], keep_heads_from=2)

@@ -169,7 +169,7 @@ def test_kohya_alpha_stored_per_module(tmp_path):
 
 def test_pipeline_lora_is_not_written_as_peft(tmp_path):
     """UNet + text-encoder modules in one PEFT folder would attach nowhere: refused, nothing written."""
-    with pytest.raises(UsageError, match=r"--to peft: .*text_encoder and unet.*--to kohya"):
+    with pytest.raises(UsageError, match=r"to='peft': .*text_encoder and unet.*to='kohya'"):
         lora_merge.save(_synthetic(), tmp_path / "p", to="peft")
     assert list(tmp_path.iterdir()) == []
 

@@ -51,7 +51,7 @@ def run(argv, capsys):
 
 def test_load_base_model_refuses_pickle_only_weights(pickle_pipeline):
     before = set(sys.modules)
-    with pytest.raises(UsageError, match=r"unet/ has only pickle weights.*--allow-pickle"):
+    with pytest.raises(UsageError, match=r"unet/ has only pickle weights.*allow_pickle=True"):
         load_base_model(str(pickle_pipeline))
     assert not any(m.startswith("diffusers") for m in set(sys.modules) - before)
 

@@ -114,7 +114,7 @@ def test_validate_checks_counts_before_any_work():
         Recipe(inputs=("a", "b"), keep_heads_from=3).validate()
     with pytest.raises(UsageError, match="takes 2 input"):
         Recipe(inputs=("a",), strategy="ziplora").validate()
-    with pytest.raises(UsageError, match="--threads"):
+    with pytest.raises(UsageError, match="threads="):
         MergeOptions(threads=0)
 
 

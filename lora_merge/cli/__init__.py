@@ -19,6 +19,7 @@ import warnings
 
 import click
 
+from ..errors import cli_words
 from ..plugins import resolve
 
 #: command name -> "module:attribute"; each module defines one click command
@@ -45,6 +46,10 @@ class LazyGroup(click.Group):
         if target is None:
             return None
         return resolve(target)
+
+    def invoke(self, ctx: click.Context):
+        with cli_words():  # errors raised by a command say --force, not force=True (CliRunner too)
+            return super().invoke(ctx)
 
 
 def _format_warning(message, category, filename, lineno, line=None):
@@ -121,7 +126,7 @@ def _interrupted() -> None:
 
 def _main(argv: list[str] | None) -> None:
     try:
-        from ..errors import Interrupted, LoraMergeError, cli_words
+        from ..errors import Interrupted, LoraMergeError
         from ..files import clear_interrupt, interrupted, note_interrupt, output_transaction
     except BaseException as exc:  # an interrupt while these (and torch) are imported
         # the signal may surface as another error: raised inside numpy's C import, it leaves numpy half
@@ -134,44 +139,43 @@ def _main(argv: list[str] | None) -> None:
         note_interrupt()
         _interrupted()
     warnings.formatwarning = _format_warning
-    with cli_words():  # errors raised by the command say --force, not force=True
-        try:
-            if _command_name(argv) in TRANSACTIONAL:
-                _STATE["transaction"] = True
-                with output_transaction():
-                    cli.main(args=argv, prog_name="lora-merge", standalone_mode=False)
-            else:
+    try:
+        if _command_name(argv) in TRANSACTIONAL:
+            _STATE["transaction"] = True
+            with output_transaction():
                 cli.main(args=argv, prog_name="lora-merge", standalone_mode=False)
-            if interrupted() and not (_STATE["transaction"] and _files().outputs_committed()):
-                raise Interrupted  # swallowed somewhere on the way; nothing was written
-        except LoraMergeError as exc:
-            if exc.exit_code == 0:  # NotMainProcess: a helper process of a multi-process run, done
-                sys.exit(0)
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except click.exceptions.Abort as exc:
-            click.echo("interrupted" if isinstance(exc.__cause__, KeyboardInterrupt) else "aborted", err=True)
-            sys.exit(130)
-        except click.ClickException as exc:
-            exc.show()
-            sys.exit(exc.exit_code)
-        except (KeyboardInterrupt, Interrupted):
-            if _STATE["transaction"] and _files().outputs_committed():
-                _done(argv)
-            _interrupted()
-        except BrokenPipeError:
-            _silence_stdout()
+        else:
+            cli.main(args=argv, prog_name="lora-merge", standalone_mode=False)
+        if interrupted() and not (_STATE["transaction"] and _files().outputs_committed()):
+            raise Interrupted  # swallowed somewhere on the way; nothing was written
+    except LoraMergeError as exc:
+        if exc.exit_code == 0:  # NotMainProcess: a helper process of a multi-process run, done
             sys.exit(0)
-        except Exception as exc:
-            torch = sys.modules.get("torch")
-            if torch is None or not isinstance(exc, torch.linalg.LinAlgError):
-                raise
-            # the net under every numerical path (the merge and the input models name the module themselves)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            click.echo(f"error: the linear algebra failed on the inputs' values ({first[:200]}); are they finite "
-                       "and of a sane size?", err=True)
-            sys.exit(3)
-        _done(argv)
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort as exc:
+        click.echo("interrupted" if isinstance(exc.__cause__, KeyboardInterrupt) else "aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, Interrupted):
+        if _STATE["transaction"] and _files().outputs_committed():
+            _done(argv)
+        _interrupted()
+    except BrokenPipeError:
+        _silence_stdout()
+        sys.exit(0)
+    except Exception as exc:
+        torch = sys.modules.get("torch")
+        if torch is None or not isinstance(exc, torch.linalg.LinAlgError):
+            raise
+        # the net under every numerical path (the merge and the input models name the module themselves)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        click.echo(f"error: the linear algebra failed on the inputs' values ({first[:200]}); are they finite "
+                   "and of a sane size?", err=True)
+        sys.exit(3)
+    _done(argv)
 
 
 def _done(argv: list[str] | None) -> None:
