@@ -17,7 +17,6 @@ from .. import load
 from ..adapter import Adapter
 from ..engine import merge
 from ..errors import UsageError
-from ..files import atomic_write, make_dirs
 from ..sampling_time import available_sampling_time
 from ..sampling_time import build as build_sampling_merger
 from ..toyworld import JOINT_PROMPT, world
@@ -130,28 +129,12 @@ def run_variant(v: Variant, content: Path, style: Path, n: int, seed: int = 0, w
 
 # ------------------------------------------------------------------------------------------- grids
 def save_grid(rows: Sequence[tuple[str, torch.Tensor]], path: str | os.PathLike, zoom: int = 4,
-              max_cols: int = 16) -> Path:
-    """A labelled PNG: one row per ``(label, images)``, written atomically."""
-    from PIL import Image, ImageDraw
+              max_cols: int = 16, **kw: Any) -> Path:
+    """A labelled PNG: one row per ``(label, images)``, written atomically (:func:`lora_merge.bench.grid.save_grid`:
+    labels measured and wrapped to fit; ``kw``: a title, score columns, a best row)."""
+    from .grid import save_grid as _save_grid
 
-    if not rows:
-        raise UsageError("nothing to draw")
-    size = world.IMAGE_SIZE * zoom
-    label_w = 8 + 7 * max(len(lbl) for lbl, _ in rows)
-    cols = min(max_cols, max(int(im.shape[0]) for _, im in rows))
-    pad = 2
-    canvas = Image.new("RGB", (label_w + cols * (size + pad), len(rows) * (size + pad) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for r, (label, imgs) in enumerate(rows):
-        y = pad + r * (size + pad)
-        draw.text((4, y + size // 2 - 6), label, fill=(0, 0, 0))
-        arr = world.to_uint8(imgs[:cols]).numpy()
-        for c in range(arr.shape[0]):
-            tile = Image.fromarray(arr[c]).resize((size, size), Image.NEAREST)
-            canvas.paste(tile, (label_w + c * (size + pad), y))
-    out = Path(path)
-    make_dirs(out.parent)
-    return atomic_write(out, lambda fh: canvas.save(fh, format="PNG"))
+    return _save_grid(rows, path, zoom=zoom, max_cols=max_cols, **kw)
 
 
 def pct(x: float | None) -> str:
