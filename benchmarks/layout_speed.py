@@ -1,6 +1,10 @@
 """Merge speed before and after a code change, measured in one run: the same merges timed with this
 checkout's ``lora_merge`` and with the one of another git revision, alternating, on a synthetic SDXL
-attention pair (560 layers, rank 64, fp16 kohya files; ``sdxl_pair.py``).
+attention pair (560 layers, rank 64, fp16 kohya files; ``sdxl_pair.py``) or, with ``--pair sd15``, on two
+real SD 1.5 LoRAs (128 attention modules, rank 4: the project's fixtures when present, else generated
+with their shapes) — the pair where the dense strategies were slow:
+
+    python benchmarks/layout_speed.py --pair sd15 --cases ties,dare,magnitude-prune,linear,svd --base 7bc4cb1
 
     python benchmarks/layout_speed.py                      # against 14c2c64 (before the engine split)
     python benchmarks/layout_speed.py --base REV --rounds 5 --json
@@ -35,6 +39,9 @@ CASES = {
     "ties --rank 32": {"strategy": "ties", "rank": 32},  # dense per layer: minutes a run on 2 cores
 }
 DEFAULT_CASES = ("linear", "linear --rank 64", "svd --rank 32", "ziplora --steps 10")
+#: the dense strategies at their default rank (the sum of the inputs' ranks) and the references
+CASES.update({"ties": {"strategy": "ties"}, "dare": {"strategy": "dare"},
+              "magnitude-prune": {"strategy": "magnitude-prune"}, "svd": {"strategy": "svd"}})
 
 TIMER = textwrap.dedent(
     """
@@ -43,6 +50,8 @@ TIMER = textwrap.dedent(
     import lora_merge as lm
     a, b, out, kw = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     t0 = time.perf_counter()
+    import warnings
+    warnings.simplefilter("ignore")
     lm.merge([a, b], out, dtype="fp16", threads=1, force=True, **kw)
     dt = time.perf_counter() - t0
     ad = lm.load(out)
@@ -70,6 +79,48 @@ def _pair(folder: Path) -> tuple[Path, Path]:
     return a, b
 
 
+def _sd15_pair(folder: Path) -> tuple[Path, Path]:
+    """Two real SD 1.5 LoRAs (the fixtures beside the checkout), or generated ones of their shapes."""
+    fixtures = REPO.parent / "shared" / "fixtures" / "sd15"
+    real = [fixtures / "pokemon_style.safetensors", fixtures / "rick_and_morty_style.safetensors"]
+    if all(p.is_file() for p in real):
+        return real[0], real[1]
+    import torch
+
+    import lora_merge as lm
+
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(2):
+        ad = lm.Adapter(dialect="kohya")
+        for blk in ("down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.1", "up_blocks.2",
+                    "up_blocks.3"):
+            d = {"down_blocks.0": 320, "down_blocks.1": 640, "down_blocks.2": 1280, "mid_block": 1280,
+                 "up_blocks.1": 1280, "up_blocks.2": 640, "up_blocks.3": 320}[blk]
+            for a_ in range(2 if blk != "mid_block" else 1):
+                for attn in ("attn1", "attn2"):
+                    for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+                        name = f"unet.{blk}.attentions.{a_}.transformer_blocks.0.{attn}.{proj}"
+                        d_in = 768 if attn == "attn2" and proj in ("to_k", "to_v") else d
+                        ad.modules[name] = lm.LoraModule.from_tensors(
+                            name, torch.randn(4, d_in, generator=g) / d_in**0.5,
+                            torch.randn(d, 4, generator=g) * 0.01, alpha=4.0)
+        paths.append(lm.save(ad, folder / f"sd15_{i}.safetensors", to="kohya"))
+    return paths[0], paths[1]
+
+
+def _max_rel_diff(before: Path, after: Path) -> float:
+    """max over modules of ‖ΔW_after − ΔW_before‖ / ‖ΔW_before‖ (the outputs of the two trees)."""
+    import lora_merge as lm
+
+    a, b = lm.load(before), lm.load(after)
+    worst = 0.0
+    for name, m in a.modules.items():
+        da, db = m.delta().double(), b.modules[name].delta().double()
+        worst = max(worst, float((db - da).norm() / da.norm()) if float(da.norm()) > 0 else float(db.norm()))
+    return worst
+
+
 def _time(tree: Path, a: Path, b: Path, out: Path, kw: dict) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", TIMER, str(a), str(b), str(out), json.dumps(kw)],
@@ -85,6 +136,8 @@ def main() -> None:
     ap.add_argument("--head", default=None, help="git revision to measure instead of this checkout")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cases", default=",".join(DEFAULT_CASES), help="comma-separated subset of: " + ", ".join(CASES))
+    ap.add_argument("--pair", choices=("sdxl", "sd15"), default="sdxl",
+                    help="synthetic SDXL attention pair (560 layers, rank 64) or two SD 1.5 LoRAs (128, rank 4)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +150,7 @@ def main() -> None:
             subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(head), args.head],
                            check=True)  # fmt: skip
         try:
-            a, b = _pair(tmp)
+            a, b = _pair(tmp) if args.pair == "sdxl" else _sd15_pair(tmp)
             rows = []
             for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
                 kw = CASES[case]
@@ -110,7 +163,9 @@ def main() -> None:
                         digests[side] = r["tensors"]
                 before, after = statistics.median(times["before"]), statistics.median(times["after"])
                 rows.append({"case": case, "before_s": before, "after_s": after, "ratio": after / before,
-                             "same_tensors": digests["before"] == digests["after"]})  # fmt: skip
+                             "same_tensors": digests["before"] == digests["after"],
+                             "max_rel_dW_diff": _max_rel_diff(tmp / "before.safetensors",
+                                                              tmp / "after.safetensors")})  # fmt: skip
                 if not args.json:
                     print(f"  {case}: {before:.3f} s → {after:.3f} s", file=sys.stderr, flush=True)
         finally:
@@ -121,9 +176,10 @@ def main() -> None:
         return
     what = args.head or "this checkout"
     print(f"merge speed, {what} vs {args.base} (median of {args.rounds} alternating rounds, 1 thread)")
-    print(f"{'case':<22} {'before s':>9} {'after s':>9} {'ratio':>7}  same tensors")
+    print(f"{'case':<22} {'before s':>9} {'after s':>9} {'ratio':>7}  same tensors  max ‖ΔW diff‖/‖ΔW‖")
     for r in rows:
-        print(f"{r['case']:<22} {r['before_s']:>9.3f} {r['after_s']:>9.3f} {r['ratio']:>7.3f}  {r['same_tensors']}")
+        print(f"{r['case']:<22} {r['before_s']:>9.3f} {r['after_s']:>9.3f} {r['ratio']:>7.3f}  "
+              f"{r['same_tensors']!s:<12}  {r['max_rel_dW_diff']:.2e}")
 
 
 if __name__ == "__main__":
