@@ -235,3 +235,19 @@ def test_params_are_declared_once():
         assert d["name"] and d["description"] and isinstance(d["exact"], bool)
         assert len({p["name"] for p in d["params"]}) == len(d["params"])
     assert get_strategy("linear").exact and not get_strategy("ties").exact
+
+
+def test_topk_mask_is_the_topk_set_and_breaks_ties_by_position():
+    from lora_merge.strategies.taskvectors import topk_mask
+
+    g = torch.Generator().manual_seed(4)
+    for shape, density in (((320, 768), 0.2), ((64, 64), 0.01), ((17, 5), 0.7)):
+        t = torch.randn(*shape, generator=g)
+        want = torch.zeros(t.numel(), dtype=torch.bool)
+        want[torch.topk(t.abs().flatten(), int(density * t.numel())).indices] = True
+        assert torch.equal(topk_mask(t, density), want.view_as(t))
+    t = torch.zeros(100)
+    t[:10] = torch.arange(1.0, 11.0)  # 10 non-zeros, then 90 equal zeros: the first 10 zeros fill up to k
+    m = topk_mask(t, 0.2)
+    assert int(m.sum()) == 20 and bool(m[:20].all()) and not bool(m[20:].any())
+    assert not topk_mask(t, 0.0).any() and topk_mask(t, 1.0).all()
