@@ -203,3 +203,31 @@ def test_every_rank_truncation_reports_its_error_and_warns(pair, capsys, tmp_pat
         want = a.modules[name].delta() + b.modules[name].delta()
         got = lora_merge.load(out).modules[name].delta()
         assert abs(float((want - got).norm() / want.norm()) - lost["rel_error_max"]) < 1e-3
+
+
+def _dit_file(path, kind):
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    sd = {}
+    if kind == "sd3":
+        for n, rows in (("lora_unet_joint_blocks_0_x_block_attn_qkv", 48), ("lora_unet_joint_blocks_1_context_block_mlp_fc1", 64)):
+            sd[f"{n}.lora_down.weight"], sd[f"{n}.lora_up.weight"] = torch.randn(2, 16, generator=g), torch.randn(rows, 2, generator=g)
+            sd[f"{n}.alpha"] = torch.tensor(2.0)
+    else:  # Z-Image, original (ComfyUI) names
+        for n, rows in (("diffusion_model.layers.0.attention.qkv", 48), ("diffusion_model.layers.1.feed_forward.w1", 32)):
+            sd[f"{n}.lora_A.weight"], sd[f"{n}.lora_B.weight"] = torch.randn(2, 16, generator=g), torch.randn(rows, 2, generator=g)
+    save_file(sd, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["sd3", "z-image"])
+def test_a_forced_arch_of_every_family_is_never_a_traceback(tmp_path, capsys, kind):
+    from lora_merge import families
+
+    src = _dit_file(tmp_path / f"{kind}.safetensors", kind)
+    for name in families.names():
+        for extra in ([], ["--json"], ["--modules"]):
+            code, _, err = run_cli(["inspect", src, "--arch", name, *extra], capsys)
+            assert "Traceback" not in err and code in (0, 1, 2), (name, extra, err)
