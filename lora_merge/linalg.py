@@ -323,7 +323,7 @@ def refactor_dense_error(delta: torch.Tensor, rank: int | None = None,
 
 #: columns added to the ``k`` wanted in :func:`top_svd`, and its power (subspace) iterations
 TOP_SVD_OVERSAMPLE = 16
-TOP_SVD_ITERS = 8
+TOP_SVD_ITERS = 4  # with 16 extra columns: within 1e-8 of the optimal error on the SD 1.5 TIES layers
 
 
 def top_svd(delta: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -134,7 +134,9 @@ def disjoint_merge(
     weighted = stack * w
     basis = weighted if sign == "weighted" else stack
     elected = elect_sign(basis)
-    agree = (torch.sign(basis) == elected) & (basis != 0)  # agreement judged where the vote was taken
+    # agreement judged where the vote was taken: same sign as the elected one and not 0, i.e. a positive
+    # product; as 0/1 floats, whose sums are several times faster than a bool tensor's (same values)
+    agree = ((basis * elected) > 0).to(stack.dtype)
     total = (weighted * agree).sum(0)
     if divide == "count":
         total = total / agree.sum(0).clamp_min(1)
