@@ -52,14 +52,15 @@ TIMER = textwrap.dedent(
     t0 = time.perf_counter()
     import warnings
     warnings.simplefilter("ignore")
-    lm.merge([a, b], out, dtype="fp16", threads=1, force=True, **kw)
+    res = lm.merge([a, b], out, dtype="fp16", threads=1, force=True, **kw)
     dt = time.perf_counter() - t0
+    lost = res.report.get("dense") or res.report.get("truncation") or {}
     ad = lm.load(out)
     h = hashlib.sha256()
     for name in sorted(ad.modules):
         m = ad.modules[name]
         h.update(m.up.load().numpy().tobytes()); h.update(m.down.load().numpy().tobytes())
-    print(json.dumps({"seconds": dt, "tensors": h.hexdigest()}))
+    print(json.dumps({"seconds": dt, "tensors": h.hexdigest(), "rel_error": lost.get("rel_error_overall")}))
     """
 )
 
@@ -155,15 +156,17 @@ def main() -> None:
             for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
                 kw = CASES[case]
                 times: dict[str, list[float]] = {"before": [], "after": []}
-                digests = {}
+                digests, errors = {}, {}
                 for _ in range(args.rounds):
                     for side, tree in (("before", base), ("after", head)):
                         r = _time(tree, a, b, tmp / f"{side}.safetensors", kw)
                         times[side].append(r["seconds"])
                         digests[side] = r["tensors"]
+                        errors[side] = r.get("rel_error")
                 before, after = statistics.median(times["before"]), statistics.median(times["after"])
                 rows.append({"case": case, "before_s": before, "after_s": after, "ratio": after / before,
                              "same_tensors": digests["before"] == digests["after"],
+                             "rel_error_before": errors["before"], "rel_error_after": errors["after"],
                              "max_rel_dW_diff": _max_rel_diff(tmp / "before.safetensors",
                                                               tmp / "after.safetensors")})  # fmt: skip
                 if not args.json:
@@ -176,10 +179,16 @@ def main() -> None:
         return
     what = args.head or "this checkout"
     print(f"merge speed, {what} vs {args.base} (median of {args.rounds} alternating rounds, 1 thread)")
-    print(f"{'case':<22} {'before s':>9} {'after s':>9} {'ratio':>7}  same tensors  max ‖ΔW diff‖/‖ΔW‖")
+    print(f"{'case':<22} {'before s':>9} {'after s':>9} {'ratio':>7}  same tensors  max ‖ΔW diff‖/‖ΔW‖  "
+          "stored error before → after")
+
+    def err(x):
+        return "-" if x is None else f"{x:.6f}"
+
     for r in rows:
         print(f"{r['case']:<22} {r['before_s']:>9.3f} {r['after_s']:>9.3f} {r['ratio']:>7.3f}  "
-              f"{r['same_tensors']!s:<12}  {r['max_rel_dW_diff']:.2e}")
+              f"{r['same_tensors']!s:<12}  {r['max_rel_dW_diff']:>17.2e}  "
+              f"{err(r['rel_error_before'])} → {err(r['rel_error_after'])}")
 
 
 if __name__ == "__main__":
