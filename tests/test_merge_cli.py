@@ -368,11 +368,15 @@ def test_strategies_command(capsys):
     assert code == 2 and "unknown strategy" in err
 
 
-def test_merge_help_lists_generated_options(capsys):
+def test_merge_help_points_to_the_generated_strategy_options(capsys):
     code, out, _ = run(["merge", "--help"], capsys)
     assert code == 0
-    for opt in ("--density", "--variant", "--energy", "--preset", "--weight", "--rank", "--config"):
+    for opt in ("--weight", "--rank", "--config"):
         assert opt in out
+    assert "lora-merge strategies NAME" in " ".join(out.split())  # each strategy's options are listed there
+    for name in ("dare", "ties", "svd", "blocks"):
+        code, out, _ = run(["strategies", name], capsys)
+        assert code == 0 and {"dare": "--variant", "ties": "--density", "svd": "--energy", "blocks": "--preset"}[name] in out
 
 
 # ---------------------------------------------------------------- diffusers loads the merged file

@@ -183,7 +183,8 @@ def test_entry_point_strategy_runs_from_cli(tmp_path):
     assert "first-only" in {s["name"] for s in json.loads(listed.stdout)}
 
     help_ = _cli(["merge", "--help"], env)
-    assert "--gain" in help_.stdout  # the plug-in's parameter became an option
+    assert "first-only" in help_.stdout  # the plug-in's strategy is listed; its parameter became an option
+    assert "--gain" in _cli(["strategies", "first-only"], env).stdout  # (listed by `strategies NAME`)
 
     out = tmp_path / "out.safetensors"
     run = _cli(

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
-from .common import json_option, print_json, stderr_console, stdout_console, threads_option
+from .common import json_option, output_option, print_json, stderr_console, stdout_console, threads_option
 
 
 @click.group("bench")
@@ -36,20 +36,21 @@ def default_cache() -> Path:
 @click.option("--quick", is_flag=True,
               help="3 pairs, n = 32, no ablations, strength curves at 0.5/0.6/1.0 only: a smoke run of every "
                    "strategy with its defaults.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("docs"), show_default=True,
-              help="Folder for quality-results.md/.json and the images.")
+@output_option("Folder for quality-results.md/.json and the images (--out is the older spelling).",
+               extra=("--out",), type=click.Path(file_okay=False, path_type=Path), default=Path("docs"),
+               show_default=True)
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Row cache folder: an interrupted run resumes from it (default: ~/.cache/lora-merge/bench-quality).")
 @click.option("--no-cache", is_flag=True, help="Recompute every row and keep nothing.")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Worker processes: the pairs are shared out, the rows meet in the cache, then one pass "
                    "writes the results (each worker uses --threads torch threads).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the sampling and the merges.")
 @click.option("--force", is_flag=True, help="Overwrite existing result files.")
 @json_option
 @threads_option
 def quality(pairs: str | None, n: int | None, val_n: int | None, strategies: str | None, no_ablations: bool,
-            no_model_mode: bool, quick: bool, out: Path, cache_dir: Path | None, no_cache: bool, jobs: int,
+            no_model_mode: bool, quick: bool, output: Path, cache_dir: Path | None, no_cache: bool, jobs: int,
             seed: int, force: bool, as_json: bool) -> None:
     """Merge every content–style pair of the toy-world suite with every strategy (and its ablations),
     sample each pair's joint prompt ("a sks object in zkz style") on fixed test seeds and judge content,
@@ -58,7 +59,7 @@ def quality(pairs: str | None, n: int | None, val_n: int | None, strategies: str
     Also measured: each LoRA's strength curve, leakage and prompt binding; a ceiling per pair; the
     baselines (the LoRAs alone, linear (1, 1), linear (0.5, 0.5), and tuned linear: the best weights of a
     0.4…1.2 grid chosen on separate validation seeds).  Writes quality-results.md, quality-results.json
-    (also what --json prints), a grid per pair and two plots under --out.  See docs/quality.md."""
+    (also what --json prints), a grid per pair and two plots under -o/--output.  See docs/quality.md."""
     import torch
 
     from ..bench.report import outputs, public, write_all
@@ -68,6 +69,7 @@ def quality(pairs: str | None, n: int | None, val_n: int | None, strategies: str
     from ..toyworld.suite import QUICK
     from ..toyworld.suite import pairs as suite_pairs
 
+    out = output
     chosen = suite_pairs(pairs or (list(QUICK) if quick else None))
     names = [s.strip() for s in strategies.split(",") if s.strip()] if strategies else None
     avail = known_strategies()
@@ -122,7 +124,7 @@ def _run_workers(chosen, jobs, settings, strategies, no_ablations, no_model_mode
     for k, group in enumerate(groups):
         cmd = [sys.executable, "-m", "lora_merge", "bench", "quality", "--pairs", ",".join(p.name for p in group),
                "--n", str(settings.n), "--val-n", str(settings.val_n), "--seed", str(seed), "--cache",
-               str(settings.cache), "--out", str(scratch / str(k)), "--force", "--json"]
+               str(settings.cache), "-o", str(scratch / str(k)), "--force", "--json"]
         cmd += (["--strategies", strategies] if strategies else []) + (["--no-ablations"] if no_ablations else [])
         cmd += (["--no-model-mode"] if no_model_mode else []) + (["--quick"] if quick else [])
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))

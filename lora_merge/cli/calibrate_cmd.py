@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import click
 
-from .common import allow_pickle_option, json_option, print_json, stderr_console, stdout_console
+from .common import (
+    allow_pickle_option,
+    dtype_option,
+    json_option,
+    output_option,
+    print_json,
+    stderr_console,
+    stdout_console,
+)
 
 
 @click.command("calibrate", context_settings={"help_option_names": ["-h", "--help"]})
@@ -12,8 +20,9 @@ from .common import allow_pickle_option, json_option, print_json, stderr_console
     "--base",
     "base",
     required=True,
-    metavar="MODEL",
-    help="A local diffusers pipeline folder (SD 1.x, SDXL) or 'toyworld'. Nothing is downloaded.",
+    metavar="MODEL_DIR",
+    help="The base model: a local diffusers pipeline folder (SD 1.x, SDXL; a folder, not a weights file) or "
+    "'toyworld'. Nothing is downloaded.",
 )
 @click.option(
     "--content-images",
@@ -31,7 +40,7 @@ from .common import allow_pickle_option, json_option, print_json, stderr_console
     help="Folder of style reference images (toyworld:style: the toy world's).",
 )
 @click.option("--style-prompt", required=True, help="Prompt of the style images, e.g. 'a cat in zkz style'.")
-@click.option("-o", "--output", required=True, type=click.Path(), help="Stats file to write (.safetensors).")
+@output_option("Stats file to write (.safetensors).", required=True)
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(),
               help="Record the UNet layers this LoRA touches (repeatable). Default: every attention "
               "projection (to_q, to_k, to_v, to_out.0).")  # fmt: skip
@@ -40,7 +49,7 @@ from .common import allow_pickle_option, json_option, print_json, stderr_console
     "layers",
     default=None,
     metavar="PATTERN",
-    help="Only layers whose name matches PATTERN (see `lora-merge merge --help`, --weight).",
+    help="Only layers whose name matches PATTERN (as merge --weight's; default: every layer).",
 )
 @click.option(
     "--samples",
@@ -56,16 +65,10 @@ from .common import allow_pickle_option, json_option, print_json, stderr_console
     type=int,
     help="Store each moment as its top-K eigenpairs (smaller files for SDXL); default: full matrices.",
 )
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda or cuda:1.")
-@click.option(
-    "--dtype",
-    default="fp32",
-    show_default=True,
-    type=click.Choice(["fp32", "fp16", "bf16"]),
-    help="UNet dtype (moments are always accumulated in fp32).",
-)
-@click.option("--force", is_flag=True, help="Overwrite the output.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the noise and timesteps.")
+@click.option("--device", default="cpu", show_default=True, metavar="DEVICE", help="torch device, e.g. cuda or cuda:1.")
+@dtype_option("UNet dtype (moments are always accumulated in fp32).", default="fp32", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite the output (never an input).")
 @allow_pickle_option
 @json_option
 def calibrate_cmd(

@@ -14,6 +14,18 @@ and exits with their code.  Options:
 - :func:`load_adapter` calls :func:`lora_merge.load` with those options;
 - :func:`print_json` prints one JSON document (inf/nan become ``null``);
 - :func:`stdout_console` / :func:`stderr_console` and :func:`progress` for rich output.
+
+Option conventions (``tests/test_cli_conventions.py`` walks every command and checks them):
+
+- the output a command writes is ``-o/--output`` (:func:`output_option`); a second, secondary output has
+  its own name, listed in :data:`SECONDARY_OUTPUTS` (``merge --report``, ``priors measure --plot``, …);
+- a closed set of values is a :class:`click.Choice` (``--to`` lists only the dialects that can be written,
+  ``--dtype`` is :data:`DTYPE_CHOICES`); the open registries (strategies, architectures, which plug-ins
+  extend, and torch devices) are free text, listed in :data:`OPEN_SETS`;
+- every option that takes a value shows its default: ``show_default=True``, or ``(default: …)`` in its help;
+- a model *folder* is ``--base MODEL_DIR``; a weights *file* is ``--base-weights FILE``;
+- the default stored dtype is one rule (:func:`default_dtype`): the inputs' dtype when all their tensors
+  share one, else fp32.
 """
 from __future__ import annotations
 
@@ -30,18 +42,32 @@ from ..errors import UsageError
 
 T = TypeVar("T")
 
+#: ``--dtype`` spellings (:func:`lora_merge.files.parse_dtype` turns them into torch dtypes)
+DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+
+#: options that write a second output next to the command's ``-o/--output`` (or a log or a cache), and so
+#: have their own names
+SECONDARY_OUTPUTS = frozenset({"--report", "--plot", "--log", "--cache"})
+
+#: options whose values come from open registries (plug-ins add strategies and families) or are torch device
+#: strings (``cuda:1``): free text, checked by the API with a message that lists the known values
+OPEN_SETS = frozenset({"--strategy", "--strategies", "--arch", "--device", "--pairs", "--only", "--pair"})
+
+
 class DialectChoice(click.Choice):
     """``--format``/``--to``: the names of the registered dialects (:func:`lora_merge.formats.dialects`),
-    looked up when first needed so that importing a command does not import torch."""
+    looked up when first needed so that importing a command does not import torch.  ``writable``: only the
+    dialects that can be written (``--to``; LyCORIS and XLabs are read only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, writable: bool = False) -> None:
+        self.writable = writable
         super().__init__((), case_sensitive=False)
 
     @property
     def choices(self) -> tuple[str, ...]:
-        from ..formats import dialects
+        from ..formats import registered
 
-        return dialects()
+        return tuple(d.name for d in registered() if not self.writable or getattr(d, "writable", True))
 
     @choices.setter
     def choices(self, _value) -> None:  # click.Choice.__init__ assigns it
@@ -53,20 +79,89 @@ format_option = click.option(
     "fmt",
     type=DialectChoice(),
     default=None,
-    help="Read the input as this dialect instead of auto-detecting it.",
+    help="Read the input as this dialect (default: detected from the file).",
 )
+
+
+def output_option(help: str, **kw: Any):
+    """``-o/--output PATH``: the one spelling of a command's output (``extra`` spellings stay accepted,
+    e.g. a command's older ``--out``)."""
+    extra = kw.pop("extra", ())
+    return click.option("-o", "--output", *extra, "output", type=kw.pop("type", click.Path()), help=help, **kw)
+
+
+#: the other spellings :data:`lora_merge.files.DTYPES` accepts (recipes, ``merge(dtype=…)``), for ``--dtype`` too
+DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "f32": "fp32", "float16": "fp16", "half": "fp16",
+                 "f16": "fp16", "bfloat16": "bf16"}
+
+
+class DtypeChoice(click.Choice):
+    """:data:`DTYPE_CHOICES`, the help's list; the spellings of :data:`DTYPE_ALIASES` are taken too."""
+
+    def __init__(self) -> None:
+        super().__init__(DTYPE_CHOICES, case_sensitive=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str):
+            value = DTYPE_ALIASES.get(value.lower(), value)
+        return super().convert(value, param, ctx)
+
+
+def dtype_option(help: str, **kw: Any):
+    """``--dtype [fp32|fp16|bf16]``."""
+    return click.option("--dtype", type=DtypeChoice(), help=help, **kw)
+
+
+repair_option = click.option(
+    "--repair",
+    is_flag=True,
+    help="Rename the keys of a known broken layout first (lora_unet_unet_…_lora_down.weight, the common "
+    "broken kohya conversion); the tensors are unchanged.",
+)
+
+
+def base_weights_option(help: str):
+    """``--base-weights FILE``: the base model's weights, one ``.safetensors`` file (not a model folder)."""
+    return click.option("--base-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+                        metavar="FILE", help=help)
+
+
+def storage_dtype(adapters) -> Any:
+    """The one torch dtype all the adapters' floating tensors are stored in (LoRA factors, bias deltas and
+    modules_to_save tensors), or None when they differ.  LyCORIS and DoRA modules count with the dtype of
+    the factors they are read as (fp32: computed from several tensors)."""
+    dtypes = set()
+    for ad in adapters:
+        for m in ad:
+            dtypes.update(t.dtype for t in (m.down, m.up, getattr(m, "bias", None)) if t is not None)
+        dtypes.update(t.dtype for t in ad.extra_tensors.values())
+    floating = {d for d in dtypes if d.is_floating_point}
+    return floating.pop() if len(floating) == 1 else None
+
+
+def default_dtype(adapters) -> str:
+    """The default ``--dtype`` of ``merge`` and ``convert``: the inputs' storage dtype when all their tensors
+    share one (:func:`storage_dtype`) and it is one of :data:`DTYPE_CHOICES`, else fp32."""
+    from ..files import DTYPES
+
+    dtype = storage_dtype(adapters)
+    return next((name for name in DTYPE_CHOICES if DTYPES[name] == dtype), "fp32")
+
+
+#: the default ``--dtype`` rule (:func:`default_dtype`) as the help texts say it
+DTYPE_RULE = "default: the inputs' when all their tensors share one, else fp32"
 
 strict_option = click.option(
     "--strict",
     is_flag=True,
-    help="Fail on keys that cannot be parsed instead of warning and skipping them.",
+    help="Fail on keys that cannot be parsed (default: warn and skip them).",
 )
 
 allow_pickle_option = click.option(
     "--allow-pickle",
     is_flag=True,
-    help="UNSAFE: also read pickle files (.bin/.pt/.pth/.ckpt), with torch.load(weights_only=True). "
-    "Pickle is a code format; use this only on files you trust.",
+    help="UNSAFE: also read pickle files (.bin, .pt, .pth, .ckpt) with torch.load(weights_only=True); "
+    "trusted files only.",
 )
 
 json_option = click.option(

@@ -29,7 +29,7 @@ from .common import (
 @click.option("--modules", "show_modules", is_flag=True,
               help="Add a per-module table with ‖ΔW‖_F and effective rank (loads the tensors).")
 @click.option("--arch", "arch_name", default=None, metavar="ARCH",
-              help=f"Force the architecture ({families.help_list(key='name')}) instead of guessing it.")
+              help=f"Force the architecture ({families.help_list(key='name')}; default: guessed from the names).")
 @json_option
 @format_option
 @strict_option
@@ -71,6 +71,16 @@ def inspect_cmd(files, show_modules, arch_name, as_json, fmt, strict, allow_pick
 
 # ---- rendering for people ----
 
+def layout_line(layout: str, note: str | None) -> str:
+    """``native: BFL checkpoint names, …``: the layout and the family's note on it (the note alone when it
+    already starts with the layout's name, the name alone without a note)."""
+    if not note or note.strip().lower() == layout.lower():
+        return layout
+    if note.lower().startswith(layout.lower() + " "):
+        return note
+    return f"{layout}: {note}"
+
+
 def _hist(summary: dict, key: str) -> str:
     h = summary[key]["histogram"]
     return ", ".join(f"{fmt_num(e['value'])}×{e['count']}" if len(h) > 1 else fmt_num(e["value"]) for e in h) or "-"
@@ -85,8 +95,9 @@ def render(s: dict[str, Any], console=None) -> None:
     grid.add_column(style="bold cyan", no_wrap=True)
     grid.add_column()
     dialect = s["dialect"] or "?"
-    if s.get("dialect_variant") and s["dialect_variant"] != dialect:
-        dialect += f" ({s['dialect_variant']})"
+    variant = s.get("dialect_variant")
+    if variant and variant != dialect:  # "kohya (diffusers-names)", not "kohya (kohya-diffusers-names)"
+        dialect += f" ({variant.removeprefix(dialect + '-')})"
     arch = s["architecture_name"] or "unknown"
     if s["architecture"] and s["architecture_name"] != s["architecture"]:
         arch += f" [{s['architecture']}]"
@@ -97,7 +108,7 @@ def render(s: dict[str, Any], console=None) -> None:
         blocks = ", ".join(f"{k} {v}/{m}" for (k, v), m in zip(dit["blocks"].items(), dit["blocks_in_model"].values()))
         grid.add_row("blocks", blocks or "-")
         if dit.get("layout"):
-            grid.add_row("layout", f"{dit['layout']}: {dit['layout_note']}")
+            grid.add_row("layout", layout_line(dit["layout"], dit.get("layout_note")))
     grid.add_row("file size", human_bytes(s["file_size"]))
     grid.add_row("modules", f"{s['num_modules']}  ("
                  + ", ".join(f"{k} {v}" for k, v in s["components"].items()) + ")")

@@ -2,12 +2,13 @@
 the flags as overrides).
 
 Strategy options are generated from the registry: every registered strategy's parameters become
-options (``Param.option``), and each given option is checked against the chosen strategy.
+options (``Param.option``; a closed set of values a :class:`click.Choice`), and each given option is checked
+against the chosen strategy.  They are hidden from ``merge --help`` (a hundred of them), whose epilog lists
+the strategies and points to ``lora-merge strategies NAME`` for each one's options.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,23 @@ from ..arch import sub_block_of
 from ..engine.recipe import RECIPE_KEYS
 from ..errors import UsageError
 from ..strategies import available_strategies
-from .common import allow_pickle_option, check_file_path_text, print_json, stdout_console
+from .common import (
+    DTYPE_RULE,
+    DialectChoice,
+    allow_pickle_option,
+    base_weights_option,
+    check_file_path_text,
+    dtype_option,
+    fmt_num,
+    output_option,
+    print_json,
+    shorten,
+    stdout_console,
+)
 
 #: destination names of the fixed options (the recipe keys and the CLI-only ones); a strategy parameter
 #: with one of these names is reachable only through --param NAME=VALUE or the recipe's params
-_CORE = {*RECIPE_KEYS, "weight", "config", "as_json", "progress", "param", "allow_pickle", "dry_run"}
+_CORE = {*RECIPE_KEYS, "weight", "config", "as_json", "progress", "param", "allow_pickle", "dry_run", "repair"}
 
 
 def _strategy_params() -> dict[str, list[tuple[str, Any]]]:
@@ -35,6 +48,7 @@ def _strategy_params() -> dict[str, list[tuple[str, Any]]]:
 
 
 def _strategy_options() -> list[click.Option]:
+    """One hidden option per strategy parameter name (``lora-merge strategies NAME`` documents them)."""
     opts = []
     for name, owners in sorted(_strategy_params().items()):
         if name in _CORE:
@@ -48,15 +62,26 @@ def _strategy_options() -> list[click.Option]:
         help_ = "; ".join(f"[{', '.join(sorted(who))}] {text}" for text, who in helps.items())
         if all(q.type is bool for _, q in owners):
             flag = p.option[2:]
-            opts.append(click.Option([f"--{flag}/--no-{flag}", name], default=None, help=help_))
+            opts.append(click.Option([f"--{flag}/--no-{flag}", name], default=None, help=help_, hidden=True))
+        elif all(q.choices for _, q in owners):  # a closed set: every strategy's values (each checks its own)
+            values = list(dict.fromkeys(c for _, q in owners for c in q.choices))
+            opts.append(click.Option([p.option, name], default=None, type=click.Choice(values), help=help_,
+                                     hidden=True))
         else:
             metavar = (
                 {"str": "TEXT"}.get(p.type.__name__, p.type.__name__.upper())
                 if len({q.type for _, q in owners}) == 1
                 else "VALUE"
             )
-            opts.append(click.Option([p.option, name], default=None, type=str, metavar=metavar, help=help_))
+            opts.append(click.Option([p.option, name], default=None, type=str, metavar=metavar, help=help_,
+                                     hidden=True))
     return opts
+
+
+def _epilog() -> str:
+    names = ", ".join(available_strategies())
+    return (f"Strategies: {names}. Each one's own options (e.g. --density, --steps): `lora-merge "
+            "strategies NAME`.")
 
 
 def _split_weights(text: str | None) -> list[float] | None:
@@ -89,87 +114,47 @@ def _refuse_sampling_time(strategy: str | None) -> None:
             )
 
 
-@click.command("merge", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("merge", context_settings={"help_option_names": ["-h", "--help"]}, epilog=_epilog())
 @click.argument("inputs", nargs=-1, type=click.Path())
-@click.option("-o", "--output", type=click.Path(), help="Output file (PEFT: a folder).")
-@click.option(
-    "-s", "--strategy", default=None, help="Merge strategy (default linear); see `lora-merge strategies`."
-)
-@click.option("--weights", default=None, metavar="W1,W2,...", help="Per-input weights (inference strength).")
-@click.option(
-    "--weight",
-    "weight",
-    multiple=True,
-    metavar="PATTERN=W[,W2,...]",
-    help="Multiply the weights of layers whose name contains PATTERN (whole dot-separated components, glob "
-    "* ? [..] allowed, 're:' for a regex); one W for all inputs or one per input. "
-    "Repeatable; matches multiply.",
-)
-@click.option(
-    "--rank",
-    type=int,
-    default=None,
-    help="Re-factor every layer to at most rank K from its factors (Gram matrices + a small eigenproblem; "
-    "never a dense SVD).",
-)
-@click.option(
-    "--full-rank", is_flag=True, default=False,
-    help="ties, dare, magnitude-prune: store the dense result exactly (every direction; ~100x larger files). "
-    "Default: re-factored to the sum of the input ranks, the relative error reported.",
-)
-@click.option(
-    "--to", default=None,
-    help="Output dialect: kohya, diffusers or peft (default: kohya for SD/SDXL UNet and text-encoder LoRAs, "
-    "which diffusers, ComfyUI, A1111/Forge and kohya all load; else the first input's).",
-)
-@click.option(
-    "--dtype", default=None, help="Output dtype: fp32 (default), fp16 or bf16; math is always fp32."
-)
-@click.option("--device", default=None, help="cpu or cuda (default cpu).")
-@click.option("--seed", type=int, default=None, help="Seed for every random choice (default 0).")
-@click.option(
-    "--threads",
-    type=click.IntRange(1, 1024),
-    default=None,
-    help="Layers finished side by side on the CPU (default: every CPU available); the output is the same "
-    "for any value.",
-)
-@click.option("--force", is_flag=True, default=False, help="Overwrite an existing output (never an input).")
-@click.option("--dry-run", is_flag=True, default=False,
-              help="Merge and print the summary without writing anything (no -o needed).")
-@click.option(
-    "--config", type=click.Path(), default=None, help="Recipe file (YAML, JSON or TOML); flags override it."
-)
-@click.option(
-    "--keep-heads-from",
-    type=int,
-    default=None,
-    metavar="N",
-    help="Keep input N's (1-based) PEFT modules_to_save tensors when the inputs' differ.",
-)
-@click.option("--report", type=click.Path(), default=None, help="Write a per-layer JSON report here.")
-@click.option(
-    "--record-paths", is_flag=True, default=False,
-    help="Record the inputs' full paths in the merged file's recipe (default: file names and sha256 only).",
-)
-@click.option("--arch", default=None, help=f"Override the guessed architecture ({families.help_list(key='name')}).")
-@click.option(
-    "--allow-mixed-arch", is_flag=True, default=False,
-    help="Merge inputs whose detected base models differ (refused by default; for a misdetected input).",
-)
-@click.option("--param", "param", multiple=True, metavar="NAME=VALUE", help="Any strategy parameter by name.")
-@click.option(
-    "--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal)."
-)
-@click.option(
-    "--base-weights", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
-    help="The base model's .safetensors: DoRA inputs merge exactly (recorded with its sha256).",
-)
+@output_option("Merged file (a folder for --to peft).")
+@click.option("-s", "--strategy", default=None, metavar="NAME", help="Merge strategy (default: linear).")
+@click.option("--weights", default=None, metavar="W1,W2,...", help="Per-input strengths (default: 1 each).")
+@click.option("--weight", "weight", multiple=True, metavar="PATTERN=W",
+              help="Scale layers matching PATTERN (glob, re:REGEX) by W or W1,W2,...; repeatable.")
+@click.option("--rank", type=int, default=None, metavar="K",
+              help="Re-factor to at most rank K (default: exact).")
+@click.option("--full-rank", is_flag=True, default=False,
+              help="ties/dare/magnitude-prune: store the dense result (default: rank = Σ input ranks).")
+@click.option("--to", default=None, type=DialectChoice(writable=True),
+              help="Output dialect (default: kohya for SD/SDXL LoRAs, else the first input's).")
+@dtype_option(f"Stored dtype ({DTYPE_RULE}).", default=None)
+@click.option("--device", default=None, metavar="DEVICE", help="cpu, cuda, cuda:1, ... (default: cpu).")
+@click.option("--seed", type=int, default=None, metavar="N", help="Random seed (default: 0).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, metavar="N",
+              help="Layers merged in parallel (default: all CPUs); same output.")
+@click.option("--force", is_flag=True, default=False, help="Overwrite an existing output (not an input).")
+@click.option("--dry-run", is_flag=True, default=False, help="Print the summary; write nothing (no -o).")
+@click.option("--repair", is_flag=True, default=False,
+              help="Rename a known broken key layout in the inputs first (as convert --repair).")
+@click.option("--config", type=click.Path(), default=None, metavar="FILE",
+              help="Recipe file (YAML, JSON or TOML); flags override it.")
+@click.option("--keep-heads-from", type=int, default=None, metavar="N",
+              help="Keep input N's PEFT modules_to_save when the inputs' differ (default: refused).")
+@click.option("--report", type=click.Path(), default=None, metavar="FILE", help="Also write a per-layer JSON report.")
+@click.option("--record-paths", is_flag=True, default=False,
+              help="Record full input paths (default: names).")
+@click.option("--arch", default=None, metavar="NAME",
+              help=f"{families.help_list(key='name')} (default: guessed).")
+@click.option("--allow-mixed-arch", is_flag=True, default=False,
+              help="Merge inputs of different base models (default: refused).")
+@click.option("--param", "param", multiple=True, metavar="NAME=VALUE", help="Any strategy parameter; repeatable.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+@base_weights_option("The base model's weights file (not a folder): DoRA inputs merge exactly.")
 @allow_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def merge(**kw: Any) -> None:
     """Merge the LoRA adapters INPUTS (files or PEFT folders; input 1 = content, input 2 = style for the
-    strategies that care).  Strategy options apply only to the strategy that declares them."""
+    strategies that care)."""
     from ..engine import MergeOptions, Recipe, read_recipe_file, run_merge
     from ..progress import progress_bar
     from ..strategies import get_strategy
@@ -219,6 +204,11 @@ def merge(**kw: Any) -> None:
         check_file_path_text(kw["output"] or str(data.get("output") or ""), recipe.to)
     options = MergeOptions.from_dict(data).with_overrides(device=kw["device"], threads=kw["threads"],
                                                           allow_pickle=kw["allow_pickle"] or None)
+    if kw["repair"]:  # the engine reads paths as they are: read them here, repaired, and pass the adapters
+        recipe.verify_inputs()  # (the recorded sha256 are of the files; the engine checks only paths)
+        recipe = recipe.with_overrides(inputs=_read_inputs(recipe, options, repair=True), sha256=recipe.sha256)
+    if recipe.dtype is None:
+        recipe = recipe.with_overrides(dtype=_default_dtype(recipe, options))
     show = kw["progress"] if kw["progress"] is not None else (sys.stderr.isatty() and not kw["as_json"])
     with progress_bar("merging", enabled=show) as bar:
         result = run_merge(recipe, options.with_overrides(progress=bar))
@@ -233,12 +223,46 @@ def merge(**kw: Any) -> None:
         click.echo(f"note: {note}", err=True)
 
 
-def _print(result, as_json: bool) -> None:
+def _read_inputs(recipe, options, *, repair: bool = False, quiet: bool = False) -> list:
+    """The recipe's inputs as adapters, read as the engine reads them (``repair``: broken layouts renamed;
+    ``quiet``: their warnings not shown, for a second look at inputs the engine reads again)."""
+    import warnings
+
+    import lora_merge
+
+    from ..adapter import Adapter
+
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        return [x if isinstance(x, Adapter) else
+                lora_merge.load(x, allow_pickle=options.allow_pickle, base_weights=recipe.base_weights,
+                                **({"repair": True} if repair else {}))
+                for x in recipe.inputs]  # fmt: skip
+
+
+def _default_dtype(recipe, options) -> str:
+    """The dtype a merge without ``--dtype`` stores (:func:`lora_merge.cli.common.default_dtype`; the same
+    rule as ``convert``), from the inputs' headers.  An input that cannot be read gives fp32 here; the
+    engine then reports why, in its own order of checks."""
+    from ..errors import LoraMergeError
+    from .common import default_dtype
+
+    try:
+        return default_dtype(_read_inputs(recipe, options, quiet=True))
+    except LoraMergeError:
+        return "fp32"
+
+
+def summary_of(result) -> dict[str, Any]:
+    """What ``merge --json`` prints: the output, the resolved recipe's strategy and parameters, sizes, the
+    strategy's report, and how a dense or truncated result was stored."""
     ranks = [m.rank for m in result.adapter]
     summary = {
         "output": str(result.output) if result.output else None,
         "strategy": result.report["recipe"]["strategy"],
         "params": result.report["recipe"]["params"],
+        "dtype": result.report["recipe"].get("dtype"),
         "modules": len(ranks),
         "rank_min": min(ranks),
         "rank_max": max(ranks),
@@ -249,31 +273,107 @@ def _print(result, as_json: bool) -> None:
     for key in ("dense", "truncation"):  # how a dense result was stored / what a rank truncation lost
         if result.report.get(key):
             summary[key] = result.report[key]
+    return summary
+
+
+def _print(result, as_json: bool) -> None:
+    summary = summary_of(result)
     if as_json:
         print_json(summary)
         return
     from rich.table import Table
 
     t = Table(show_header=False, box=None)
-    for k, v in summary.items():
-        if k == "strategy_report" and not v:
-            continue
-        t.add_row(k, json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v))
+    for k, v in human_rows(summary):
+        t.add_row(k, v)
     console = stdout_console()
     console.print(t)
     if "blocks" in (result.report.get("strategy") or {}):
         console.print(mask_table(result.report))
 
 
+#: the longest a value of the human summary gets (``--json`` has everything)
+_HUMAN_WIDTH = 200
+
+
+def human_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The human summary of a merge: one short line per fact (the strategy's report and the storage of a
+    dense result summarised; ``--json`` has them in full)."""
+    rows = [("output", str(summary["output"]))]
+    rows.append(("strategy", summary["strategy"]))
+    cls = available_strategies().get(summary["strategy"])
+    defaults = {q.name: q.default for q in cls.params} if cls is not None else {}
+    changed = {k: v for k, v in summary["params"].items() if v is not None and (k not in defaults or v != defaults[k])}
+    if summary["params"]:
+        text = ", ".join(f"{k}={v}" for k, v in changed.items())
+        rows.append(("params", shorten(text, _HUMAN_WIDTH) + (" (the rest: defaults)" if text else "defaults")))
+    if summary.get("dtype"):
+        rows.append(("dtype", str(summary["dtype"])))
+    lo, hi = summary["rank_min"], summary["rank_max"]
+    rows.append(("modules", f"{summary['modules']} (rank {lo}{'' if lo == hi else f'–{hi}'})"))
+    if summary["extra_tensors"]:
+        rows.append(("extra tensors", str(summary["extra_tensors"])))
+    rows.append(("parameters", f"{summary['num_params']:,}"))
+    rows += _strategy_rows(summary.get("strategy_report") or {})
+    for key, label in (("dense", "dense result"), ("truncation", "rank truncation")):
+        d = summary.get(key)
+        if d:
+            ranks = f"{d['rank_min']}" if d["rank_min"] == d["rank_max"] else f"{d['rank_min']}–{d['rank_max']}"
+            text = (f"{d['modules']} modules at rank {ranks} ({d['rank_rule']}); relative error "
+                    f"{fmt_num(d['rel_error_overall'], 3)} overall, {fmt_num(d['rel_error_max'], 3)} at worst "
+                    f"({shorten(d['worst_module'], 60)})")
+            rows.append((label, text))
+    return rows
+
+
+def _loss_total(x: Any) -> float | None:
+    if isinstance(x, dict):
+        x = x.get("total")
+    return float(x) if isinstance(x, (int, float)) else None
+
+
+def _strategy_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
+    """A strategy's report in a few lines: a mask strategy's (ziplora, duolora) layers, mean masks and
+    loss before → after; any other strategy's scalar entries, the rest counted."""
+    if not rep:
+        return []
+    if "blocks" not in rep:
+        scalars = [f"{k}={fmt_num(v)}" for k, v in rep.items() if k != "strategy" and not isinstance(v, (dict, list))]
+        nested = [k for k, v in rep.items() if isinstance(v, (dict, list))]
+        text = ", ".join(scalars) + (f"{'; ' if scalars else ''}{', '.join(nested)}: see --json" if nested else "")
+        return [("report", shorten(text, _HUMAN_WIDTH))] if text else []
+    how = "trained through the model" if rep.get("model_mode") else f"input model {rep.get('input_model', '?')}"
+    masks = f"{rep.get('layers', 0)} layers, {rep.get('trainable_values', 0):,} trainable values, {how}"
+    rows = [("masks", masks)]
+    blocks = rep.get("blocks") or {}
+    n = sum(b["layers"] for b in blocks.values())
+    if n:
+        mc = sum(b["mask_content"] * b["layers"] for b in blocks.values()) / n
+        ms = sum(b["mask_style"] * b["layers"] for b in blocks.values()) / n
+        rows.append(("mean masks", f"content {mc:.3f}, style {ms:.3f}"))
+    loss = rep.get("loss_mean") or {}
+    before, after = _loss_total(loss.get("init")), _loss_total(loss.get("final"))
+    model = rep.get("model_mode") or {}
+    if model:  # trained through the model: its objective before and after
+        before, after = _loss_total(model.get("objective_before")), _loss_total(model.get("objective_after"))
+    if before is not None and after is not None:
+        what = "model objective" if model else "mean per layer"
+        rows.append(("loss", f"{fmt_num(before)} → {fmt_num(after)} (before → after, {what})"))
+    if isinstance(rep.get("priors"), dict):
+        roles = rep["priors"].get("layers_by_role") or {}
+        src = rep["priors"].get("source") or rep["priors"].get("spec")
+        rows.append(("priors", f"{src}" + (f" ({', '.join(f'{k} {v}' for k, v in roles.items())})" if roles else "")))
+    return rows
+
+
 def mask_table(report: dict[str, Any]):
-    """A mask strategy's table (ziplora, duolora): per-block mean masks and retention, trainable values,
-    losses, built from the merge report."""
+    """A mask strategy's table (ziplora, duolora): per-block mean masks and retention, built from the merge
+    report (its totals are rows of the summary above it)."""
     from rich.table import Table
 
     strat = report.get("strategy") or {}
     layers = report.get("layers") or {}
-    t = Table(title=f"{strat.get('strategy', '?')}: {strat.get('trainable_values', 0):,} trainable values, "
-                    f"input model {strat.get('input_model', '?')}")  # fmt: skip
+    t = Table(title=f"{strat.get('strategy', '?')}: mean masks per block")
     for col in ("block", "layers", "role", "mask content", "mask style", "retention content", "retention style"):
         t.add_column(col, justify="left" if col in ("block", "role") else "right", no_wrap=col == "block")
     acc: dict[str, dict[str, list]] = {}
@@ -293,10 +393,7 @@ def mask_table(report: dict[str, Any]):
         a = acc.get(blk, {"role": {"-"}, "rc": [], "rs": []})
         t.add_row(blk, str(b["layers"]), ",".join(sorted(a["role"])), f"{b['mask_content']:.3f}",
                   f"{b['mask_style']:.3f}", mean(a["rc"]), mean(a["rs"]))  # fmt: skip
-    loss = strat.get("loss_mean") or {}
-    if "init" in loss and "final" in loss:
-        t.caption = (f"mean loss per layer: {loss['init']['total']:.4g} (init) → {loss['final']['total']:.4g} "
-                     f"(final); masks in <output>.masks.safetensors")  # fmt: skip
+    t.caption = "masks in <output>.masks.safetensors"
     return t
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from ..plugins import resolve
-from .common import print_json, stdout_console
+from .common import output_option, print_json, stdout_console
 
 #: sub-command name -> "module:attribute" (lazy, like the top-level COMMANDS)
 SUBCOMMANDS: dict[str, str] = {
@@ -40,7 +40,7 @@ class PriorsGroup(click.Group):
             tok = args[i]
             if tok == "--":
                 break
-            if tok in ("--arch", "--save"):
+            if tok in ("--arch", "-o", "--output", "--save"):
                 i += 2
                 continue
             if tok.startswith("-"):
@@ -64,12 +64,14 @@ def _is_lora_path(spec: str) -> bool:
 @click.group("priors", cls=PriorsGroup, invoke_without_command=True,
              context_settings={"help_option_names": ["-h", "--help"]})  # fmt: skip
 @click.option("--arch", "arch", default=None, metavar="ARCH",
-              help="sdxl, sd1, sd2, b-lora, a registered table, or a priors file (also the first argument).")
+              help="sdxl, sd1, sd2, b-lora, a registered table, a priors file or a LoRA file (also the first "
+                   "argument; default: sdxl).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON (the priors file format).")
-@click.option("--save", "save_path", type=click.Path(), default=None, help="Write the table to a priors file.")
-@click.option("--force", is_flag=True, help="Overwrite --save's file.")
+@output_option("Write the table to this priors file (--save is the older spelling).", extra=("--save",),
+               default=None)
+@click.option("--force", is_flag=True, help="Overwrite the -o/--output file.")
 @click.pass_context
-def priors(ctx: click.Context, arch: str | None, as_json: bool, save_path: str | None, force: bool) -> None:
+def priors(ctx: click.Context, arch: str | None, as_json: bool, output: str | None, force: bool) -> None:
     """Show layer priors: each UNet block's resolution and role (content, style, neutral).
 
     \b
@@ -102,8 +104,8 @@ def priors(ctx: click.Context, arch: str | None, as_json: bool, save_path: str |
                    + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), err=as_json)  # fmt: skip
     else:
         lp = load_priors(spec, None)
-    if save_path:
-        lp.to_file(save_path, force=force)
+    if output:
+        lp.to_file(output, force=force)
     if as_json:
         data = lp.to_dict()
         if counts is not None:

@@ -5,7 +5,16 @@ import click
 
 from .. import families
 from ..errors import UsageError
-from .common import allow_pickle_option, fmt_num, json_option, print_json, stderr_console, stdout_console
+from .common import (
+    allow_pickle_option,
+    dtype_option,
+    fmt_num,
+    json_option,
+    output_option,
+    print_json,
+    stderr_console,
+    stdout_console,
+)
 
 GRANULARITY_HELP = ("Groups to probe: resolution (attention blocks grouped by latent resolution), block (each "
                     "UNet block; each transformer block of a DiT), attention (each attention sub-block, B-LoRA's "
@@ -17,9 +26,9 @@ GRANULARITY_HELP = ("Groups to probe: resolution (attention blocks grouped by la
 @click.command("measure", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("content", required=False, type=click.Path())
 @click.argument("style", required=False, type=click.Path())
-@click.option("--base", "base", required=True, metavar="MODEL",
-              help=f"A local diffusers pipeline folder ({families.help_list(lambda f: bool(f.pipelines))}) or "
-              "'toyworld'. Nothing is downloaded.")
+@click.option("--base", "base", required=True, metavar="MODEL_DIR",
+              help=f"The base model: a local diffusers pipeline folder ({families.help_list(lambda f: bool(f.pipelines))}; "
+              "a folder, not a weights file) or 'toyworld'. Nothing is downloaded.")
 @click.option("--content-images", type=click.Path(), help="Folder of the content LoRA's reference images "
               "(toyworld: its training renders).")
 @click.option("--content-prompt", help="Prompt of the content images (toyworld: 'a sks object').")
@@ -47,13 +56,13 @@ GRANULARITY_HELP = ("Groups to probe: resolution (attention blocks grouped by la
 @click.option("--floor", default=0.05, show_default=True, type=float,
               help="Role rule: max(content_lost, style_lost) below this → neutral.")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Denoiser batch size.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
-@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
-              help="Denoiser dtype (deviations are always summed in fp64).")
-@click.option("-o", "--output", type=click.Path(), help="Write the priors file (JSON, or YAML by extension); "
-              "use it with `lora-merge merge C S --strategy duolora --priors FILE`.")
-@click.option("--plot", type=click.Path(), help="Write a bar chart PNG of the two profiles and the roles.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the noise, timesteps and images.")
+@click.option("--device", default="cpu", show_default=True, metavar="DEVICE", help="torch device, e.g. cuda.")
+@dtype_option("Denoiser dtype (deviations are always summed in fp64).", default="fp32", show_default=True)
+@output_option("Write the priors file (JSON, or YAML by extension; default: print only); use it with "
+               "`lora-merge merge C S --strategy duolora --priors FILE`.")
+@click.option("--plot", type=click.Path(), metavar="FILE",
+              help="Also write a bar chart PNG of the two profiles and the roles.")
 @click.option("--force", is_flag=True, help="Overwrite the output files.")
 @allow_pickle_option
 @json_option

@@ -67,8 +67,9 @@ def names_match(pattern: re.Pattern[str], doc: str = "") -> Callable[[Any], bool
 def fused_layout_notes(native: str, split: str = "to_q / to_k / to_v", native_word: str = "native"
                        ) -> dict[str, str]:  # fmt: skip
     """``layout_notes`` of a family whose native layout fuses what diffusers splits (what ``inspect`` says of
-    each layout): ``native`` describes the native names, ``split`` the diffusers projections."""
-    return {"native": native, "diffusers": f"diffusers names, split {split}",
+    each layout, after its name: ``layout  native: <note>``, so a note does not repeat the layout's name):
+    ``native`` describes the native names, ``split`` the diffusers projections."""
+    return {"native": native, "diffusers": f"split {split}",
             "mixed": f"both {native_word} (fused) and diffusers (split) names"}
 
 

@@ -85,7 +85,7 @@ FAMILY = ModelFamily(
     block_display={"double_blocks": "double", "transformer_blocks": "double", "single_blocks": "single",
                    "single_transformer_blocks": "single"},
     layout="lora_merge.formats.flux:LAYOUT", fused_layout="lora_merge.formats.flux:FLUX",
-    layout_notes=fused_layout_notes("native (BFL) names, fused img/txt qkv and single-block linear1"),
+    layout_notes=fused_layout_notes("BFL checkpoint names, fused img/txt qkv and single-block linear1"),
     priors={"flux-splitflux": "lora_merge.priors.flux:flux_splitflux"},
     pipelines=("FluxPipeline",), pipeline_loader="lora_merge.model_mode.dit_base:load_flow_pipeline",
 )

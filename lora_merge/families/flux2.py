@@ -42,6 +42,6 @@ FAMILY = ModelFamily(
     blocks={"transformer_blocks": 8, "single_transformer_blocks": 48}, hidden=6144,
     block_lists=FLUX1.block_lists, block_display=FLUX1.block_display,
     layout="lora_merge.formats.flux2:LAYOUT", fused_layout="lora_merge.formats.flux2:FLUX2",
-    layout_notes=fused_layout_notes("native (BFL) names, fused img/txt qkv (single-block linear1 is fused in both "
-                                    "layouts)"),
+    layout_notes=fused_layout_notes("BFL checkpoint names, fused img/txt qkv (single-block linear1 is one "
+                                    "module in both layouts)"),
 )

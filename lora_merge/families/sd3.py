@@ -42,6 +42,6 @@ FAMILY = ModelFamily(
     diffusers_class="SD3Transformer2DModel", blocks={"transformer_blocks": 18}, hidden=1152,
     block_lists=("transformer_blocks", "joint_blocks"), block_display={"joint_blocks": "transformer_blocks"},
     layout="lora_merge.formats.sd3:LAYOUT", fused_layout="lora_merge.formats.sd3:SD3",
-    layout_notes=fused_layout_notes("native (MMDiT) names, fused x_block / context_block attn.qkv"),
+    layout_notes=fused_layout_notes("MMDiT checkpoint names, fused x_block / context_block attn.qkv"),
     pipelines=("StableDiffusion3Pipeline",), pipeline_loader="lora_merge.model_mode.dit_base:load_flow_pipeline",
 )

@@ -20,6 +20,6 @@ FAMILY = ModelFamily(
     diffusers_class="WanTransformer3DModel", blocks={"blocks": 40}, hidden=5120, block_lists=("blocks",),
     layout="lora_merge.formats.wan:LAYOUT",
     layout_notes={"native": "original Wan names (self_attn.q, cross_attn.k, ffn.0)",
-                  "diffusers": "diffusers names (attn1.to_q, attn2.to_k, ffn.net.0.proj)",
+                  "diffusers": "attn1.to_q, attn2.to_k, ffn.net.0.proj names",
                   "mixed": "both original and diffusers names"},
 )
