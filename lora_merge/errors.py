@@ -35,7 +35,8 @@ def cli_words() -> Iterator[None]:
 
 def python_words(message: str) -> str:
     """``--force`` → ``force=True``, ``--rank K`` → ``rank=K``, ``--to peft`` → ``to='peft'``,
-    ``--base`` → ``base=...``: a message of the command line in the API's keywords."""
+    ``--base`` → ``base=...``: a message of the command line in the API's keywords (text in backticks,
+    a quoted command line, is left as it is)."""
 
     def one(m: re.Match[str]) -> str:
         name, value = m.group(1), m.group(2)
@@ -48,7 +49,9 @@ def python_words(message: str) -> str:
             return f"{key}={value}"
         return f"{key}={value!r}"
 
-    return _OPTION.sub(one, message)
+    # a command line quoted in backticks (`lora-merge convert IN OUT --repair`) stays as written
+    parts = message.split("`")
+    return "`".join(part if i % 2 else _OPTION.sub(one, part) for i, part in enumerate(parts))
 
 
 def quoted(name: object, limit: int = 120) -> str:

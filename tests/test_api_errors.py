@@ -41,6 +41,7 @@ def test_api_errors_use_python_keywords(tmp_path):
     ("--to peft: a folder; --to kohya for ComfyUI", "to='peft': a folder; to='kohya' for ComfyUI"),
     ("--mode model needs --base, --content-images", "mode='model' needs base=..., content_images=..."),
     ("--weights 0.5", "weights=0.5"),
+    ("run `lora-merge convert IN OUT --repair` (--repair)", "run `lora-merge convert IN OUT --repair` (repair=True)"),
 ])  # fmt: skip
 def test_python_words(message, want):
     assert errors.python_words(message) == want
