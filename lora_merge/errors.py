@@ -16,8 +16,7 @@ BOOL_OPTIONS = frozenset({
     "prior-init", "dry-run", "hard", "symmetric", "closed-form",
 })  # fmt: skip
 #: words that follow an option in a sentence without being its value
-_NOT_VALUES = frozenset("and or with to needs need only is are for in on of the a an not takes must "
-                        "picks gives keeps writes reads also when if".split())
+_NOT_VALUES = frozenset(["and", "or", "with", "to", "needs", "need", "only", "is", "are", "for", "in", "on", "of", "the", "a", "an", "not", "takes", "must", "picks", "gives", "keeps", "writes", "reads", "also", "when", "if"])
 _OPTION = re.compile(r"--([a-z][a-z0-9-]*)(?: ([A-Za-z0-9_.][\w.\-/]*))?")
 _CLI = {"on": False}
 
@@ -70,7 +69,9 @@ class LoraMergeError(Exception):
         self.path = os.fspath(path) if path is not None else None
         message = message if _CLI["on"] else python_words(message)
         self.message = message
-        super().__init__(f"{self.path}: {message}" if self.path else message)
+        shown = self.path if self.path is None or len(self.path) <= 240 else (
+            f"{self.path[:120]}…{self.path[-60:]} ({len(self.path):,} characters)")
+        super().__init__(f"{shown}: {message}" if shown else message)
 
 
 class FormatError(LoraMergeError):

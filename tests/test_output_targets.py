@@ -231,3 +231,38 @@ def test_a_forced_arch_of_every_family_is_never_a_traceback(tmp_path, capsys, ki
         for extra in ([], ["--json"], ["--modules"]):
             code, _, err = run_cli(["inspect", src, "--arch", name, *extra], capsys)
             assert "Traceback" not in err and code in (0, 1, 2), (name, extra, err)
+
+
+# ------------------------------------------------------------------ the 3,400-case campaign's findings
+@pytest.mark.parametrize("text, says", [
+    (lambda a: f"inputs: [{a}, {a}]\nweights: " + "[" * 2000 + "]" * 2000 + "\n", "nested too deeply"),
+    (lambda a: f"inputs: [{{path: {a}, sha256: .nan}}, {a}]\noutput: o.safetensors\n", "'sha256' of input"),
+    (lambda a: f"inputs: [{a}, {a}]\noutput: {'x' * 5000}\n", "File name too long"),
+])  # fmt: skip
+def test_recipe_files_the_campaign_broke_get_one_line(tmp_path, capsys, pair, text, says):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text(pair[0]))
+    code, _, err = run_cli(["merge", "--config", recipe], capsys)
+    assert code == 2 and says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert len(err) < 600  # a 5,000-character path is cut in the message
+
+
+def test_priors_refuses_a_special_output_before_printing_anything(tmp_path, capsys, pair):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, out, err = run_cli(["priors", pair[0], "-o", fifo, "--force"], capsys)
+    assert code == 4 and out == "" and len(err.strip().splitlines()) == 1 and "FIFO" in err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_values_the_output_dtype_cannot_hold_are_an_error_not_infinities(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    src = tmp_path / "big.safetensors"
+    save_file({f"{name}.lora_down.weight": torch.full((2, 320), 1e5), f"{name}.lora_up.weight": torch.full((320, 2), 1e-5),
+               f"{name}.alpha": torch.tensor(2.0)}, str(src))  # fmt: skip
+    out = tmp_path / "o.safetensors"
+    code, _, err = run_cli(["convert", src, "-o", out, "--dtype", "fp16"], capsys)
+    assert code == 2 and "beyond the range of float16" in err and "lora_down" in err and not out.exists(), err

@@ -166,6 +166,11 @@ def _main(argv: list[str] | None) -> None:
     except BrokenPipeError:
         _silence_stdout()
         sys.exit(0)
+    except OSError as exc:  # the file system said no (a name too long, a loop of links): the user's path
+        name = str(exc.filename or "")
+        name = name if len(name) <= 240 else f"{name[:120]}…{name[-60:]} ({len(name):,} characters)"
+        click.echo(f"error: {name + ': ' if name else ''}{exc.strerror or exc}", err=True)
+        sys.exit(2)
     except Exception as exc:
         torch = sys.modules.get("torch")
         if torch is None or not isinstance(exc, torch.linalg.LinAlgError):

@@ -82,9 +82,13 @@ def priors(ctx: click.Context, arch: str | None, as_json: bool, output: str | No
     """
     if ctx.invoked_subcommand is not None:
         return
+    from ..files import check_output_folder, refuse_existing
     from ..priors import builtin_priors, load_priors
 
     spec, counts = arch or "sdxl", None
+    if output:  # before anything is printed or loaded: one line when the output cannot be written
+        refuse_existing(output, force, inputs=[spec] if _is_lora_path(spec) else ())
+        check_output_folder(output)
     if _is_lora_path(spec):
         from .. import load
         from ..arch import guess_arch

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from ..adapter import Adapter
-from ..errors import FormatError, MergeError, UsageError
+from ..errors import FormatError, MergeError, UsageError, quoted
 from ..files import dtype_name, input_sha256, open_input, parse_dtype
 from ..formats.api import load
 from ..patterns import compile_pattern
@@ -361,12 +361,16 @@ def _parse_text(path: Path) -> Any:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"bad TOML recipe: {exc}", path) from None
+        except RecursionError:
+            raise UsageError("bad recipe: nested too deeply", path) from None
     import yaml  # YAML is a superset of JSON
 
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UsageError(f"bad YAML recipe: {str(exc).splitlines()[0]}", path) from None
+    except RecursionError:  # thousands of nested brackets: no recipe looks like that
+        raise UsageError("bad recipe: nested too deeply", path) from None
 
 
 def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -438,8 +442,15 @@ def _input_entry(item: Any, path: Path | None) -> dict[str, Any]:
         extra = set(item) - {"path", "sha256", "dialect"}
         if extra:
             raise UsageError(f"unknown key {min(extra)!r} in an input entry (keys: path, sha256)", path)
-        return {"path": os.fspath(item["path"]), "sha256": item.get("sha256")}
-    raise UsageError(f"bad input entry {item!r}: expected a path or {{path: ..., sha256: ...}}", path)
+        if not isinstance(item["path"], (str, os.PathLike)):
+            raise UsageError(f"'path' must be a path (a string), got {type(item['path']).__name__}"
+                             f" {quoted(item['path'], 60)}", path)
+        sha = item.get("sha256")
+        if sha is not None and not isinstance(sha, str):
+            raise UsageError(f"'sha256' of input {quoted(item['path'], 60)} must be a string of hex digits, got "
+                             f"{quoted(sha, 60)}", path)
+        return {"path": os.fspath(item["path"]), "sha256": sha}
+    raise UsageError(f"bad input entry {quoted(item, 120)}: expected a path or {{path: ..., sha256: ...}}", path)
 
 
 def _int(value: Any, key: str, path: Path | None) -> int:

@@ -13,6 +13,7 @@ import torch
 from ..adapter import Adapter, TensorRef
 from ..errors import FormatError, OutputExistsError, PartialReadWarning, UsageError
 from ..files import atomic_write_text, make_dirs, open_input, refuse_existing
+from ..linalg import all_finite
 from .bias import attach_bias_deltas, split_bias_keys, warn_dropped
 from .clients import check_writable
 from .dora import apply_dora, is_dora_key
@@ -219,6 +220,7 @@ def save(
         written.metadata.update(carried_config(adapter))
         if keep_heads:
             written.tensors.update(head_tensors(adapter, dtype))
+    _check_stored_finite(written.tensors, dtype, out)
     if dialect.folder_files:
         make_dirs(out)  # inside a merge's or convert's transaction: removed again if it does not finish
         write_atomic(targets[0], written.tensors, written.metadata)
@@ -226,6 +228,17 @@ def save(
             atomic_write_text(out / name, text)
         return out
     return write_atomic(out, written.tensors, written.metadata)
+
+
+def _check_stored_finite(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None, out: Path) -> None:
+    """Every value read was finite (the readers check), so a non-finite tensor here is one the output
+    dtype cannot hold (1e40 as fp32, 7e4 as fp16): an error naming it, never a file of infinities."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not all_finite(t):
+            name = str(t.dtype).replace("torch.", "")
+            wider = " or keep the inputs' dtype" if dtype is not None else ""
+            raise FormatError(f"tensor {key[:120]!r} has values beyond the range of {name} "
+                              f"(±{torch.finfo(t.dtype).max:.3g}); write a wider --dtype{wider}", out)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, format: str | None = None,
