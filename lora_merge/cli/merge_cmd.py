@@ -202,6 +202,7 @@ def merge(**kw: Any) -> None:
         raise UsageError("no output: give -o/--output FILE (or --dry-run to merge without writing anything)")
     else:
         check_file_path_text(kw["output"] or str(data.get("output") or ""), recipe.to)
+        check_file_path_text(kw["report"] or str(data.get("report") or ""), None)  # a report is a file
     options = MergeOptions.from_dict(data).with_overrides(device=kw["device"], threads=kw["threads"],
                                                           allow_pickle=kw["allow_pickle"] or None)
     if kw["repair"]:  # the engine reads paths as they are: read them here, repaired, and pass the adapters
