@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_FIXTURES
+from conftest import shared_fixture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,7 +31,7 @@ def _load_fully(data: bytes, name: str, peft_config: bool) -> None:
     with tempfile.TemporaryDirectory() as d:
         if peft_config:
             p = Path(d) / "adapter_model.safetensors"
-            cfg = SHARED_FIXTURES / "peft/gpt2_tigrinya/adapter_config.json"
+            cfg = shared_fixture("peft/gpt2_tigrinya/adapter_config.json")
             shutil.copy(cfg, Path(d) / "adapter_config.json")
         else:
             p = Path(d) / name
@@ -49,10 +49,7 @@ def _load_fully(data: bytes, name: str, peft_config: bool) -> None:
 
 
 def _fixture_bytes(rel: str) -> bytes:
-    p = SHARED_FIXTURES / rel
-    if not p.exists():
-        pytest.skip(f"real-world fixture {rel} not available")
-    return p.read_bytes()
+    return shared_fixture(rel).read_bytes()
 
 
 mutations = st.one_of(
