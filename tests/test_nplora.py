@@ -173,7 +173,7 @@ def test_order_is_content_then_style(files):
     [
         ({"mu": -0.1}, "mu"),
         ({"mu": "nan"}, "mu"),
-        ({"mu": "inf"}, "--hard"),
+        ({"mu": "inf"}, "hard=True"),
         ({"mu": "strong"}, "mu"),
         ({"k": -1}, "'k'"),
         ({"k": "1.5"}, "'k'"),

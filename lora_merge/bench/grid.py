@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..files import atomic_write, make_dirs
+from ..toyworld import world
 
 #: the frame, tag and label background of a ``best`` row
 BEST_COLOR = (0, 140, 60)
@@ -185,8 +187,6 @@ def fit(draw, text: str, width: int, size: int, min_size: int | None = None,
 def _to_uint8(images):
     import torch
 
-    from ..toyworld import world
-
     t = torch.as_tensor(images)
     if t.dtype == torch.uint8 and t.ndim == 4 and t.shape[-1] == 3:
         return t.numpy()
@@ -346,8 +346,6 @@ def render_grid(rows: Sequence[GridRow], *, title: str | None = None, subtitle: 
 
 def write_png(image, path: str | os.PathLike) -> Path:
     """``image`` as a PNG at ``path``, written atomically (its folder made)."""
-    from ..files import atomic_write, make_dirs
-
     out = Path(path)
     make_dirs(out.parent)
     return atomic_write(out, lambda fh: image.save(fh, format="PNG"))

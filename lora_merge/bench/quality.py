@@ -23,6 +23,7 @@ from ..toyworld import JOINT_PROMPT, world
 from ..toyworld.judge import load_judge
 from ..toyworld.model import ARCH, load_base
 from ..toyworld.sampling import DEFAULT_STEPS, sample
+from .grid import save_grid as _save_grid
 from .metrics import judge_metrics
 from .variants import Variant
 
@@ -132,8 +133,6 @@ def save_grid(rows: Sequence[tuple[str, torch.Tensor]], path: str | os.PathLike,
               max_cols: int = 16, **kw: Any) -> Path:
     """A labelled PNG: one row per ``(label, images)``, written atomically (:func:`lora_merge.bench.grid.save_grid`:
     labels measured and wrapped to fit; ``kw``: a title, score columns, a best row)."""
-    from .grid import save_grid as _save_grid
-
     return _save_grid(rows, path, zoom=zoom, max_cols=max_cols, **kw)
 
 
