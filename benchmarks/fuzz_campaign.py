@@ -17,15 +17,18 @@ them, runs one command in-process (``lora_merge.cli.main``) and classifies the o
 - ``special file replaced``: a FIFO, device node, socket, folder or symlink the case put where an output
   goes is not the same kind of file afterwards (``os.lstat``).
 
-A case is one of five scenarios (``SCENARIOS``): ``classic`` (header, byte, value, cost, FIFO and PEFT-config
-mutations, 15% of them with a hostile output place), ``arch`` (``--arch NAME`` forced for every registered
-family on every family's LoRA; ``convert`` has no ``--arch``, so there it is ``--to`` every dialect),
-``recipe`` (``merge --config FILE`` with wrongly typed, badly encoded, huge or special recipe files),
-``range`` (values finite in their dtype that overflow or underflow on a cast or a product) and
-``special-out`` (the output, report, sidecar or priors file a FIFO, a device node made in the case's own
-folder, a symlink to one, a socket, a folder, a trailing ``/``, with and without ``--force``; a merge with
-no ``-o``).  Some cases carry an expectation (a clean error, exit 2, nothing written): a case that meets
-its outcome class but not its expectation is listed as ``unmet`` and fails the run.
+A drawn case is one of five scenarios (``SCENARIOS``): ``classic`` (header, byte, value, cost, FIFO and
+PEFT-config mutations, 15% of them with a hostile output place), ``arch`` (``--arch NAME`` forced, NAME
+every registered family or none, mostly on the family LoRAs; ``convert`` has no ``--arch``, so there it
+is ``--to`` every dialect it writes), ``recipe`` (``merge --config FILE`` with wrongly typed, badly
+encoded, huge or special recipe files), ``range`` (values finite in their dtype that overflow or
+underflow on a cast or a product) and ``special-out`` (the output, report, sidecar or priors file a FIFO,
+a device node made in the case's own folder, a symlink to one, a socket, a folder, a trailing ``/``,
+with and without ``--force``; a merge with no ``-o``, a ``--dry-run``).  After the drawn cases comes
+``arch-matrix`` (``--no-matrix`` skips it): every family LoRA x every registered family name x inspect
+(plain, ``--json``, ``--modules``) and merge, and x every ``convert --to`` dialect.  Some cases carry an
+expectation (a clean error, exit 2, nothing written): a case that meets its outcome class but not its
+expectation is listed as ``unmet`` and fails the run.
 
 The table of outcomes per command is printed at the end (``--json`` for a machine-readable copy); the
 failing cases are listed with their mutation, and ``--keep DIR`` keeps their folders.  Every file the
@@ -217,6 +220,9 @@ FAMILY_SPECS = {
     "sd15-kohya": ("sd1", _kohya_key, "F32", {
         "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (320, 768),
         "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (320, 320)}),
+    "sd21-kohya": ("sd2", _kohya_key, "F32", {
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": (640, 1024),
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0": (640, 640)}),
     "sdxl-kohya": ("sdxl", _kohya_key, "F16", {
         "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": (640, 2048),
         "up_blocks.0.attentions.2.transformer_blocks.9.attn1.to_q": (64, 64)}),
@@ -258,7 +264,7 @@ def _as_dtype(tag: str, arr):
 
 
 def family_bases(folder: Path, rank: int = 2) -> list[Base]:
-    """One small LoRA per model family (:data:`FAMILY_SPECS`): SD 1.5 and SDXL kohya, FLUX.1 native and
+    """One small LoRA per model family (:data:`FAMILY_SPECS`): SD 1.5, SD 2.1 and SDXL kohya, FLUX.1 native and
     diffusers, SD3 (ComfyUI MMDiT names), Z-Image (ComfyUI, fused qkv), Wan (musubi kohya), Qwen-Image
     (diffusers, bf16) and FLUX.2 (native, SwiGLU shapes)."""
     import numpy as np
@@ -553,6 +559,628 @@ def argv_for(command: str, bad: Path, good: Path, out: Path) -> tuple[list[str],
     return ["merge", str(bad), str(good), "-o", str(o), *extra], o
 
 
+# ---------------------------------------------------------------- scenarios beyond the classic mutations
+@dataclass
+class Prepared:
+    """One case ready to run: its command line, the output it would write, what was done to it, what it
+    must end in besides a clean outcome (``expect``) and the special files it put in the way."""
+
+    argv: list[str]
+    output: Path | None
+    mutation: str
+    #: "" (any clean outcome), "error" (a clean error), "exit2" (a clean error with exit code 2) or
+    #: "nothing" (no file written, whatever the exit code)
+    expect: str = ""
+    #: path -> :func:`file_kind` before the run, for every special file the case made
+    specials: dict = field(default_factory=dict)
+
+
+def file_kind(path: Path) -> str:
+    """What ``path`` is, without following it (``os.lstat``): ``fifo``, ``chr``, ``sock``, ``dir``, ``file``,
+    ``missing``, or ``link->`` and what the link points at (its target's kind)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "missing"
+    m = st.st_mode
+    if stat.S_ISLNK(m):
+        target = os.readlink(path)
+        return f"link->{target}:{file_kind(path.parent / target)}"
+    return ("fifo" if stat.S_ISFIFO(m) else "chr" if stat.S_ISCHR(m) else "blk" if stat.S_ISBLK(m)
+            else "sock" if stat.S_ISSOCK(m) else "dir" if stat.S_ISDIR(m) else "file" if stat.S_ISREG(m) else "?")
+
+
+def make_special(kind: str, path: Path) -> None:
+    """Make a special file at ``path`` (always inside a case's own folder): a FIFO, a character device
+    node (1, 3: the null device's numbers, made here, never a real /dev path), a socket, a folder, or a
+    relative symlink to a FIFO or node made next to it."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "chardev":
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    elif kind == "socket":
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.bind(str(path))
+        finally:
+            s.close()
+    elif kind == "folder":
+        path.mkdir()
+    elif kind.startswith("link-"):
+        target = path.with_name(f".target-of-{path.name}")
+        make_special(kind[len("link-"):], target)
+        os.symlink(target.name, path)
+    else:
+        raise ValueError(kind)
+
+
+def _copy_inputs(base: Base, folder: Path, name: str = "bad") -> Path:
+    """An unchanged copy of ``base`` in ``folder`` (``name.safetensors`` or the folder ``name_adapter``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if base.peft:
+        dst = folder / f"{name}_adapter"
+        shutil.copytree(base.path, dst)
+        for p in dst.iterdir():
+            p.chmod(0o644)
+    else:
+        dst = folder / f"{name}.safetensors"
+        shutil.copyfile(base.path, dst)
+        dst.chmod(0o644)
+    return dst
+
+
+def _inputs(rng: random.Random, base: Base, in_dir: Path, mutated: float) -> tuple[Path, Path, str]:
+    """``(bad, good, what)``: with probability ``mutated`` a classic mutation (:func:`mutate`), else two
+    unchanged copies."""
+    if rng.random() < mutated:
+        return mutate(rng, base, in_dir)
+    return _copy_inputs(base, in_dir, "bad"), _copy_inputs(base, in_dir, "good"), "valid"
+
+
+def _set_opt(argv: list[str], opt: str, value: str) -> None:
+    if opt in argv:
+        argv[argv.index(opt) + 1] = value
+    else:
+        argv += [opt, value]
+
+
+BOGUS_ARCH = ["nope", "SDXL", "", " sd1", "3", "flux,sdxl", "z_image", "sd1/../sdxl", "b-lora", "\u00e9"]
+
+
+def dialects(command: str = "convert") -> list[str]:
+    """The dialects ``COMMAND --to`` accepts (its own choices: a value it refuses is a usage error, which is
+    click's three-line message, not a finding), else :data:`DIALECTS`."""
+    from lora_merge.cli import cli
+
+    opt = next((p for p in cli.get_command(None, command).params if p.name == "to"), None)
+    choices = list(getattr(getattr(opt, "type", None), "choices", ()) or ())
+    return choices or DIALECTS
+
+
+def arch_names() -> list[str]:
+    from lora_merge import families
+
+    return [f.name for f in families.all_families()]
+
+
+def arch_case(rng: random.Random, command: str, base: Base, in_dir: Path, out_dir: Path,
+              others: list[Base], light: bool = False) -> Prepared:
+    """``--arch NAME`` forced (every registered family, and some names no family has) on a family's LoRA;
+    merges sometimes mix two families; ``convert`` (which takes no ``--arch``) writes every dialect."""
+    bad, good, what = _inputs(rng, base, in_dir, 0.0 if light else 0.2)
+    group = COMMANDS[command]
+    mixed = False
+    if group == "merge" and others and rng.random() < 0.3:
+        other = _pick(rng, others)
+        good = _copy_inputs(other, in_dir, "other")
+        what += f"+{other.name}"
+        mixed = rng.random() < 0.5
+    argv, output = argv_for(command, bad, good, out_dir)
+    if mixed:
+        argv.append("--allow-mixed-arch")
+        what += "+allow-mixed"
+    if group == "convert":
+        to = "peft" if command == "convert-peft" else _pick(rng, dialects("convert"))
+        if to == "peft" and command == "convert":
+            output = out_dir / "converted"
+            argv[2] = str(output)
+        _set_opt(argv, "--to", to)
+        return Prepared(argv, output, f"arch:{base.name}:{what}:--to={to}")
+    name = _pick(rng, arch_names()) if rng.random() < 0.85 else _pick(rng, BOGUS_ARCH)
+    _set_opt(argv, "--arch", name)
+    if group == "merge" and rng.random() < 0.3:
+        to = _pick(rng, dialects("merge"))
+        _set_opt(argv, "--to", to)
+        if to == "peft":
+            output = out_dir / "merged"
+            argv[argv.index("-o") + 1] = str(output)
+        what += f":--to={to}"
+    return Prepared(argv, output, f"arch:{base.name}:{what}:--arch={name!r}")
+
+
+MATRIX_COMMANDS = ["inspect", "inspect-json", "inspect-modules", "merge"]
+
+
+def matrix_case(command: str, base: Base, in_dir: Path, out_dir: Path, arg: str) -> Prepared:
+    """The ``--arch`` cross product, case by case: ``arg`` is the family name forced (``convert``: the
+    dialect written) on an unchanged family LoRA."""
+    bad, good = _copy_inputs(base, in_dir, "bad"), _copy_inputs(base, in_dir, "good")
+    argv, output = argv_for(command, bad, good, out_dir)
+    if COMMANDS[command] == "convert":
+        if arg == "peft":
+            output = out_dir / "converted"
+            argv[2] = str(output)
+        _set_opt(argv, "--to", arg)
+        return Prepared(argv, output, f"arch-matrix:{base.name}:--to={arg}")
+    _set_opt(argv, "--arch", arg)
+    return Prepared(argv, output, f"arch-matrix:{base.name}:--arch={arg}")
+
+
+def matrix_specs(fams: list[Base]) -> list[tuple[str, Base, str]]:
+    """``(command, base, arg)`` for every family LoRA × every registered family name × inspect (plain,
+    ``--json``, ``--modules``) and merge, and every family LoRA × every dialect convert writes."""
+    names = arch_names()
+    out = [(c, b, n) for b in fams for n in names for c in MATRIX_COMMANDS]
+    return out + [("convert", b, d) for b in fams for d in dialects("convert")]
+
+
+# ---- recipe files
+GARBAGE = [None, 0, -1, 3, 1.5, float("nan"), float("inf"), True, False, "", "x", " ", [], [1], ["a", "b"], {},
+           {"a": 1}, [[[]]], {"a": {"b": [None]}}, 10**30, -(10**30), "\u00e9\u4e2d", "../x"]
+#: garbage for the keys that name a file to write: no strings (a string is a valid path, and one relative to
+#: the recipe's folder would write among the inputs)
+NOT_PATHS = [g for g in GARBAGE if not isinstance(g, str)]
+BAD_WEIGHTS = ["a,b", ["a", 1], [[1], 2], {"x": 1}, [float("nan"), 1], [float("inf"), 1], "1,,2", [], [1, 2, 3],
+               [True, False], [1e308, 1e308], [-1, -1], [0, 0], "1;2", [None, 1], "", [1e-320, 1]]
+BAD_LAYER_WEIGHTS = [{"(": 1}, [["x", [1, "a"]]], 5, ["noequals"], [[1, 2, 3]], {"a": None}, {"a": [1, 2, 3]},
+                     ["re:(=1"], [["", 1]], {"*": float("nan")}, "up_blocks=0", [{"a": 1}]]
+RECIPE_KEYS = ["rank", "seed", "threads", "device", "strategy", "to", "dtype", "arch", "keep_heads_from", "force",
+               "full_rank", "record_paths", "allow_mixed_arch", "base_weights", "version", "report"]
+#: a recipe mutation -> whether no recipe with it can be valid (the case must end in a clean error)
+RECIPE_KINDS = {
+    "entry-path": True, "entry": True, "inputs": True, "sha256": False, "entry-extra-key": True, "output": False,
+    "weights": False, "params": False, "param-value": False, "top-param": False, "key": False,
+    "layer-weights": False, "unknown-key": True, "nested": True,
+    "latin1": True, "bom": False, "utf16": True, "utf32": True, "nul": False, "empty": True, "whitespace": True,
+    "truncated": False, "huge-comment": False, "huge-string": False, "huge-list": False, "yaml-tag": True,
+    "yaml-aliases": False, "binary": True, "fifo": True, "folder": True, "missing": True, "chardev": True,
+    "link-fifo": True, "link-loop": True, "dangling-link": True, "trailing-slash": False, "wrong-ext": False,
+    "socket": True,
+}
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
+    if isinstance(v, int):
+        if not -(2**63) <= v < 2**63:
+            raise ValueError("TOML integers are 64-bit")
+        return str(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise ValueError(f"no TOML for {v!r}")
+
+
+def dump_recipe(data: dict, fmt: str) -> str:
+    """``data`` as a JSON, YAML or TOML recipe (TOML has no null: ``ValueError``)."""
+    if fmt == "json":
+        return json.dumps(data)
+    if fmt == "toml":
+        return "".join(f"{json.dumps(str(k))} = {_toml_value(v)}\n" for k, v in data.items())
+    import yaml
+
+    return yaml.safe_dump(data, allow_unicode=True)
+
+
+def recipe_case(rng: random.Random, command: str, base: Base, in_dir: Path, out_dir: Path,
+                light: bool = False) -> Prepared:
+    """``merge --config FILE`` (the command's own flags kept) with a recipe naming the inputs and
+    ``../out/…`` as output, then mutated: wrongly typed values anywhere, encodings, sizes, special paths."""
+    bad, good, what = _inputs(rng, base, in_dir, 0.0 if light else 0.25)
+    argv, output = argv_for(command, bad, good, out_dir)
+    extra = argv[5:]
+    data: dict = {"inputs": [bad.name, good.name], "output": os.path.relpath(output, in_dir)}
+    if command == "merge-ties" or rng.random() < 0.2:
+        data["strategy"] = _pick(rng, ["ties", "dare", "svd", "linear"])
+        extra = [x for x in extra if x not in ("-s", "ties", "dare", "svd")]
+    kind = _pick(rng, sorted(k for k in RECIPE_KINDS if not (light and k.startswith("huge"))))
+    fmt = _pick(rng, ["json", "yaml", "toml"])
+    g = _pick(rng, GARBAGE)
+    detail = ""
+    text: str | None = None
+    raw: bytes | None = None
+    special = ""
+    if kind == "entry-path":
+        data["inputs"][0] = {"path": g}
+        detail = repr(g)
+    elif kind == "entry":
+        data["inputs"][0] = _pick(rng, [g for g in GARBAGE if not isinstance(g, str)])
+        detail = repr(data["inputs"][0])
+    elif kind == "inputs":
+        data["inputs"] = _pick(rng, [g for g in GARBAGE if not isinstance(g, list)] + [[]])
+        detail = repr(data["inputs"])
+    elif kind == "sha256":
+        data["inputs"][0] = {"path": bad.name, "sha256": _pick(rng, [*GARBAGE, "0" * 64, "zz", "ab" * 40])}
+        detail = repr(data["inputs"][0]["sha256"])
+    elif kind == "entry-extra-key":
+        data["inputs"][1] = {"path": good.name, _pick(rng, ["x", "dialect2", "", "sha"]): 1}
+    elif kind == "output":
+        data["output"] = g = _pick(rng, NOT_PATHS)
+        detail = repr(g)
+    elif kind == "weights":
+        data["weights"] = _pick(rng, BAD_WEIGHTS)
+        detail = repr(data["weights"])
+    elif kind == "params":
+        data["params"] = _pick(rng, [g for g in GARBAGE if not isinstance(g, dict)] + [{"nope": 1}, {"": None}])
+        detail = repr(data["params"])
+    elif kind == "param-value":
+        data["strategy"] = _pick(rng, ["ties", "dare", "svd", "ziplora", "np-lora", "magnitude-prune"])
+        extra = [x for x in extra if x not in ("-s", "ties", "dare", "svd", "ziplora", "--arch", "sdxl")]
+        p = _pick(rng, ["density", "energy", "k", "divide", "hard", "axis", "input_model", "steps", "lambda_cycle"])
+        data["params"] = {p: g}
+        detail = f"{data['strategy']}.{p}={g!r}"
+    elif kind == "top-param":
+        data["strategy"] = "ties"
+        extra = [x for x in extra if x not in ("-s", "ties", "dare", "svd", "ziplora", "--arch", "sdxl")]
+        data["density"] = g
+        detail = repr(g)
+    elif kind == "key":
+        k = _pick(rng, RECIPE_KEYS)
+        data[k] = g = _pick(rng, NOT_PATHS) if k == "report" else g
+        detail = f"{k}={g!r}"
+    elif kind == "layer-weights":
+        data["layer_weights"] = _pick(rng, BAD_LAYER_WEIGHTS)
+        detail = repr(data["layer_weights"])
+    elif kind == "unknown-key":
+        fmt = "yaml"
+        text = dump_recipe(data, fmt) + _pick(rng, ["nope: 1\n", "1: 2\n", "~: 2\n", "[a]: 1\n", "? {a: 1}\n: 2\n",
+                                                     "inputs_: []\n", "Inputs: []\n"])
+    elif kind == "nested":
+        depth = _pick(rng, [100, 1000] if light else [100, 1000, 100_000])
+        k = _pick(rng, ["inputs", "weights", "params", "output", "layer_weights", "nope"])
+        fmt = _pick(rng, ["json", "yaml"])
+        opener, closer = ("[", "]") if k != "params" else ("{\"a\": ", "}")
+        body = opener * depth + "1" + closer * depth
+        text = json.dumps({kk: v for kk, v in data.items() if kk != k})[:-1] + f', "{k}": {body}}}'
+        detail = f"{k}@{depth}"
+    elif kind in ("latin1", "bom", "utf16", "utf32", "nul", "truncated"):
+        t = dump_recipe(data, fmt)
+        if kind == "latin1":
+            raw = t.replace(bad.name, bad.name.replace("bad", "b\u00e9d")).encode("latin-1")
+            if b"\xe9" not in raw:
+                raw = b"\xe9" + raw
+        elif kind == "bom":
+            raw = b"\xef\xbb\xbf" + t.encode()
+        elif kind == "utf16":
+            raw = t.encode(_pick(rng, ["utf-16", "utf-16-le", "utf-16-be"]))
+        elif kind == "utf32":
+            raw = t.encode("utf-32")
+        elif kind == "nul":
+            i = rng.randrange(len(t) + 1)
+            raw = t[:i].encode() + b"\x00" + t[i:].encode()
+        else:
+            raw = t.encode()[: rng.randrange(1, max(len(t), 2))]
+    elif kind == "empty":
+        raw = b""
+    elif kind == "whitespace":
+        raw = _pick(rng, [b"\n", b"   \n\t\n", b"# only a comment\n", b"---\n", b"...\n"])
+    elif kind == "huge-comment":
+        fmt = _pick(rng, ["yaml", "toml"])
+        raw = dump_recipe(data, fmt).encode() + b"# " + b"x" * (5 << 20) + b"\n"
+    elif kind == "huge-string":
+        k = _pick(rng, ["output", "strategy", "arch", "device"])
+        data[k] = "x" * _pick(rng, [5000, 1 << 20, 20 << 20])
+        detail = f"{k}:{len(data[k])}"
+    elif kind == "huge-list":
+        data["weights"] = [0.5] * _pick(rng, [10_000, 200_000])
+        detail = str(len(data["weights"]))
+    elif kind == "yaml-tag":
+        fmt = "yaml"
+        text = dump_recipe(data, fmt) + _pick(rng, ["version: !!python/object/apply:os.getcwd []\n",
+                                                     "rank: !!binary aGVsbG8=\n", "seed: !custom 3\n",
+                                                     "output: !!set {a, b}\n", "rank: !!timestamp 2024-01-01\n"])
+    elif kind == "yaml-aliases":  # nine levels of nine aliases: 9**9 items if anything expands them
+        fmt = "yaml"
+        key = _pick(rng, ["params", "weights", "version", "layer_weights", "inputs"])
+        levels = ["&a0 [x, x, x, x, x, x, x, x, x]"]
+        levels += [f"&a{i} [{', '.join(['*a' + str(i - 1)] * 9)}]" for i in range(1, 9)]
+        bomb = "[" + ", ".join(levels) + "]"
+        text = dump_recipe({k: v for k, v in data.items() if k != key}, "yaml") + (
+            f"{key}: {{density: {bomb}}}\n" if key == "params" else f"{key}: {bomb}\n")
+        detail = key
+    elif kind == "binary":
+        raw = base.path.read_bytes()[:4096] if base.path.is_file() else os.urandom(512)
+    elif kind == "wrong-ext":
+        fmt = _pick(rng, ["json", "yaml", "toml"])
+        text = dump_recipe(data, fmt)
+        ext = _pick(rng, [".txt", "", ".yml", ".JSON", ".toml" if fmt != "toml" else ".json", ".safetensors"])
+        special = "ext:" + ext
+    else:
+        special = kind  # a path kind
+    if special and not special.startswith("ext:"):
+        path = in_dir / f"recipe.{fmt}"
+        if kind == "missing":
+            pass
+        elif kind == "link-loop":
+            os.symlink("recipe.b", in_dir / "recipe.a")
+            os.symlink("recipe.a", in_dir / "recipe.b")
+            path = in_dir / "recipe.a"
+        elif kind == "dangling-link":
+            os.symlink("no-such-recipe.yaml", path)
+        elif kind == "trailing-slash":
+            path.write_text(dump_recipe(data, "json"))
+            argv = ["merge", "--config", str(path) + "/", *extra]  # read as the file (pathlib drops the '/')
+            return Prepared(argv, output, f"recipe:{what}:{kind}")
+        else:
+            make_special({"fifo": "fifo", "chardev": "chardev", "link-fifo": "link-fifo", "folder": "folder",
+                          "socket": "socket"}[kind], path)
+        argv = ["merge", "--config", str(path), *extra]
+        return Prepared(argv, output, f"recipe:{what}:{kind}", "error")
+    if raw is None:
+        if text is None:
+            try:
+                text = dump_recipe(data, fmt)
+            except ValueError:  # TOML has no null, no big ints
+                fmt = "yaml"
+                text = dump_recipe(data, fmt)
+        raw = text.encode("utf-8", "surrogatepass")
+    ext = special[len("ext:"):] if special else f".{fmt}"
+    path = in_dir / f"recipe{ext}"
+    path.write_bytes(raw)
+    argv = ["merge", "--config", str(path), *extra]
+    if rng.random() < 0.1:  # flags override the recipe
+        argv += ["-o", str(output)]
+        what += "+o"
+    return Prepared(argv, output, f"recipe:{what}:{kind}:{fmt}" + (f":{detail}"[:80] if detail else ""),
+                    "error" if RECIPE_KINDS[kind] else "")
+
+
+# ---- value ranges
+RANGE_KINDS = ["f64-beyond-f32", "f64-all-beyond", "lora-product", "lora-product-f16", "lokr-product",
+               "lokr-factored", "lokr-f64", "f16-max", "bf16-max", "alpha-product", "subnormal-f32", "subnormal-f16",
+               "subnormal-f64", "underflow-product", "f64-mixed"]
+
+
+def _pairs(tensors: dict) -> list[tuple[str, str, str]]:
+    """``(module prefix, down key, up key)`` of every 2-D LoRA pair."""
+    out = []
+    for d in sorted(tensors):
+        for a, b in ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
+                     (".lora.down.weight", ".lora.up.weight")):
+            if d.endswith(a) and d[: -len(a)] + b in tensors and tensors[d][1].ndim == 2:
+                out.append((d[: -len(a)], d, d[: -len(a)] + b))
+    return out
+
+
+def _smallest_factor(n: int) -> int:
+    return next((f for f in range(2, int(n**0.5) + 1) if n % f == 0), max(1, n))
+
+
+def range_mutation(rng: random.Random, data: bytes) -> tuple[bytes, str]:
+    """Values finite in their dtype that are not once cast or multiplied: float64 beyond float32, factors
+    whose product overflows (LoRA, LoKr), fp16/bf16 maxima, subnormals and products that underflow."""
+    import numpy as np
+
+    tensors, md = tensors_of(data)
+    pairs = _pairs(tensors)
+    floats = [k for k in sorted(tensors) if tensors[k][0] in ("F32", "F16", "F64", "BF16")
+              and not k.endswith(".alpha") and tensors[k][1].size]
+    kind = _pick(rng, RANGE_KINDS)
+    if not pairs or not floats:
+        return build(tensors, md), f"range:{kind}:nothing"
+    prefix, d, u = _pick(rng, pairs)
+    exp = rng.randint(39, 300)
+
+    def f32(k):
+        tag, arr = tensors[k]
+        if tag == "BF16":
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr.astype(np.float32)
+
+    detail = ""
+    if kind == "f64-beyond-f32":
+        k = _pick(rng, floats)
+        arr = f32(k).astype(np.float64)
+        arr.reshape(-1)[rng.randrange(arr.size)] = _pick(rng, [1, -1]) * 10.0**exp
+        tensors[k] = ("F64", arr)
+        detail = f"1e{exp}"
+    elif kind == "f64-all-beyond":
+        tensors[d] = ("F64", f32(d).astype(np.float64) * 10.0**exp)
+        detail = f"1e{exp}"
+    elif kind == "f64-mixed":  # one factor tiny, one huge: the product is fine in float64, not both casts
+        tensors[d] = ("F64", f32(d).astype(np.float64) * 10.0**exp)
+        tensors[u] = ("F64", f32(u).astype(np.float64) * 10.0**-exp)
+        detail = f"1e{exp}/1e-{exp}"
+    elif kind in ("lora-product", "lora-product-f16"):
+        e = _pick(rng, [19, 20, 25, 30, 37])
+        tag = "F32" if kind == "lora-product" else "F16"
+        v = 10.0**e if tag == "F32" else 6e4
+        for k in (d, u):
+            sign = np.sign(f32(k))
+            tensors[k] = (tag, (np.where(sign == 0, 1, sign) * v).astype(_np_dtype(tag)))
+        detail = f"1e{e}" if tag == "F32" else "6e4"
+    elif kind in ("lokr-product", "lokr-factored", "lokr-f64"):
+        o, i = tensors[u][1].shape[0], tensors[d][1].shape[1]
+        a, b = _smallest_factor(o), _smallest_factor(i)
+        e = _pick(rng, [19, 20, 25]) if kind != "lokr-f64" else rng.randint(39, 200)
+        tag = "F64" if kind == "lokr-f64" else "F32"
+        npd = _np_dtype(tag)
+        for k in (d, u):
+            del tensors[k]
+        tensors.pop(prefix + ".alpha", None)
+        tensors[prefix + ".lokr_w1"] = (tag, np.full((a, b), 10.0**e, dtype=npd))
+        if kind == "lokr-factored":
+            r = 2
+            tensors[prefix + ".lokr_w2_a"] = (tag, np.full((o // a, r), 10.0**e, dtype=npd))
+            tensors[prefix + ".lokr_w2_b"] = (tag, np.full((r, i // b), 10.0**e, dtype=npd))
+            tensors[prefix + ".alpha"] = ("F32", np.array(float(r), dtype=np.float32))
+        else:
+            tensors[prefix + ".lokr_w2"] = (tag, np.full((o // a, i // b), 10.0**e, dtype=npd))
+        detail = f"1e{e}:{a}x{b}"
+    elif kind == "f16-max":
+        for k in (d, u):
+            tensors[k] = ("F16", np.full(tensors[k][1].shape, _pick(rng, [65504.0, -65504.0]), dtype=np.float16))
+    elif kind == "bf16-max":
+        for k in (d, u):
+            tensors[k] = _as_dtype("BF16", np.full(tensors[k][1].shape, 3.38e38, dtype=np.float32))
+    elif kind == "alpha-product":
+        e = _pick(rng, [20, 30, 38])
+        tensors[prefix + ".alpha"] = ("F32", np.array(10.0**e, dtype=np.float32))
+        tensors[d] = ("F32", f32(d) * 1e10)
+        detail = f"1e{e}"
+    elif kind == "subnormal-f32":
+        tensors[d] = ("F32", np.full(tensors[d][1].shape, 1e-42, dtype=np.float32))
+    elif kind == "subnormal-f16":
+        for k in (d, u):
+            tensors[k] = ("F16", np.full(tensors[k][1].shape, 6e-8, dtype=np.float16))
+    elif kind == "subnormal-f64":
+        tensors[d] = ("F64", np.full(tensors[d][1].shape, _pick(rng, [1e-310, 1e-320, 1e-50])))
+    else:  # underflow-product
+        for k in (d, u):
+            tensors[k] = ("F32", np.full(tensors[k][1].shape, 1e-25, dtype=np.float32))
+    return build(tensors, md), f"range:{kind}" + (f":{detail}" if detail else "")
+
+
+def range_case(rng: random.Random, command: str, base: Base, in_dir: Path, out_dir: Path) -> Prepared:
+    """One :func:`range_mutation` of the input (a PEFT folder's weights file), and for convert and merge
+    sometimes an output dtype (the cast) and ``--rank`` (which a LoKr input needs)."""
+    if base.peft:
+        bad = _copy_inputs(base, in_dir, "bad")
+        good = _copy_inputs(base, in_dir, "good")
+        w = bad / "adapter_model.safetensors"
+        data, what = range_mutation(rng, w.read_bytes())
+        w.write_bytes(data)
+    else:
+        good = _copy_inputs(base, in_dir, "good")
+        bad = in_dir / "bad.safetensors"
+        data, what = range_mutation(rng, base.path.read_bytes())
+        bad.write_bytes(data)
+    argv, output = argv_for(command, bad, good, out_dir)
+    group = COMMANDS[command]
+    if group in ("merge", "convert") and rng.random() < 0.6:
+        dt = _pick(rng, ["fp16", "bf16", "fp32"])
+        _set_opt(argv, "--dtype", dt)
+        what += f":--dtype={dt}"
+    if group in ("merge", "convert") and "lokr" in what and "--rank" not in argv and rng.random() < 0.7:
+        argv += ["--rank", "2"]
+        what += ":--rank=2"
+    if command == "merge" and rng.random() < 0.3:
+        argv[2] = argv[1]  # the mutated input twice: its values add up
+        what += ":twice"
+    return Prepared(argv, output, what)
+
+
+# ---- special files where an output goes
+SPECIAL_KINDS = ["fifo", "chardev", "link-chardev", "link-fifo", "socket", "folder", "folder-slash", "slash",
+                 "chardev-slash", "inside-folder", "no-output", "no-output-dry-run", "dry-run"]
+#: the kinds only a merge has (the last three)
+MERGE_ONLY_KINDS = ("no-output", "no-output-dry-run", "dry-run")
+
+
+def special_case(rng: random.Random, command: str, base: Base, in_dir: Path, out_dir: Path,
+                 light: bool = False) -> Prepared:
+    """A special file where the output (or the ``--report``, the mask sidecar, the priors ``--save`` file)
+    goes, with and without ``--force``; or a merge without ``-o``."""
+    bad, good, what = _inputs(rng, base, in_dir, 0.0 if light else 0.2)
+    argv, output = argv_for(command, bad, good, out_dir)
+    group = COMMANDS[command]
+    kinds = SPECIAL_KINDS if group == "merge" else [k for k in SPECIAL_KINDS if k not in MERGE_ONLY_KINDS]
+    kind = _pick(rng, kinds)
+    if kind == "dry-run":  # -o (and --report) given: a dry run still writes nothing
+        argv.append("--dry-run")
+        return Prepared(argv, output, f"out-special:{what}:{kind}", "nothing")
+    if kind.startswith("no-output"):
+        i = argv.index("-o")
+        del argv[i:i + 2]
+        if kind.endswith("dry-run"):
+            argv.append("--dry-run")
+            return Prepared(argv, output, f"out-special:{what}:{kind}", "nothing")
+        return Prepared(argv, output, f"out-special:{what}:{kind}", "exit2")
+    if command == "priors":
+        output = out_dir / "priors.json"
+        argv += ["--save", str(output)]
+    if group == "merge" and rng.random() < 0.2:  # a PEFT folder output
+        output = out_dir / "merged"
+        argv[argv.index("-o") + 1] = str(output)
+        _set_opt(argv, "--to", "peft")
+    folder_out = output is not None and output.suffix != ".safetensors" and command != "priors"
+    target = output
+    if command == "merge-report" and rng.random() < 0.5:
+        target = Path(argv[argv.index("--report") + 1])
+    elif command == "merge-ziplora" and rng.random() < 0.5:
+        target = output.with_name(output.name + ".masks.safetensors")
+    force = rng.random() < 0.5
+    if force:
+        argv.append("--force")
+    expect = "error"
+    specials: dict = {}
+    if kind == "inside-folder":
+        # an output folder that exists, with a special file where one of its files goes
+        folder = output if folder_out else out_dir / "dir.safetensors"
+        folder.mkdir()
+        inner = folder / _pick(rng, ["adapter_model.safetensors", "adapter_config.json"])
+        make_special(_pick(rng, ["fifo", "chardev", "link-chardev", "folder", "socket"]), inner)
+        specials[str(inner)] = file_kind(inner)
+        if not folder_out:
+            argv[argv.index(str(output))] = str(folder)
+            target = folder
+        return Prepared(argv, output, f"out-special:{what}:{kind}:{file_kind(inner)}{':force' if force else ''}",
+                        "error", specials | {str(folder): "dir"})
+    if str(target) not in argv and kind.endswith("slash"):  # the sidecar: a path the command line never names
+        kind = _pick(rng, ["fifo", "chardev", "link-chardev", "link-fifo", "socket", "folder"])
+    if kind in ("slash", "folder-slash", "chardev-slash"):
+        i = argv.index(str(target))
+        if kind == "folder-slash":
+            make_special("folder", target)
+        elif kind == "chardev-slash":
+            make_special("chardev", target)
+        if kind != "slash":
+            specials[str(target)] = file_kind(target)
+        argv[i] = str(target) + "/"
+        if folder_out and kind != "chardev-slash" and target == output:
+            expect = ""  # a folder output may be named with a '/'
+    else:
+        make_special(kind, target)
+        specials[str(target)] = file_kind(target)
+        if kind.startswith("link-"):
+            node = target.with_name(f".target-of-{target.name}")
+            specials[str(node)] = file_kind(node)
+        if kind == "folder" and folder_out and target == output:
+            expect = ""  # an existing (empty) folder where a PEFT folder goes: --force may write into it
+    where = "" if target == output else ":" + ("report" if "report" in target.name else "sidecar")
+    return Prepared(argv, output, f"out-special:{what}:{kind}{where}{':force' if force else ''}", expect, specials)
+
+
+def prepare(rng: random.Random, scenario: str, command: str, base: Base, folder: Path,
+            family: list[Base] | None = None, arg: str = "", light: bool = False) -> Prepared:
+    """Make one case's inputs under ``folder/in`` (and whatever it puts in the way under ``folder/out``);
+    ``light`` (the property test): the new scenarios on unchanged inputs, without the multi-megabyte recipes."""
+    in_dir, out_dir = folder / "in", folder / "out"
+    in_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(exist_ok=True)
+    if scenario == "arch-matrix":
+        return matrix_case(command, base, in_dir, out_dir, arg)
+    if scenario == "arch":
+        return arch_case(rng, command, base, in_dir, out_dir, family or [], light)
+    if scenario == "recipe":
+        return recipe_case(rng, command, base, in_dir, out_dir, light)
+    if scenario == "range":
+        return range_case(rng, command, base, in_dir, out_dir)
+    if scenario == "special-out":
+        return special_case(rng, command, base, in_dir, out_dir, light)
+    bad, good, what = mutate(rng, base, in_dir)
+    argv, output = argv_for(command, bad, good, out_dir)
+    if rng.random() < 0.15:
+        what += place_mutation(rng, argv, output, bad, out_dir)
+    return Prepared(argv, output, what)
+
+
 # ---------------------------------------------------------------- one case
 def digest(paths: list[Path]) -> dict[str, str]:
     out = {}
@@ -646,11 +1274,14 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def classify(code: int, err: str, output: Path | None, out_dir: Path, inputs_before: dict, inputs_after: dict,
-             nonfinite: bool = False, out_before: dict | None = None) -> str:
-    """``out_before``: :func:`snapshot` of ``out_dir`` before the run (None: it was empty)."""
+             nonfinite: bool = False, out_before: dict | None = None, specials: dict | None = None) -> str:
+    """``out_before``: :func:`snapshot` of ``out_dir`` before the run (None: it was empty); ``specials``:
+    path -> :func:`file_kind` before the run of the special files the case put in the way."""
     temps = [p for p in out_dir.parent.rglob("*") if p.name.endswith(".tmp") and p.name.startswith(".")]
     if inputs_before != inputs_after:
         return "input modified"
+    if any(file_kind(Path(p)) != kind for p, kind in (specials or {}).items()):
+        return "special file replaced"
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("warning: ")]
     if "Traceback" in err or code == 99:
         return "traceback"
@@ -665,6 +1296,23 @@ def classify(code: int, err: str, output: Path | None, out_dir: Path, inputs_bef
     return "traceback"  # a messy message counts as one
 
 
+def judge(prep: Prepared, code: int, err: str, out_dir: Path, inputs_before: dict, inputs_after: dict,
+          nonfinite: bool, out_before: dict) -> tuple[str, str]:
+    """``(outcome, unmet)``: :func:`classify`'s outcome, and what a clean outcome fell short of the case's
+    expectation in ("" when it met it)."""
+    outcome = classify(code, err, prep.output, out_dir, inputs_before, inputs_after, nonfinite, out_before,
+                       prep.specials)
+    unmet = ""
+    if outcome in ("clean error", "success"):
+        if prep.expect == "error" and outcome != "clean error":
+            unmet = "expected a clean error, got success"
+        elif prep.expect == "exit2" and (outcome != "clean error" or code != 2):
+            unmet = f"expected a clean error with exit code 2, got exit {code}"
+        elif prep.expect == "nothing" and snapshot(out_dir) != out_before:
+            unmet = "expected nothing written"
+    return outcome, unmet
+
+
 @dataclass
 class Case:
     index: int
@@ -674,35 +1322,63 @@ class Case:
     outcome: str = ""
     seconds: float = 0.0
     detail: str = ""
+    scenario: str = "classic"
+    unmet: str = ""
+    arg: str = ""  # arch-matrix: the family name (convert: the dialect)
+
+
+#: the family LoRAs (set in the fork server before the first fork; ``arch`` cases mix them)
+FAMILY_BASES: list[Base] = []
+
+
+def run_prepared(prep: Prepared, folder: Path, on_start=None) -> tuple[str, str, int, str, float]:
+    """Run a case :func:`prepare` made under ``folder`` and judge it: ``(outcome, unmet, exit code,
+    stderr, seconds)``; ``on_start()`` is called just before the command runs."""
+    out_dir = folder / "out"
+    out_before = snapshot(out_dir)
+    if on_start:
+        on_start()
+    before = digest([folder / "in"])
+    t0 = time.perf_counter()
+    code, _, err = run_in_process(prep.argv)
+    seconds = time.perf_counter() - t0
+    nonfinite = False
+    if code == 0:
+        try:
+            nonfinite = nonfinite_output(prep.output)
+        except Exception:  # noqa: BLE001 - an unreadable output is a finding too
+            nonfinite = True
+    outcome, unmet = judge(prep, code, err, out_dir, before, digest([folder / "in"]), nonfinite, out_before)
+    return outcome, unmet, code, err, seconds
 
 
 def child(case: Case, base: Base, seed: int, folder: Path, result: Path) -> None:
     """Runs in the forked child: make the inputs, run the command, write the outcome as JSON."""
     rng = random.Random(f"{seed}:{case.index}")
-    bad, good, case.mutation = mutate(rng, base, folder / "in")
-    out_dir = folder / "out"
-    out_dir.mkdir()
-    argv, output = argv_for(case.command, bad, good, out_dir)
-    if rng.random() < 0.15:
-        case.mutation += place_mutation(rng, argv, output, bad, out_dir)
-    out_before = snapshot(out_dir)
-    result.write_text(json.dumps({**case.__dict__, "outcome": "running"}))  # what a hang or crash was doing
-    before = digest([folder / "in"])
-    t0 = time.perf_counter()
-    code, _, err = run_in_process(argv)
-    case.seconds = time.perf_counter() - t0
-    nonfinite = False
-    if code == 0:
-        try:
-            nonfinite = nonfinite_output(output)
-        except Exception:  # noqa: BLE001 - an unreadable output is a finding too
-            nonfinite = True
-    case.outcome = classify(code, err, output, out_dir, before, digest([folder / "in"]), nonfinite, out_before)
+    result.write_text(json.dumps({**case.__dict__, "outcome": "running"}))
+    prep = prepare(rng, case.scenario, case.command, base, folder, FAMILY_BASES, case.arg)
+    case.mutation = prep.mutation
+
+    def started():  # what a hang or crash was doing
+        result.write_text(json.dumps({**case.__dict__, "outcome": "running"}))
+
+    case.outcome, case.unmet, code, err, case.seconds = run_prepared(prep, folder, started)
     case.detail = f"exit {code}: " + " | ".join(err.strip().splitlines()[-3:])[:300]
     result.write_text(json.dumps(case.__dict__))
 
 
-def run_campaign(n: int, seed: int, jobs: int, timeout: float, keep: Path | None, only: list[str] | None) -> list[Case]:
+def _scenario(rng: random.Random, command: str) -> str:
+    r, acc = rng.random(), 0.0
+    for name, groups in SCENARIOS.items():
+        acc += groups.get(COMMANDS[command], 0.0)
+        if r < acc:
+            return name
+    return "classic"
+
+
+def run_campaign(n: int, seed: int, jobs: int, timeout: float, keep: Path | None, only: list[str] | None,
+                 scenarios: list[str] | None = None, matrix: bool = True) -> list[Case]:
+    """``n`` random cases, then (``matrix``) the ``--arch`` cross product of :func:`matrix_specs`."""
     import torch
 
     torch.set_num_threads(1)  # the fork server stays single-threaded: forking after OpenMP started is unsafe
@@ -713,9 +1389,16 @@ def run_campaign(n: int, seed: int, jobs: int, timeout: float, keep: Path | None
         cli.get_command(None, name)
     import lora_merge.analysis
     import lora_merge.engine  # noqa: F401
+    from lora_merge import families
+
+    families.all_families()  # every family module imported before forking
     work = Path(tempfile.mkdtemp(prefix="lora-fuzz-"))
     all_bases = bases(work)
+    FAMILY_BASES[:] = [b for b in all_bases if b.family]
+    small = [b for b in all_bases if not b.big]
     commands = only or list(COMMANDS)
+    if scenarios:
+        commands = [c for c in commands if any(x == "classic" or SCENARIOS[x].get(COMMANDS[c]) for x in scenarios)]
     rng = random.Random(seed)
     cases = []
     for i in range(n):
@@ -723,7 +1406,21 @@ def run_campaign(n: int, seed: int, jobs: int, timeout: float, keep: Path | None
         cmd = _pick(rng, commands)
         if b.big and cmd in SLOW_ON_FIXTURES and rng.random() < 0.8:
             b = _pick(rng, [x for x in all_bases if not x.big and x.peft == b.peft] or all_bases)
-        cases.append((Case(i, cmd, b.name), b))
+        if scenarios:
+            allowed = [x for x in scenarios if x == "classic" or SCENARIOS[x].get(COMMANDS[cmd])]
+            scenario = _pick(rng, allowed) if allowed else "classic"
+        else:
+            scenario = _scenario(rng, cmd)
+        if scenario == "arch" and rng.random() < 0.85:
+            b = _pick(rng, FAMILY_BASES)
+        elif scenario in ("recipe", "special-out") and b.big and rng.random() < 0.5:
+            b = _pick(rng, small)
+        cases.append((Case(i, cmd, b.name, scenario=scenario), b))
+    if matrix and (not scenarios or "arch" in scenarios):
+        specs = [(cmd, b, arg) for cmd, b, arg in matrix_specs(FAMILY_BASES) if not only or cmd in only]
+        for j, (cmd, b, arg) in enumerate(specs):
+            cases.append((Case(n + j, cmd, b.name, scenario="arch-matrix", arg=arg), b))
+    n = len(cases)
     running: dict[int, tuple[Case, Path, float]] = {}
     done: list[Case] = []
     queue = list(cases)
@@ -769,9 +1466,10 @@ def run_campaign(n: int, seed: int, jobs: int, timeout: float, keep: Path | None
                 case.outcome = "traceback"
             done.append(case)
         c = done[-1]
-        if c.outcome in BAD and keep is not None:
+        if (c.outcome in BAD or c.unmet) and keep is not None:
             shutil.copytree(folder, keep / folder.name, symlinks=True, ignore_dangling_symlinks=True,
-                            ignore=lambda d, names: [x for x in names if (Path(d) / x).is_fifo()])
+                            ignore=lambda d, names: [x for x in names if file_kind(Path(d) / x).split(":")[-1]
+                                                     not in ("file", "dir")])
         _remove(folder)
         if len(done) % 250 == 0:
             print(f"  {len(done)}/{n} cases, {time.time() - t_start:.0f} s", file=sys.stderr, flush=True)
@@ -786,17 +1484,28 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def table(cases: list[Case]) -> str:
+def table(cases: list[Case], by: str = "command") -> str:
+    """The outcome counts per command group (``by="command"``) or per scenario (``by="scenario"``)."""
     groups = defaultdict(Counter)
     for c in cases:
-        groups[COMMANDS[c.command]][c.outcome] += 1
+        groups[COMMANDS[c.command] if by == "command" else c.scenario][c.outcome] += 1
         groups["all"][c.outcome] += 1
-    cols = ["command", "cases", *OUTCOMES]
+    cols = [by, "cases", *OUTCOMES]
     rows = [cols, ["---"] * len(cols)]
     for g in [*sorted(k for k in groups if k != "all"), "all"]:
         cnt = groups[g]
         rows.append([g, str(sum(cnt.values())), *[str(cnt.get(o, 0)) for o in OUTCOMES]])
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def mutation_family(c: Case) -> str:
+    """The family a case's mutation belongs to (the first part of its description)."""
+    if c.scenario != "classic":
+        return c.scenario
+    m = c.mutation or "?"
+    return "PEFT weights" if m.startswith("peft-weights:") else "PEFT config" if m.startswith("peft:") else \
+        {"header": "header", "bytes": "bytes", "values": "values", "cost": "cost", "special": "FIFO"}.get(
+            m.split(":", 1)[0], m.split(":", 1)[0])
 
 
 def main() -> None:
@@ -807,24 +1516,46 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=90.0, help="seconds before a case counts as a hang")
     ap.add_argument("--keep", type=Path, default=None, help="copy the folders of failing cases here")
     ap.add_argument("--only", nargs="*", default=None, choices=sorted(COMMANDS), help="only these commands")
+    ap.add_argument("--scenario", nargs="*", default=None, choices=["classic", *SCENARIOS],
+                    help="only these scenarios (default: all, in the proportions of SCENARIOS)")
+    ap.add_argument("--no-matrix", dest="matrix", action="store_false",
+                    help="skip the --arch cross product (every family LoRA x every family name) run after the cases")
     ap.add_argument("--json", type=Path, default=None, help="write every case's outcome here")
     a = ap.parse_args()
     if a.keep:
         a.keep.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    cases = run_campaign(a.cases, a.seed, a.jobs, a.timeout, a.keep, a.only)
+    cases = run_campaign(a.cases, a.seed, a.jobs, a.timeout, a.keep, a.only, a.scenario, a.matrix)
     wall = time.time() - t0
     print(table(cases))
-    print(f"\n{len(cases)} cases, seed {a.seed}, {wall:.0f} s wall ({a.jobs} jobs), "
+    print()
+    print(table(cases, by="scenario"))
+    nm = sum(c.scenario == "arch-matrix" for c in cases)
+    print(f"\n{len(cases)} cases ({len(cases) - nm} drawn, {nm} of the --arch matrix), seed {a.seed}, "
+          f"{wall:.0f} s wall ({a.jobs} jobs), "
           f"fixtures {'used' if FIXTURES.is_dir() else 'absent'}")
+    fams = Counter(mutation_family(c) for c in cases)
+    print("mutation families: " + ", ".join(f"{k} {v}" for k, v in fams.most_common()))
+    placed = sum("+out:" in c.mutation for c in cases)
+    print(f"output-place mutations (classic): {placed}")
+    no_o = [c for c in cases if c.mutation.endswith(":no-output")]
+    dry = [c for c in cases if c.mutation.endswith((":no-output-dry-run", ":dry-run"))]
+    print(f"merge without -o: {len(no_o)} cases, {sum(c.detail.startswith('exit 2:') and not c.unmet for c in no_o)} "
+          f"clean errors with exit 2; with --dry-run (with and without -o): {len(dry)} cases "
+          f"({sum(c.outcome == 'success' for c in dry)} successes, "
+          f"{sum(c.outcome == 'clean error' for c in dry)} clean errors), "
+          f"{sum(bool(c.unmet) for c in dry)} wrote a file")
     slow = sorted(cases, key=lambda c: -c.seconds)[:3]
     print("slowest: " + "; ".join(f"{c.command} {c.mutation} {c.seconds:.1f} s" for c in slow))
     bad = [c for c in cases if c.outcome in BAD]
-    for c in bad[:60]:
+    for c in bad[:80]:
         print(f"  [{c.outcome}] #{c.index} {c.command} on {c.base} ({c.mutation}): {c.detail}")
+    unmet = [c for c in cases if c.unmet]
+    for c in unmet[:40]:
+        print(f"  [unmet: {c.unmet}] #{c.index} {c.command} on {c.base} ({c.mutation}): {c.detail}")
     if a.json:
         a.json.write_text(json.dumps([c.__dict__ for c in cases], indent=1))
-    sys.exit(1 if bad else 0)
+    sys.exit(1 if bad or unmet else 0)
 
 
 if __name__ == "__main__":
