@@ -266,3 +266,22 @@ def test_values_the_output_dtype_cannot_hold_are_an_error_not_infinities(tmp_pat
     out = tmp_path / "o.safetensors"
     code, _, err = run_cli(["convert", src, "-o", out, "--dtype", "fp16"], capsys)
     assert code == 2 and "beyond the range of float16" in err and "lora_down" in err and not out.exists(), err
+
+
+def test_a_dry_run_writes_nothing_even_with_output_and_report(tmp_path, capsys, pair):
+    code, _, err = run_cli(["merge", *pair, "-o", tmp_path / "m.safetensors", "--report", tmp_path / "r.json",
+                            "--dry-run"], capsys)  # fmt: skip
+    assert code == 0 and "nothing written" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("body, says", [
+    (["weights: &a [1, 1]", "seed: *a"], "YAML aliases"),
+    (["device: [5]"], "'device' must be a device name"),
+])  # fmt: skip
+def test_recipe_aliases_and_device_types_are_one_line(tmp_path, capsys, pair, body, says):
+    recipe = tmp_path / "recipe.yaml"
+    lines = [f"inputs: [{pair[0]}, {pair[1]}]", f"output: {tmp_path / 'o.safetensors'}", *body]
+    recipe.write_text("\n".join(lines) + "\n")
+    code, _, err = run_cli(["merge", "--config", recipe], capsys)
+    assert code == 2 and says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

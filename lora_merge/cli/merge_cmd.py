@@ -9,6 +9,7 @@ the strategies and points to ``lora-merge strategies NAME`` for each one's optio
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -196,8 +197,8 @@ def merge(**kw: Any) -> None:
         allow_mixed_arch=kw["allow_mixed_arch"] or None, full_rank=kw["full_rank"] or None,
         base_weights=kw["base_weights"],
     )  # fmt: skip
-    if kw["dry_run"]:
-        recipe = recipe.with_overrides(output=None, report=None)
+    if kw["dry_run"]:  # with_overrides leaves a None as it is: clear the outputs explicitly
+        recipe = dataclasses.replace(recipe, output=None, report=None)
     elif recipe.output is None:
         raise UsageError("no output: give -o/--output FILE (or --dry-run to merge without writing anything)")
     else:

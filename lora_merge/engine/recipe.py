@@ -110,10 +110,12 @@ class MergeOptions:
         return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
 
     def torch_device(self) -> torch.device:
+        if not isinstance(self.device, (str, torch.device)):
+            raise UsageError(f"'device' must be a device name such as cpu or cuda:0, got {quoted(self.device, 60)}")
         try:
             dev = torch.device(self.device)
-        except RuntimeError:
-            raise UsageError(f"unknown device {self.device!r}") from None
+        except (RuntimeError, TypeError, ValueError):
+            raise UsageError(f"unknown device {quoted(self.device, 60)}") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda requested but CUDA is not available")
         return dev
@@ -366,6 +368,10 @@ def _parse_text(path: Path) -> Any:
     import yaml  # YAML is a superset of JSON
 
     try:
+        # no recipe needs anchors and aliases, and a few nested ones expand to gigabytes (an "alias bomb"):
+        # the event stream is read first, without building anything
+        if any(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise UsageError("YAML aliases (*name) are not allowed in a recipe file; write the values out", path)
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UsageError(f"bad YAML recipe: {str(exc).splitlines()[0]}", path) from None
