@@ -356,6 +356,8 @@ def _parse_text(path: Path) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UsageError(f"a recipe file is UTF-8 text; byte {exc.start} is not ({exc.reason})", path) from None
+    if _bracket_depth(text) > MAX_RECIPE_DEPTH:  # before any parser: 100,000 brackets took YAML minutes
+        raise UsageError("bad recipe: nested too deeply", path)
     if path.suffix.lower() == ".toml":
         import tomllib
 
@@ -377,6 +379,22 @@ def _parse_text(path: Path) -> Any:
         raise UsageError(f"bad YAML recipe: {str(exc).splitlines()[0]}", path) from None
     except RecursionError:  # thousands of nested brackets: no recipe looks like that
         raise UsageError("bad recipe: nested too deeply", path) from None
+
+
+#: how deeply a recipe file's lists/mappings may nest (a real one needs 3)
+MAX_RECIPE_DEPTH = 64
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest nesting of ``[``/``{`` in ``text`` (brackets inside quotes count too: only a bound)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+    return deepest
 
 
 def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
