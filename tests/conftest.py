@@ -141,6 +141,25 @@ def generated_fixture(rel: str, root: Path | None = None) -> Path:
     return p
 
 
+def cli_result(argv, capsys):
+    """Run ``lora-merge ARGV`` in-process (warnings shown as the CLI shows them); ``(exit code, stdout,
+    stderr)``."""
+    from lora_merge.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def save_tensors(path, sd):
+    """``safetensors.torch.save_file(sd, path)``; returns ``path``."""
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path))
+    return path
+
+
 def shared_fixture(rel: str) -> Path:
     """Path of real-world fixture ``rel`` (e.g. ``sd15/pokemon_style.safetensors``, ``peft/gpt2_tigrinya``):
     the real file when present, else its generated look-alike (see the module docstring)."""

@@ -9,24 +9,11 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from conftest import cli_result as cli
+from conftest import save_tensors as _file
 
 import lora_merge
-from lora_merge.cli import main
 from lora_merge.formats.layout import align, layout_of
-
-
-def cli(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
-def _file(path, sd):
-    save_file(sd, str(path))
-    return path
-
 
 H = 16
 
