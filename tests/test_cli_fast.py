@@ -45,8 +45,10 @@ def test_version_and_help_match_click_and_skip_torch():
 
 
 @pytest.mark.parametrize("args", [["strategies"], ["strategies", "--json"], ["strategies", "ties"],
-                                  ["strategies", "dare", "--json"]])
+                                  ["strategies", "dare", "--json"], ["strategies", "timestep-split"],
+                                  ["strategies", "--sampling-time", "--json"], ["strategies", "k-lora", "--json"]])
 def test_strategies_match_the_registry_and_skip_torch(args, monkeypatch):
+    """The torch-free catalogue path prints what the registry does, sampling-time mergers included."""
     from lora_merge.cli.strategies_cmd import strategies
 
     out, torch_loaded = _fast(*args)

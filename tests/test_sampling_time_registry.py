@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from test_cli_fast import _fast
 from torch import nn
 
 from lora_merge.adapter import Adapter, LoraModule
@@ -110,16 +109,6 @@ def test_listing_shows_the_declared_params(name):
     assert cat["params"] == [_declared(p) for p in cls.params]
     text = r.invoke(strategies, [name], env={"COLUMNS": "200"}).output
     assert all(p.name in text for p in cls.params) and "cannot be saved" in text
-
-
-@pytest.mark.parametrize("args", [["strategies", "timestep-split"], ["strategies", "--sampling-time", "--json"],
-                                  ["strategies", "k-lora", "--json"]])
-def test_fast_path_prints_what_the_registry_does(args, monkeypatch):
-    out, torch_loaded = _fast(*args)
-    assert not torch_loaded
-    monkeypatch.setenv("COLUMNS", "100")
-    slow = CliRunner().invoke(strategies, args[1:]).output
-    assert (json.loads(out) == json.loads(slow)) if "--json" in args else out == slow
 
 
 # ------------------------------------------------------------------------------------------ the declaration
