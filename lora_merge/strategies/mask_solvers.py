@@ -86,10 +86,13 @@ def weight_space_priors(spec: Any, arch: str | None) -> LayerPriors | None:
     if spec == "none":
         return LayerPriors(source="none")
     if spec == "auto" and arch in DIT_FAMILIES:  # no UNet resolutions, so no DuoLoRA priors
-        table = "--priors flux-splitflux or a priors file" if arch == "flux" else "--priors FILE"
+        family = DIT_FAMILIES[arch]  # what it offers instead comes from the family's own declaration
+        table = (f"--priors {' / '.join(family.priors)} or a priors file" if family.priors else "--priors FILE")
+        loadable = [f.short or f.display for f in DIT_FAMILIES.values() if f.pipeline_loader]
         base = ("--base: its diffusers pipeline folder, with --content-images/--content-prompt/--style-images/"
-                "--style-prompt" if arch in ("flux", "sd3", "z-image") else
-                "--base: a model registered with register_base_model; only FLUX.1, SD3 and Z-Image pipeline folders load")
+                "--style-prompt" if family.pipeline_loader else
+                "--base: a model registered with register_base_model; only "
+                f"{', '.join(loadable[:-1])} and {loadable[-1]} pipeline folders load")
         raise UsageError(
             f"duolora: DuoLoRA's resolution priors do not exist for a DiT ({DIT_FAMILIES[arch].display} has no "
             f"UNet resolutions); give a block table ({table}) or --priors measure on a base model you supply "
