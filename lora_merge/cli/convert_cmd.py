@@ -13,6 +13,7 @@ from .common import (
     load_adapter,
     output_option,
     repair_option,
+    storage_dtype,
     strict_option,
 )
 
@@ -56,7 +57,6 @@ def convert_cmd(src, dst, output, to, dtype, force, keep_heads, repair, rank, ma
     from ..files import parse_dtype
     from ..formats.api import save
     from ..formats.clients import default_output_dialect, is_sd_lora, loader_note
-    from .common import storage_dtype
 
     if dst is not None and output is not None and dst != output:
         raise UsageError(f"two outputs: OUT {dst!r} and -o {output!r}; give one")

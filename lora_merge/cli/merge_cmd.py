@@ -19,7 +19,7 @@ import click
 from .. import families
 from ..arch import sub_block_of
 from ..engine.recipe import RECIPE_KEYS
-from ..errors import UsageError
+from ..errors import LoraMergeError, UsageError
 from ..strategies import available_strategies
 from .common import (
     DTYPE_RULE,
@@ -27,6 +27,7 @@ from .common import (
     allow_pickle_option,
     base_weights_option,
     check_file_path_text,
+    default_dtype,
     dtype_option,
     fmt_num,
     output_option,
@@ -247,9 +248,6 @@ def _default_dtype(recipe, options) -> str:
     """The dtype a merge without ``--dtype`` stores (:func:`lora_merge.cli.common.default_dtype`; the same
     rule as ``convert``), from the inputs' headers.  An input that cannot be read gives fp32 here; the
     engine then reports why, in its own order of checks."""
-    from ..errors import LoraMergeError
-    from .common import default_dtype
-
     try:
         return default_dtype(_read_inputs(recipe, options, quiet=True))
     except LoraMergeError:
